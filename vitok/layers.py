@@ -1,0 +1,173 @@
+"""Transformer building blocks shared by the ViTok encoder and decoder (and, later, the DiT).
+
+Everything here works on token sequences `x: (B, L, width)` laid out in raster order over a
+`(t, h, w)` grid, so that rotary position embeddings can be computed from the grid alone.
+
+Block recipe (paper, Sec. 3): pre-LayerNorm, attention with no bias on q/k/v and a bias on the
+output projection, gated MLP with hidden size int(2.67 * width) and biases, no dropout, and a final
+LayerNorm after the last block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTSize:
+  """Width / number of blocks / attention heads of one ViT stack."""
+  width: int
+  depth: int
+  heads: int
+
+
+# The paper's sizes (Table 1) plus smaller ones for CPU work. 'Ti' (tiny) and 'STi' (small-tiny)
+# are this project's additions: they keep the paper's block recipe and are sized for unit tests and
+# the 2-core demo. Head dims: S/B 64, L 72 (divisible by 3 for axial RoPE), Ti/STi 32.
+SIZES: dict[str, ViTSize] = {
+    'Ti': ViTSize(width=128, depth=4, heads=4),
+    'STi': ViTSize(width=256, depth=4, heads=8),
+    'S': ViTSize(width=768, depth=6, heads=12),
+    'B': ViTSize(width=768, depth=12, heads=12),
+    'L': ViTSize(width=1152, depth=24, heads=16),
+}
+
+MLP_RATIO = 2.67
+
+
+def mlp_hidden(width: int) -> int:
+  return int(MLP_RATIO * width)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings.
+# ----------------------------------------------------------------------------------------------
+
+def _axis_pairs(num_pairs: int, num_axes: int) -> list[int]:
+  """Splits the head's rotary pairs over the axes as evenly as possible (remainder goes to t)."""
+  base = num_pairs // num_axes
+  pairs = [base] * num_axes
+  pairs[0] += num_pairs - base * num_axes
+  return pairs
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, kind: str = '3d',
+                theta: float = 10000.0) -> jax.Array:
+  """Rotation angles `(L, head_dim // 2)` for tokens on a `(t, h, w)` grid in raster order.
+
+  kind='3d': axial RoPE. The head_dim/2 rotary pairs are split between the t, h and w axes and
+    each group rotates with that axis' integer coordinate, so attention logits depend only on the
+    3-D offset between two tokens.
+  kind='1d': one position per token, its raster index (what the released image code used).
+  """
+  if head_dim % 2:
+    raise ValueError(f'RoPE needs an even head dimension, got {head_dim}')
+  num_pairs = head_dim // 2
+  t, h, w = grid
+  if kind == '1d':
+    positions = jnp.arange(t * h * w, dtype=jnp.float32)[:, None]           # (L, 1)
+    freqs = theta ** (-jnp.arange(num_pairs, dtype=jnp.float32) / num_pairs)
+    return positions * freqs[None, :]
+  if kind != '3d':
+    raise ValueError(f"model.rope must be '3d' or '1d', got {kind!r}")
+  coords = jnp.stack(jnp.meshgrid(jnp.arange(t), jnp.arange(h), jnp.arange(w), indexing='ij'),
+                     axis=-1).reshape(-1, 3).astype(jnp.float32)               # (L, 3)
+  angles = []
+  for axis, n in enumerate(_axis_pairs(num_pairs, 3)):
+    freqs = theta ** (-jnp.arange(n, dtype=jnp.float32) / max(n, 1))
+    angles.append(coords[:, axis:axis + 1] * freqs[None, :])
+  return jnp.concatenate(angles, axis=-1)
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+  """Rotates consecutive feature pairs of `x: (B, L, heads, head_dim)` by `angles: (L, head_dim/2)`."""
+  x_pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  cos = jnp.cos(angles)[None, :, None, :]
+  sin = jnp.sin(angles)[None, :, None, :]
+  x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
+  rotated = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+  return rotated.reshape(x.shape).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks.
+# ----------------------------------------------------------------------------------------------
+
+class Attention(nnx.Module):
+  """Multi-head self-attention: q/k/v without bias (fused into one matmul), output with bias."""
+
+  def __init__(self, width: int, heads: int, *, dtype, rngs: nnx.Rngs):
+    if width % heads:
+      raise ValueError(f'width {width} is not divisible by heads {heads}')
+    self.heads = heads
+    self.qkv = nnx.Linear(width, 3 * width, use_bias=False, dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(width, width, use_bias=True, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
+    b, l, d = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(b, l, 3 * self.heads, d // self.heads), 3, axis=2)
+    q, k = apply_rope(q, angles), apply_rope(k, angles)
+    # (B, L, heads, head_dim) layout; XLA picks the kernel (cuDNN flash can be selected later).
+    y = jax.nn.dot_product_attention(q, k, v)
+    return self.out(y.reshape(b, l, d))
+
+
+class GatedMLP(nnx.Module):
+  """act(x W_gate + b) * (x W_up + b), then W_down + b. SwiGLU (silu) or GELU-gated."""
+
+  def __init__(self, width: int, hidden: int, kind: str = 'swiglu', *, dtype, rngs: nnx.Rngs):
+    if kind not in ('swiglu', 'geglu'):
+      raise ValueError(f"model.mlp must be 'swiglu' or 'geglu', got {kind!r}")
+    self.act = jax.nn.silu if kind == 'swiglu' else jax.nn.gelu
+    # Gate and up projections fused into one matmul (same parameters as two Linears).
+    self.gate_up = nnx.Linear(width, 2 * hidden, use_bias=True, dtype=dtype, rngs=rngs)
+    self.down = nnx.Linear(hidden, width, use_bias=True, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
+    return self.down(self.act(gate) * up)
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm transformer block."""
+
+  def __init__(self, width: int, heads: int, mlp: str, *, dtype, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+    self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+    self.mlp = GatedMLP(width, mlp_hidden(width), mlp, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
+    x = x + self.attn(self.norm1(x), angles)
+    return x + self.mlp(self.norm2(x))
+
+
+class ViT(nnx.Module):
+  """A stack of blocks plus the final LayerNorm. Tokens in, tokens out: (B, L, width)."""
+
+  def __init__(self, size: ViTSize, mlp: str = 'swiglu', *, dtype, rngs: nnx.Rngs):
+    self.size = size
+    self.blocks = nnx.List([Block(size.width, size.heads, mlp, dtype=dtype, rngs=rngs)
+                            for _ in range(size.depth)])
+    self.norm = nnx.LayerNorm(size.width, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
+    for block in self.blocks:
+      x = block(x, angles)
+    return self.norm(x)
+
+
+def vit_macs(size: ViTSize, tokens: int) -> int:
+  """Multiply-accumulates of one forward pass of a ViT stack over `tokens` tokens.
+
+  Counts the matmuls (q/k/v, output projection, gated MLP) and the two attention products
+  (q k^T and attn v), which is how the paper's "GFLOPs" column is computed.
+  """
+  d, hidden = size.width, mlp_hidden(size.width)
+  per_token = 3 * d * d + d * d + 2 * d * hidden + hidden * d
+  attention = 2 * tokens * tokens * d
+  return size.depth * (tokens * per_token + attention)
