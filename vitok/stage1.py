@@ -1,0 +1,139 @@
+"""ViTok stage 1: the reconstruction objective, held-out evaluation, and the task object the shared
+trainer drives (`vitok.trainer.train`).
+
+Loss = l2 * MSE + l1 * MAE + beta * KL + eta * LPIPS, each term logged separately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vitok import lpips as lpips_lib
+from vitok import metrics
+from vitok import tokenizer
+from vitok.data import pipeline, video_io
+
+
+def stage1_loss(model: tokenizer.ViTok, batch, rng, frozen, loss_cfg):
+  """batch['video']: uint8 (B, T, H, W, 3). Returns (scalar loss, dict of scalar metrics)."""
+  video = tokenizer.to_unit_range(batch['video'])
+  sample_key, lpips_key = jax.random.split(rng)
+  recon, mean, logvar = model(video, key=sample_key)
+  error = recon - video
+  terms = {
+      'l2': jnp.mean(jnp.square(error)),
+      'l1': jnp.mean(jnp.abs(error)),
+      'kl': jnp.mean(tokenizer.kl_divergence(mean, logvar)),
+  }
+  if loss_cfg.lpips > 0:
+    frames = loss_cfg.lpips_frames or None
+    terms['lpips'] = jnp.mean(lpips_lib.video_lpips(frozen['lpips'], recon, video,
+                                                    num_frames=frames, key=lpips_key))
+  else:
+    terms['lpips'] = jnp.zeros(())
+  loss = (loss_cfg.l2 * terms['l2'] + loss_cfg.l1 * terms['l1'] + loss_cfg.kl * terms['kl']
+          + loss_cfg.lpips * terms['lpips'])
+  terms['train_psnr'] = 10.0 * jnp.log10(4.0 / jnp.maximum(terms['l2'], 1e-10))
+  return loss, terms
+
+
+class TokenizerTask:
+  """What the shared trainer needs to know about ViTok."""
+
+  name = 'vitok'
+
+  def __init__(self, config):
+    self.config = config
+    self.model_cfg = tokenizer.TokenizerConfig.from_config(config.model)
+    # Fails at start-up (naming data.frames / data.res) when the clip does not tile into tubelets.
+    self.grid = self.model_cfg.latent_grid(config.data.frames, config.data.res)
+    self.latent_floats = int(np.prod(self.grid)) * self.model_cfg.channels   # E
+
+  def create_model(self, rngs: nnx.Rngs) -> tokenizer.ViTok:
+    return tokenizer.ViTok(self.model_cfg, rngs=rngs)
+
+  def frozen(self):
+    return {'lpips': lpips_lib.load_lpips_params()}
+
+  def loss_fn(self, model, batch, rng, frozen):
+    return stage1_loss(model, batch, rng, frozen, self.config.loss)
+
+  def evaluate(self, graphdef, params, frozen, eval_source, step: int, workdir: str) -> dict:
+    return evaluate(self, graphdef, params, frozen, eval_source, step, workdir)
+
+
+def _eval_fn(graphdef, baseline_pairs):
+  """Jitted per-batch evaluation: per-clip metrics of the tokenizer and of the baseline codec."""
+
+  @jax.jit
+  def run(params, video_uint8, frozen):
+    video = tokenizer.to_unit_range(video_uint8)
+    recon, _, _ = nnx.merge(graphdef, params)(video)        # posterior mean at evaluation
+    recon = jnp.clip(recon, -1.0, 1.0)
+    out = {
+        'psnr': metrics.psnr(recon, video),
+        'ssim': metrics.ssim(recon, video),
+        'lpips': lpips_lib.video_lpips(frozen['lpips'], recon, video),
+    }
+    for st, s in baseline_pairs:
+      out[f'baseline_{st}x{s}'] = metrics.psnr(metrics.pool_and_resize(video, st, s), video)
+    return out, tokenizer.to_uint8(recon)
+
+  return run
+
+
+def evaluate(task: TokenizerTask, graphdef, params, frozen, eval_source, step: int,
+             workdir: str) -> dict:
+  """PSNR / SSIM / LPIPS of the mean reconstruction over the whole held-out split, the honesty
+  baseline at no more floats than E, sample images/videos, and one line in metrics.jsonl."""
+  cfg = task.config
+  T, res = cfg.data.frames, cfg.data.res
+  pairs = metrics.baseline_factors(T, res, res, task.latent_floats)
+  run = _eval_fn(graphdef, pairs)
+  accumulator, samples = metrics.MetricAccumulator(), []
+  for batch in pipeline.eval_batches(cfg.data, eval_source):
+    per_clip, recon = run(params, batch['video'], frozen)
+    accumulator.update(jax.device_get(per_clip), batch['mask'])
+    if len(samples) < cfg.num_eval_videos:
+      real = np.flatnonzero(batch['mask'])[: cfg.num_eval_videos - len(samples)]
+      samples += [(batch['video'][i], np.asarray(recon[i])) for i in real]
+  count = accumulator.count('psnr')
+  if count == 0:
+    raise ValueError(f'data.eval_split={cfg.data.eval_split!r} of data.name={cfg.data.name!r} '
+                     'has no clips to evaluate')
+  means = accumulator.result()
+  best_pair = max(pairs, key=lambda p: means[f'baseline_{p[0]}x{p[1]}'])
+  st, s = best_pair
+  result = {
+      'step': int(step), 'split': cfg.data.eval_split, 'clips': int(count),
+      'psnr': means['psnr'], 'ssim': means['ssim'], 'lpips': means['lpips'],
+      'baseline_psnr': means[f'baseline_{st}x{s}'],
+      'baseline_floats': metrics.baseline_floats(T, res, res, st, s),
+      'baseline_pool': [st, s, s],
+      'latent_floats': task.latent_floats,
+  }
+  write_samples(samples, os.path.join(workdir, 'samples'), step)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write(json.dumps(result) + '\n')
+  return result
+
+
+def write_samples(samples, directory: str, step: int) -> None:
+  """For each (original, reconstruction) uint8 (T, H, W, 3) pair: a PNG with the original frames
+  on the top row and the reconstruction below, and an mp4 of original | reconstruction."""
+  if not samples:
+    return
+  os.makedirs(directory, exist_ok=True)
+  for i, (real, recon) in enumerate(samples):
+    grid = np.concatenate([np.concatenate(list(real), axis=1),
+                           np.concatenate(list(recon), axis=1)], axis=0)
+    video_io.write_png(os.path.join(directory, f'step{step:07d}_clip{i}.png'), grid)
+    if real.shape[0] > 1:
+      side_by_side = np.concatenate([real, recon], axis=2)
+      video_io.write_mp4(os.path.join(directory, f'step{step:07d}_clip{i}.mp4'), side_by_side)

@@ -1,0 +1,103 @@
+"""Model-agnostic training state, optimizer and jitted train step (shared by ViTok and the DiT).
+
+The state is one pytree, so it can be checkpointed by Orbax and, later, sharded with one
+`jax.jit(..., in_shardings=..., out_shardings=...)`:
+
+    TrainState(step, params, opt_state, ema_params, rng)
+
+`params` is the `nnx.State` of the model's `nnx.Param`s; the model's structure (its `GraphDef`) is
+static and lives outside the state. A model-specific `loss_fn(model, batch, rng, frozen)` returns
+`(loss, metrics)`; `frozen` carries non-trained arrays (e.g. the LPIPS network), passed as a jit
+argument because closed-over weights get constant-folded by XLA at great compile-time cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array              # int32 scalar: number of optimizer updates applied
+  params: Any                  # nnx.State of nnx.Param
+  opt_state: Any               # optax state (moments follow their parameters' structure)
+  ema_params: Any              # same structure as params, or None when EMA is off
+  rng: jax.Array               # uint32[2] base key; step keys are fold_in(rng, step)
+
+
+def peak_learning_rate(optim_cfg, batch_size: int) -> float:
+  """The configured peak LR, or the paper's 1e-4 x batch / 256 when `optim.lr` is 0."""
+  return float(optim_cfg.lr) if optim_cfg.lr > 0 else 1e-4 * batch_size / 256
+
+
+def learning_rate_schedule(optim_cfg, batch_size: int, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then cosine decay to `end_lr_fraction` x peak."""
+  peak = peak_learning_rate(optim_cfg, batch_size)
+  warmup = min(int(optim_cfg.warmup_steps), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=peak * optim_cfg.end_lr_fraction)
+
+
+def _decay_mask(params):
+  # Weight decay on matrices only; biases and LayerNorm scales are not decayed.
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_cfg, batch_size: int, total_steps: int):
+  """AdamW(b1, b2) with global-norm clipping applied to the gradients first. Returns (tx, schedule)."""
+  schedule = learning_rate_schedule(optim_cfg, batch_size, total_steps)
+  adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
+                      weight_decay=optim_cfg.weight_decay, mask=_decay_mask)
+  if optim_cfg.clip_norm > 0:
+    # Clipping is a gradient transformation, so it acts on the gradients of this step, after the
+    # backward pass (the released code clipped before backward, which never clipped anything).
+    return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), adamw), schedule
+  return adamw, schedule
+
+
+def init_train_state(model: nnx.Module, tx, rng: jax.Array, ema: bool) -> tuple[Any, TrainState]:
+  """Splits the model into (graphdef, state). Returns the graphdef and a step-0 TrainState."""
+  graphdef, params = nnx.split(model, nnx.Param)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     ema_params=jax.tree.map(jnp.copy, params) if ema else None, rng=rng)
+  return graphdef, state
+
+
+def make_train_step(graphdef, loss_fn: Callable, tx, schedule, ema_decay: float):
+  """Builds the pure train step `(state, batch, frozen) -> (state, metrics)`.
+
+  The caller jits it with the state donated, so parameters and optimizer moments are updated in
+  place on device; metrics stay on device until the host asks for them at a logging step."""
+
+  def train_step(state: TrainState, batch, frozen):
+    step_rng = jax.random.fold_in(state.rng, state.step)
+
+    def compute_loss(params):
+      return loss_fn(nnx.merge(graphdef, params), batch, step_rng, frozen)
+
+    (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+      ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                ema_params, params)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   lr=schedule(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema_params)
+    return new_state, metrics
+
+  return train_step
+
+
+def eval_params(state: TrainState):
+  """The parameters to evaluate and export: the EMA when it is on, else the raw parameters."""
+  return state.ema_params if state.ema_params is not None else state.params
