@@ -1,0 +1,55 @@
+"""launch.plan reproduces the paper's sizes and costs; the command line reports bad configs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import vitok as vitok_config
+from launch import plan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('arg, params_m, gmacs', [
+    ('variant=S-B/16,frames=1,res=256', 129.0, 34.8),      # 256 tokens
+    ('variant=S-L/16,frames=1,res=256', 426.8, 113.4),
+    ('variant=S-B/16,frames=1,res=512', 129.0, 160.8),     # 1024 tokens
+    ('variant=S-B/4x8,frames=16,res=128', 129.0, 160.8),   # 1024 tokens of video
+])
+def test_plan_reproduces_the_paper(arg, params_m, gmacs):
+  out = plan.plan(vitok_config.get_config(arg))
+  assert out['params_total_M'] == pytest.approx(params_m, rel=0.01)
+  assert out['gmacs_per_clip'] == pytest.approx(gmacs, rel=0.05)
+
+
+def test_plan_latent_accounting():
+  out = plan.plan(vitok_config.get_config('variant=S-B/4x8,frames=16,res=128,channels=8'))
+  assert out['tokens_per_clip'] == 4 * 16 * 16
+  assert out['E'] == 1024 * 8
+  assert out['pixels_per_latent_float'] == pytest.approx(16 * 128 * 128 * 3 / (1024 * 8))
+  assert out['latent'] == [4, 16, 16, 8]
+  assert out['params_encoder_M'] == pytest.approx(43.3, rel=0.01)
+  assert out['params_decoder_M'] == pytest.approx(85.8, rel=0.01)
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, '-m', *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, XLA_FLAGS=''))
+
+
+@pytest.mark.slow
+def test_plan_command_prints_json_and_rejects_bad_configs():
+  out = _run('launch.plan', '--config=configs/vitok.py:variant=S-L/4x8,res=128,frames=16',
+             '--config.model.channels=8')
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout)
+  assert result['params_total_M'] == pytest.approx(426.8, rel=0.01) and result['E'] == 8192
+  bad = _run('launch.plan', '--config=configs/vitok.py:demo', '--config.data.res=60')
+  assert bad.returncode != 0 and 'data.res=60' in bad.stderr
+  bad = _run('launch.plan', '--config=configs/vitok.py:demo', '--config.optim.lrr=3')
+  assert bad.returncode != 0 and 'lrr' in bad.stderr
+  bad = _run('launch.plan', '--config=configs/vitok.py:variant=S-Z/4x8')
+  assert bad.returncode != 0 and 'model.variant' in bad.stderr
