@@ -103,6 +103,7 @@ def test_l1_is_added_to_l2_not_replacing_it():
   assert float(base) == pytest.approx(float(terms['l2']) + 1e-3 * float(terms['kl']), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_clip():
   """Stage-1 loss (with LPIPS on one frame per step) on a single real-looking clip: PSNR must climb
   from noise level to a fixed threshold."""
