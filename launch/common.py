@@ -19,6 +19,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.')
 
 
+def quiet_library_logs() -> None:
+  """Orbax and tfds log every step of every save at INFO: show warnings and up unless the user
+  asked for a verbosity (--verbosity=0 brings INFO back)."""
+  from absl import logging
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def workdir() -> str | None:
   return os.path.abspath(os.path.expanduser(_WORKDIR.value)) if _WORKDIR.value else None
 

@@ -7,7 +7,7 @@ appends them to WORKDIR/metrics.jsonl (plus sample PNG/mp4 files in WORKDIR/samp
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import common
 from vitok import checkpoint as ckpt_lib
@@ -20,6 +20,7 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default
 
 def main(argv):
   del argv
+  common.quiet_library_logs()
   config = common.load_config(allow_workdir_config=True)
   task = common.make_task_or_exit(config)
   checkpointer = ckpt_lib.Checkpointer(common.workdir(), create=False)
@@ -35,7 +36,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Orbax and tfds log every step of every save at INFO; --verbosity=0 brings them back.
-  flags.FLAGS.set_default('verbosity', logging.WARNING)
   flags.mark_flag_as_required('workdir')
   app.run(main)

@@ -52,12 +52,17 @@ def _tree_equal(a, b):
   return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
 
 
-def test_resume_continues_at_the_saved_step_with_identical_state(tiny_config, tmp_path):
-  workdir = str(tmp_path / 'run')
+def _train_two_steps(tiny_config, workdir):
   config = tiny_config.copy_and_resolve_references()
   config.total_steps = 2
   task = stage1.TokenizerTask(config)
-  state2, result = trainer.train(config, workdir, task)
+  state, result = trainer.train(config, workdir, task)
+  return config, task, state, result
+
+
+def test_resume_continues_at_the_saved_step_with_identical_state(tiny_config, tmp_path):
+  workdir = str(tmp_path / 'run')
+  config, task, state2, result = _train_two_steps(tiny_config, workdir)
   assert int(state2.step) == 2 and result['step'] == 2
 
   # The checkpoint holds exactly the in-memory state: step, params, Adam moments, EMA and RNG.
@@ -87,10 +92,7 @@ def test_resume_continues_at_the_saved_step_with_identical_state(tiny_config, tm
 
 def test_unfinished_save_is_ignored_and_corrupt_checkpoint_is_reported(tiny_config, tmp_path):
   workdir = str(tmp_path / 'run')
-  config = tiny_config.copy_and_resolve_references()
-  config.total_steps = 2
-  task = stage1.TokenizerTask(config)
-  state, _ = trainer.train(config, workdir, task)
+  _, _, state, _ = _train_two_steps(tiny_config, workdir)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   # A save that was killed half-way leaves only Orbax's temporary directory behind.
   shutil.copytree(os.path.join(ckpt_dir, '2'), os.path.join(ckpt_dir, '3.orbax-checkpoint-tmp-1'))
@@ -112,9 +114,7 @@ def test_unfinished_save_is_ignored_and_corrupt_checkpoint_is_reported(tiny_conf
 
 def test_eval_command_on_a_tiny_checkpoint(tiny_config, tmp_path):
   workdir = str(tmp_path / 'run')
-  config = tiny_config.copy_and_resolve_references()
-  config.total_steps = 2
-  trainer.train(config, workdir, stage1.TokenizerTask(config))
+  _train_two_steps(tiny_config, workdir)
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-m', 'launch.eval', f'--workdir={workdir}'],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
