@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import dm_pix
 import jax
