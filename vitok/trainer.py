@@ -16,7 +16,6 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
@@ -121,7 +120,8 @@ def train(config, workdir: str, task):
                                  for k, v in last_eval.items()}))
   progress.close()
   if start >= config.total_steps:
-    logging.info('checkpoint step %d already reached total_steps=%d', start, config.total_steps)
+    print(f'nothing to train: checkpoint step {start} already reached total_steps='
+          f'{config.total_steps} (raise --config.total_steps to continue)', flush=True)
   checkpointer.close()
   writer.close()
   return state, last_eval
