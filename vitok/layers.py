@@ -6,6 +6,10 @@ Everything here works on token sequences `x: (B, L, width)` laid out in raster o
 Block recipe (paper, Sec. 3): pre-LayerNorm, attention with no bias on q/k/v and a bias on the
 output projection, gated MLP with hidden size int(2.67 * width) and biases, no dropout, and a final
 LayerNorm after the last block.
+
+Sharding: every parameter carries logical axis names ('embed', 'mlp', 'heads', ...) through
+`nnx.with_partitioning`, and activations are pinned at block boundaries with `sharding.constrain`;
+the config's rules map both to mesh axes (see `vitok.sharding`). On one device both are inert.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from vitok.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,25 +100,70 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
+# Parameters with logical axes.
+# ----------------------------------------------------------------------------------------------
+
+def dense(in_features: int, out_features: int, axes: tuple[str, str], *, use_bias: bool = True,
+          dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  """nnx.Linear (LeCun-normal kernel, zero bias) whose kernel carries logical `axes` and whose
+  bias carries the output axis. eager_sharding=False: the train step's jit places parameters by
+  their names (born sharded via out_shardings), so creating a model needs no mesh context."""
+  kernel_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), axes, eager_sharding=False)
+  bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:], eager_sharding=False)
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                    kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+
+
+def layer_norm(width: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm whose scale and bias carry the logical axis 'norm' (replicated by default)."""
+  names = ('norm',)
+  return nnx.LayerNorm(
+      width, dtype=dtype, rngs=rngs,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), names, eager_sharding=False),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names, eager_sharding=False))
+
+
+# Activation layouts at the points where the partitioner should not have to guess.
+TOKENS = ('batch', 'act_length', 'act_embed')
+HEADS = ('batch', 'act_length', 'act_heads', None)
+HIDDEN = ('batch', 'act_length', 'act_mlp')
+
+# Rematerialisation: which activations of a block the backward pass keeps instead of recomputing.
+REMAT_POLICIES = {
+    'none': None,                                                      # keep everything
+    'full': jax.checkpoint_policies.nothing_saveable,                  # recompute the whole block
+    'save_matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+# model.attention -> `implementation` of jax.nn.dot_product_attention.
+ATTENTION_IMPLS = {'xla': None, 'cudnn': 'cudnn'}
+
+
+# ----------------------------------------------------------------------------------------------
 # Blocks.
 # ----------------------------------------------------------------------------------------------
 
 class Attention(nnx.Module):
   """Multi-head self-attention: q/k/v without bias (fused into one matmul), output with bias."""
 
-  def __init__(self, width: int, heads: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, heads: int, *, attention: str = 'xla', dtype, rngs: nnx.Rngs):
     if width % heads:
       raise ValueError(f'width {width} is not divisible by heads {heads}')
+    if attention not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention must be one of {list(ATTENTION_IMPLS)}, got {attention!r}")
     self.heads = heads
-    self.qkv = nnx.Linear(width, 3 * width, use_bias=False, dtype=dtype, rngs=rngs)
-    self.out = nnx.Linear(width, width, use_bias=True, dtype=dtype, rngs=rngs)
+    self.implementation = ATTENTION_IMPLS[attention]
+    self.qkv = dense(width, 3 * width, ('embed', 'heads'), use_bias=False, dtype=dtype, rngs=rngs)
+    self.out = dense(width, width, ('heads', 'embed'), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
     b, l, d = x.shape
     q, k, v = jnp.split(self.qkv(x).reshape(b, l, 3 * self.heads, d // self.heads), 3, axis=2)
     q, k = apply_rope(q, angles), apply_rope(k, angles)
-    # (B, L, heads, head_dim) layout; XLA picks the kernel (cuDNN flash can be selected later).
-    y = jax.nn.dot_product_attention(q, k, v)
+    q, k, v = (constrain(a, HEADS) for a in (q, k, v))
+    # (B, L, heads, head_dim) layout. implementation=None lets XLA choose; 'cudnn' is the fused
+    # flash-attention kernel on NVIDIA GPUs (bf16/fp16 only).
+    y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return self.out(y.reshape(b, l, d))
 
 
@@ -124,40 +175,51 @@ class GatedMLP(nnx.Module):
       raise ValueError(f"model.mlp must be 'swiglu' or 'geglu', got {kind!r}")
     self.act = jax.nn.silu if kind == 'swiglu' else jax.nn.gelu
     # Gate and up projections fused into one matmul (same parameters as two Linears).
-    self.gate_up = nnx.Linear(width, 2 * hidden, use_bias=True, dtype=dtype, rngs=rngs)
-    self.down = nnx.Linear(hidden, width, use_bias=True, dtype=dtype, rngs=rngs)
+    self.gate_up = dense(width, 2 * hidden, ('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.down = dense(hidden, width, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
-    return self.down(self.act(gate) * up)
+    return self.down(constrain(self.act(gate) * up, HIDDEN))
 
 
 class Block(nnx.Module):
   """Pre-LayerNorm transformer block."""
 
-  def __init__(self, width: int, heads: int, mlp: str, *, dtype, rngs: nnx.Rngs):
-    self.norm1 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
-    self.attn = Attention(width, heads, dtype=dtype, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+  def __init__(self, width: int, heads: int, mlp: str, *, attention: str = 'xla', dtype,
+               rngs: nnx.Rngs):
+    self.norm1 = layer_norm(width, dtype=dtype, rngs=rngs)
+    self.attn = Attention(width, heads, attention=attention, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(width, dtype=dtype, rngs=rngs)
     self.mlp = GatedMLP(width, mlp_hidden(width), mlp, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
     x = x + self.attn(self.norm1(x), angles)
-    return x + self.mlp(self.norm2(x))
+    return constrain(x + self.mlp(self.norm2(x)), TOKENS)
 
 
 class ViT(nnx.Module):
   """A stack of blocks plus the final LayerNorm. Tokens in, tokens out: (B, L, width)."""
 
-  def __init__(self, size: ViTSize, mlp: str = 'swiglu', *, dtype, rngs: nnx.Rngs):
+  def __init__(self, size: ViTSize, mlp: str = 'swiglu', *, remat: str = 'none',
+               attention: str = 'xla', dtype, rngs: nnx.Rngs):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat must be one of {list(REMAT_POLICIES)}, got {remat!r}')
     self.size = size
-    self.blocks = nnx.List([Block(size.width, size.heads, mlp, dtype=dtype, rngs=rngs)
-                            for _ in range(size.depth)])
-    self.norm = nnx.LayerNorm(size.width, dtype=dtype, rngs=rngs)
+    self.remat = remat
+    self.blocks = nnx.List([Block(size.width, size.heads, mlp, attention=attention, dtype=dtype,
+                                  rngs=rngs) for _ in range(size.depth)])
+    self.norm = layer_norm(size.width, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
+    x = constrain(x, TOKENS)
     for block in self.blocks:
-      x = block(x, angles)
+      if self.remat == 'none':
+        x = block(x, angles)
+      else:
+        # The backward pass recomputes what the policy does not save, block by block.
+        x = nnx.remat(lambda blk, h, a: blk(h, a), policy=REMAT_POLICIES[self.remat],
+                      prevent_cse=True)(block, x, angles)
     return self.norm(x)
 
 

@@ -63,6 +63,8 @@ class TokenizerConfig:
   logvar_min: float = -30.0
   logvar_max: float = 20.0
   dtype: str = 'float32'                 # compute dtype; parameters are always float32
+  remat: str = 'none'                    # 'none' | 'full' | 'save_matmuls' (per block)
+  attention: str = 'xla'                 # 'xla' | 'cudnn' (fused flash attention, NVIDIA GPUs)
 
   @classmethod
   def from_config(cls, model_cfg) -> 'TokenizerConfig':
@@ -79,6 +81,21 @@ class TokenizerConfig:
       raise ValueError(f"model.rope must be '3d' or '1d', got {self.rope!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f'model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}')
+    if self.remat not in layers.REMAT_POLICIES:
+      raise ValueError(f'model.remat must be one of {list(layers.REMAT_POLICIES)}, '
+                       f'got {self.remat!r}')
+    if self.attention not in layers.ATTENTION_IMPLS:
+      raise ValueError(f'model.attention must be one of {list(layers.ATTENTION_IMPLS)}, '
+                       f'got {self.attention!r}')
+    if self.attention == 'cudnn' and self.dtype != 'bfloat16':
+      raise ValueError("model.attention='cudnn' needs model.dtype='bfloat16' "
+                       f'(got {self.dtype!r}): the cuDNN kernel has no float32 path')
+
+  def check_backend(self, backend: str) -> None:
+    """Start-up check of the choices that depend on the hardware."""
+    if self.attention == 'cudnn' and backend != 'gpu':
+      raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU; this run's backend is "
+                       f"{backend!r} (use model.attention='xla')")
 
   @property
   def parsed(self) -> Variant:
@@ -108,12 +125,15 @@ class ViTok(nnx.Module):
     dtype = DTYPES[cfg.dtype]
     tubelet = v.q * v.p * v.p * 3
     # Kernel = stride = (q, p, p): a 3-D convolution that is exactly one linear map per tubelet.
-    self.patch_embed = nnx.Linear(tubelet, enc.width, dtype=dtype, rngs=rngs)
-    self.encoder = layers.ViT(enc, cfg.mlp, dtype=dtype, rngs=rngs)
-    self.to_moments = nnx.Linear(enc.width, 2 * cfg.channels, dtype=dtype, rngs=rngs)
-    self.from_latent = nnx.Linear(cfg.channels, dec.width, dtype=dtype, rngs=rngs)
-    self.decoder = layers.ViT(dec, cfg.mlp, dtype=dtype, rngs=rngs)
-    self.to_pixels = nnx.Linear(dec.width, tubelet, dtype=dtype, rngs=rngs)
+    vit = dict(remat=cfg.remat, attention=cfg.attention, dtype=dtype, rngs=rngs)
+    self.patch_embed = layers.dense(tubelet, enc.width, ('tubelet', 'embed'), dtype=dtype, rngs=rngs)
+    self.encoder = layers.ViT(enc, cfg.mlp, **vit)
+    self.to_moments = layers.dense(enc.width, 2 * cfg.channels, ('embed', 'latent'), dtype=dtype,
+                                   rngs=rngs)
+    self.from_latent = layers.dense(cfg.channels, dec.width, ('latent', 'embed'), dtype=dtype,
+                                    rngs=rngs)
+    self.decoder = layers.ViT(dec, cfg.mlp, **vit)
+    self.to_pixels = layers.dense(dec.width, tubelet, ('embed', 'tubelet'), dtype=dtype, rngs=rngs)
 
   def encode_moments(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
     """video (B, T, H, W, 3) float in [-1, 1] -> (mean, logvar), each float32 (B, t, h, w, c)."""

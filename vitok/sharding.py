@@ -1,0 +1,196 @@
+"""Device mesh, logical axis rules, and the one helper that shards activations.
+
+Parameters and activations are annotated with *logical* axis names ('embed', 'mlp', 'batch', ...).
+The config maps logical names to *mesh* axes, one rule set per model family:
+
+    config.mesh.shape = (-1, 1)              # one size may be -1: all remaining devices
+    config.mesh.axes = ('data', 'fsdp')
+    config.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'model'), ...)
+
+so the same model runs data-parallel, FSDP (ZeRO-3: parameters, gradients and optimizer moments
+split over 'fsdp', gathered per layer by XLA) or tensor-parallel ('model') by changing the config.
+A rule may name mesh axes the mesh does not have (e.g. 'model' on a data x fsdp mesh): they are
+ignored, so one rule set serves every mesh. A dimension that a mesh axis does not divide is left
+unsharded on that axis (e.g. the 341-wide MLP of width 128), never padded.
+
+The mesh uses `AxisType.Auto` axes: XLA's SPMD partitioner propagates shardings from the
+annotated parameters, the batch, and the `constrain` calls at block boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+LogicalAxes = Sequence[str | None]
+
+
+def _as_tuple(value, separators: str = ',') -> tuple:
+  """A tuple/list as is; a string such as '2x4' or 'data,fsdp' split at `separators`."""
+  if isinstance(value, str):
+    for sep in separators[1:]:
+      value = value.replace(sep, separators[0])
+    return tuple(s.strip() for s in value.split(separators[0]) if s.strip())
+  return tuple(value)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+  """Resolves `config.mesh` against a device count: (sizes with -1 filled in, axis names).
+
+  Raises ValueError naming `config.mesh.*` and both numbers when the mesh cannot be built."""
+  axes = tuple(str(a) for a in _as_tuple(mesh_cfg.axes))
+  sizes = tuple(int(s) for s in _as_tuple(mesh_cfg.shape, ',x'))
+  if len(axes) != len(sizes) or not axes:
+    raise ValueError(f'config.mesh.shape={sizes} and config.mesh.axes={axes} must have the same '
+                     f'(non-zero) length')
+  if len(set(axes)) != len(axes):
+    raise ValueError(f'config.mesh.axes={axes} repeats an axis name')
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'config.mesh.shape={sizes}: sizes must be positive, with at most one -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'config.mesh.shape={sizes} cannot fill {num_devices} devices: '
+                       f'{num_devices} is not divisible by {known}')
+    sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'config.mesh.shape={sizes} needs {math.prod(sizes)} devices but '
+                     f'{num_devices} are available (use -1 for one axis to fill them)')
+  return sizes, axes
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of `config.mesh` over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes, axes = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(sizes, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logical names -> PartitionSpec.
+# ----------------------------------------------------------------------------------------------
+
+def rules_dict(rules) -> dict[str, tuple[str, ...]]:
+  """`(('embed', 'fsdp'), ('batch', ('data', 'fsdp')), ('length', None))` -> name -> mesh axes."""
+  out = {}
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f'config.sharding_rules: each rule is (logical_name, mesh_axes), got {rule!r}')
+    name, axes = rule
+    out[str(name)] = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  return out
+
+
+def logical_to_spec(logical_axes: LogicalAxes, rules, mesh: Mesh,
+                    shape: Sequence[int] | None = None) -> P:
+  """PartitionSpec for an array whose dimensions carry `logical_axes`.
+
+  Mesh axes the mesh lacks are dropped, a mesh axis is used by at most one dimension, and (when
+  `shape` is given) axes that do not divide the dimension are dropped from the end of its list."""
+  rules = rules if isinstance(rules, dict) else rules_dict(rules)
+  used: set[str] = set()
+  spec = []
+  for dim, name in enumerate(logical_axes):
+    axes = [a for a in rules.get(name, ()) if a in mesh.shape and a not in used] if name else []
+    if shape is not None:
+      while axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+        axes.pop()
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  while spec and spec[-1] is None:
+    spec.pop()
+  return P(*spec)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for every leaf of a (train-)state pytree.
+
+  `nnx.Variable` leaves annotated with `nnx.with_partitioning` (parameters, and the optimizer
+  moments and EMA copies optax/`jax.tree.map` derive from them, which keep the metadata) are
+  sharded by their logical names; everything else (step, RNG, counters) is replicated."""
+  rules = rules_dict(rules)
+
+  def one(leaf):
+    if _is_variable(leaf):
+      names = leaf.get_metadata().get('out_sharding')
+      spec = logical_to_spec(names, rules, mesh, leaf.shape) if names else P()
+      return leaf.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, abstract_state, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) dimension over the mesh axes the 'batch' rule names; the rest replicated."""
+  spec = logical_to_spec(('batch',) + (None,) * (ndim - 1), rules, mesh)
+  return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+  """How many ways the batch is split (the product of the mesh axes of the 'batch' rule)."""
+  spec = logical_to_spec(('batch',), rules, mesh)
+  axes = spec[0] if spec else None
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations.
+# ----------------------------------------------------------------------------------------------
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar('vitok_sharding', default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+  """While tracing inside this context, `constrain` shards activations on `mesh` by `rules`."""
+  token = _ACTIVE.set((mesh, rules_dict(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
+  """Pins the sharding of activation `x` by its logical axes (e.g. ('batch', 'act_length',
+  'act_embed')). A no-op outside `activation_sharding`, so the model runs unchanged on one device."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = logical_to_spec(logical_axes, rules, mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def bytes_per_device(tree: Any) -> dict[int, int]:
+  """Bytes each device holds of the (sharded) arrays in `tree`: device id -> bytes."""
+  out: dict[int, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.size * shard.data.dtype.itemsize
+  return out
+
+
+def abstract_bytes_per_device(abstract: Any, shardings: Any) -> int:
+  """Bytes per device (the largest shard) of abstract arrays placed with `shardings`."""
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    shard_shape = sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard_shape)) * np.dtype(leaf.dtype).itemsize
+  return total
