@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Run ViTok training on every worker of an existing Cloud TPU VM (pod slice). Creates nothing.
+#
+# Usage:
+#   launch/tpu_pod.sh TPU_NAME ZONE WORKDIR [extra launch.train flags...]
+#   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=/mnt/shared/vitok/run1 launch/tpu_pod.sh [flags...]
+#
+# Environment (positional arguments win over these):
+#   TPU_NAME, ZONE, WORKDIR   required
+#   PROJECT                   GCP project (default: gcloud's configured project)
+#   CONFIG                    --config value (default: configs/vitok.py)
+#   REPO_DIR                  checkout of this repo on the workers (default: ~/vitok)
+#   GIT_REF                   if set, `git fetch && git checkout $GIT_REF` in REPO_DIR first
+#   PYTHON                    python on the workers (default: python3)
+#
+# Every worker runs the same command; JAX's Cloud TPU detection (jax.distributed.initialize() with
+# no arguments, called by vitok.distributed.initialize) finds the coordinator, process count and
+# process id from the TPU metadata. WORKDIR must be a path on storage shared by all workers (an
+# NFS/Filestore mount, or a GCS bucket mounted with gcsfuse at the same path on every worker):
+# every process takes part in each checkpoint save and restore. gs:// URLs are not accepted.
+# Stop a run with: gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all \
+#   --command="pkill -f launch.train"
+set -euo pipefail
+
+# Leading arguments that are not flags fill TPU_NAME, ZONE, WORKDIR in that order.
+for var in TPU_NAME ZONE WORKDIR; do
+  if [[ $# -gt 0 && "$1" != -* ]]; then printf -v "$var" '%s' "$1"; shift; fi
+done
+TPU_NAME="${TPU_NAME:-}" ZONE="${ZONE:-}" WORKDIR="${WORKDIR:-}"
+if [[ -z "$TPU_NAME" || -z "$ZONE" || -z "$WORKDIR" ]]; then
+  sed -n '2,14p' "$0" >&2
+  exit 2
+fi
+CONFIG="${CONFIG:-configs/vitok.py}"
+REPO_DIR="${REPO_DIR:-~/vitok}"
+PYTHON="${PYTHON:-python3}"
+
+# Quote the pass-through flags so they survive the remote shell.
+EXTRA=""
+for arg in "$@"; do EXTRA+=" $(printf '%q' "$arg")"; done
+
+CHECKOUT="true"
+if [[ -n "${GIT_REF:-}" ]]; then
+  CHECKOUT="git fetch --all --quiet && git checkout --quiet $(printf '%q' "$GIT_REF")"
+fi
+
+REMOTE="set -e; cd $REPO_DIR && $CHECKOUT && $PYTHON -m pip install --quiet -e . \
+&& $PYTHON -m launch.train --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")$EXTRA"
+
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" ${PROJECT:+--project="$PROJECT"} \
+  --worker=all --command="$REMOTE"
