@@ -16,7 +16,43 @@ from vitok import trainer
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file with an optional argument, e.g. configs/vitok.py:demo. '
     'Fields can be overridden with --config.<field>=value.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples. '
+                                'Multi-host runs need a path on storage shared by all hosts.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', '', 'host:port of process 0 for a multi-process run started by hand '
+    '(TPU pods and SLURM jobs are detected automatically).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'With --coordinator_address: '
+                                      'the number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'With --coordinator_address: this '
+                                   'process\'s index in [0, num_processes).')
+
+
+_MESH = flags.DEFINE_string(
+    'mesh', '', 'Mesh shape overriding config.mesh.shape, e.g. 16x16 (sizes for config.mesh.axes; '
+    'one may be -1).')
+
+
+def mesh_flag() -> str:
+  return _MESH.value
+
+
+def mesh_override(config, default: str = '') -> None:
+  """Applies --mesh (or `default` when --mesh is not given) to config.mesh.shape."""
+  shape = _MESH.value or default
+  if not shape:
+    return
+  try:
+    sizes = tuple(int(s) for s in shape.replace(',', 'x').split('x'))
+  except ValueError:
+    raise app.UsageError(f'--mesh={shape}: expected sizes such as 16x16 or -1x1') from None
+  config.mesh.shape = type(config.mesh.shape)(sizes)   # a tuple, or a list from config.json
+
+
+def init_distributed() -> None:
+  """jax.distributed for multi-process runs (explicit flags, SLURM or a TPU pod); else nothing.
+  Must run before anything touches a device."""
+  from vitok import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
 def quiet_library_logs() -> None:
@@ -28,7 +64,12 @@ def quiet_library_logs() -> None:
 
 
 def workdir() -> str | None:
-  return os.path.abspath(os.path.expanduser(_WORKDIR.value)) if _WORKDIR.value else None
+  if not _WORKDIR.value:
+    return None
+  if '://' in _WORKDIR.value:
+    raise app.UsageError(f'--workdir={_WORKDIR.value}: URLs are not supported; use a path on a '
+                         'shared file system (NFS, Lustre, or a bucket mounted with gcsfuse)')
+  return os.path.abspath(os.path.expanduser(_WORKDIR.value))
 
 
 def load_config(allow_workdir_config: bool = False) -> ml_collections.ConfigDict:
@@ -54,5 +95,14 @@ def make_task_or_exit(config) -> stage1.TokenizerTask:
   """make_task for the command line: a bad config ends the run with its message, no traceback."""
   try:
     return make_task(config)
+  except ValueError as e:
+    raise app.UsageError(f'bad config: {e}') from None
+
+
+def make_mesh_or_exit(config):
+  """The config's mesh over all devices; a mesh that does not fit ends the run with its message."""
+  from vitok import sharding
+  try:
+    return sharding.make_mesh(config.mesh)
   except ValueError as e:
     raise app.UsageError(f'bad config: {e}') from None

@@ -3,36 +3,46 @@ appends them to WORKDIR/metrics.jsonl (plus sample PNG/mp4 files in WORKDIR/samp
 
     python -m launch.eval --workdir=/tmp/vitok-demo                      # uses the run's config.json
     python -m launch.eval --config=configs/vitok.py:demo --workdir=/tmp/vitok-demo
+    python -m launch.eval --workdir=/ckpt/run --step=50000 --ema        # the EMA parameters
+
+The checkpoint is restored onto this job's devices whatever mesh trained it: by default a
+data-parallel mesh over all devices here (--mesh=-1x1); pass --mesh for a model-sharded one.
 """
 
 import json
 
+import jax
 from absl import app, flags
 
 from launch import common
 from vitok import checkpoint as ckpt_lib
-from vitok import train_state as ts
 from vitok import trainer
-from vitok.data import builders
 
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
+_EMA = flags.DEFINE_bool('ema', False, 'Evaluate the EMA parameters (the run must have kept an EMA).')
 
 
 def main(argv):
   del argv
   common.quiet_library_logs()
   config = common.load_config(allow_workdir_config=True)
+  common.init_distributed()
+  common.mesh_override(config, default='x'.join(['-1'] + ['1'] * (len(config.mesh.axes) - 1)))
   task = common.make_task_or_exit(config)
+  mesh = common.make_mesh_or_exit(config)
   checkpointer = ckpt_lib.Checkpointer(common.workdir(), create=False)
   step = _STEP.value if _STEP.value is not None else checkpointer.latest_step()
   if step is None:
     raise SystemExit(f'no checkpoint in {checkpointer.directory}: train first')
-  graphdef, state, _, _ = trainer.create_state(task, config, config.total_steps)
-  state = checkpointer.restore(ckpt_lib.abstract_like(state), step)
-  sources = builders.prepare(config.data)
-  result = task.evaluate(graphdef, ts.eval_params(state), task.frozen(),
-                         sources[config.data.eval_split], step, common.workdir())
-  print(json.dumps(result))
+  trainer.configure_runtime(config)
+  layout = trainer.create_layout(task, config, mesh)
+  # Only the parameters are read: no optimizer state is allocated for an evaluation.
+  params = checkpointer.restore_params(layout.abstract.params, step, ema=_EMA.value)
+  sources = trainer.prepare_sources(config.data)
+  result = task.evaluate(layout.graphdef, params, trainer.replicate(task.frozen(), mesh),
+                         sources[config.data.eval_split], step, common.workdir(), mesh)
+  if jax.process_index() == 0:
+    print(json.dumps(result))
 
 
 if __name__ == '__main__':

@@ -1,24 +1,43 @@
-r"""Print what a config costs, without allocating any weights: parameter counts (encoder / decoder /
-total), tokens per clip, E (latent floats per clip), pixels per latent float, forward GMACs per clip.
+r"""What a config costs, before launching it.
+
+Without --mesh: parameter counts (encoder / decoder / total), tokens per clip, E (latent floats per
+clip), pixels per latent float and forward GMACs per clip, from abstract shapes only.
+
+With --mesh: also compiles the full train step ahead of time for that mesh on simulated CPU
+devices (nothing is allocated or run) and reports per-device memory -- parameters, optimizer state
+(Adam moments + EMA), XLA's temporaries -- and FLOPs per step, so you know whether a config fits a
+pod slice before you get one:
 
     python -m launch.plan --config=configs/vitok.py:variant=S-B/4x8,res=128,frames=16
+    python -m launch.plan --config=configs/vitok.py:ucf101 --mesh=16x16
+
+Memory figures come from XLA's CPU compiler: parameter and optimizer bytes are exact; temporaries
+are the CPU backend's buffer assignment, a guide to (not a guarantee of) what TPU/GPU need.
 """
 
 import json
+import math
+import time
 
+import jax
+import numpy as np
 from absl import app
 
 from launch import common
-from vitok import tokenizer
+from vitok import perf, sharding, tokenizer
+from vitok import train_state as ts
+from vitok import trainer
+
+GIB = 2 ** 30
 
 
 def plan(config) -> dict:
+  """Sizes and analytic costs of the config's model (no compilation)."""
   task = common.make_task_or_exit(config)
   cfg = task.model_cfg
   frames, res = config.data.frames, config.data.res
   params = tokenizer.count_params(cfg)
   macs = tokenizer.forward_macs(cfg, frames, res)
-  tokens = task.latent_floats // cfg.channels
   return {
       'variant': cfg.variant,
       'clip': [frames, res, res, 3],
@@ -26,7 +45,7 @@ def plan(config) -> dict:
       'params_encoder_M': round(params['encoder'] / 1e6, 2),
       'params_decoder_M': round(params['decoder'] / 1e6, 2),
       'params_total_M': round(params['total'] / 1e6, 2),
-      'tokens_per_clip': tokens,
+      'tokens_per_clip': task.tokens_per_clip,
       'E': task.latent_floats,
       'pixels_per_latent_float': round(frames * res * res * 3 / task.latent_floats, 3),
       'gmacs_encoder': round(macs['encoder'] / 1e9, 2),
@@ -35,9 +54,65 @@ def plan(config) -> dict:
   }
 
 
+def compile_plan(config, mesh) -> dict:
+  """Ahead-of-time compiles the train step for `mesh` and reports per-device memory and FLOPs."""
+  task = common.make_task_or_exit(config)
+  trainer.configure_runtime(config)
+  dp = sharding.data_parallel_size(mesh, config.sharding_rules)
+  if config.data.batch_size % dp:
+    raise app.UsageError(f'data.batch_size={config.data.batch_size} must be divisible by the {dp} '
+                         f'ways the mesh {dict(mesh.shape)} splits a batch')
+  layout = trainer.create_layout(task, config, mesh)
+  frozen = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                     sharding=sharding.replicated(mesh)), task.frozen())
+  started = time.perf_counter()
+  compiled = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
+                                   trainer.abstract_batch(config.data), frozen)
+  compile_s = time.perf_counter() - started
+  stats = perf.compiled_stats(compiled)
+  per_device = lambda part: sharding.abstract_bytes_per_device(getattr(layout.abstract, part),
+                                                               getattr(layout.shardings, part))
+  params_b = per_device('params')
+  optimizer_b = per_device('opt_state') + (per_device('ema_params')
+                                           if layout.abstract.ema_params is not None else 0)
+  analytic = task.train_flops_per_clip() * config.data.batch_size / mesh.size
+  return {
+      'mesh': dict(mesh.shape),
+      'devices': mesh.size,
+      'global_batch': config.data.batch_size,
+      'clips_per_device': config.data.batch_size / mesh.size,
+      'params_GiB_per_device': round(params_b / GIB, 4),
+      'optimizer_GiB_per_device': round(optimizer_b / GIB, 4),
+      'temp_GiB_per_device': round((stats['temp_bytes'] or 0) / GIB, 4),
+      'total_GiB_per_device': round((params_b + optimizer_b + (stats['temp_bytes'] or 0)) / GIB, 4),
+      'model_TFLOP_per_step_per_device': round(analytic / 1e12, 4),
+      'xla_TFLOP_per_step_per_device': round((stats['flops'] or 0) / 1e12, 4),
+      'compile_s': round(compile_s, 1),
+  }
+
+
+def simulate_devices(mesh_flag: str) -> None:
+  """Makes the CPU backend present as many devices as --mesh names (before JAX starts)."""
+  sizes = [int(s) for s in mesh_flag.replace(',', 'x').split('x')]
+  if any(s < 1 for s in sizes):
+    raise app.UsageError(f'--mesh={mesh_flag}: plan needs explicit positive sizes (no -1)')
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_num_cpu_devices', math.prod(sizes))
+
+
 def main(argv):
   del argv
-  print(json.dumps(plan(common.load_config()), indent=2))
+  common.quiet_library_logs()
+  config = common.load_config()
+  mesh_flag = common.mesh_flag()
+  if mesh_flag:
+    simulate_devices(mesh_flag)       # before anything starts the JAX backend
+    common.mesh_override(config)
+  result = plan(config)
+  if mesh_flag:
+    result['compiled'] = compile_plan(config, common.make_mesh_or_exit(config))
+  print(json.dumps(result, indent=2))
 
 
 if __name__ == '__main__':

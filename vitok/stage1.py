@@ -6,6 +6,7 @@ Loss = l2 * MSE + l1 * MAE + beta * KL + eta * LPIPS, each term logged separatel
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -16,6 +17,7 @@ from flax import nnx
 
 from vitok import lpips as lpips_lib
 from vitok import metrics
+from vitok import sharding
 from vitok import tokenizer
 from vitok.data import pipeline, video_io
 
@@ -53,7 +55,15 @@ class TokenizerTask:
     self.model_cfg = tokenizer.TokenizerConfig.from_config(config.model)
     # Fails at start-up (naming data.frames / data.res) when the clip does not tile into tubelets.
     self.grid = self.model_cfg.latent_grid(config.data.frames, config.data.res)
-    self.latent_floats = int(np.prod(self.grid)) * self.model_cfg.channels   # E
+    self.tokens_per_clip = int(np.prod(self.grid))
+    self.latent_floats = self.tokens_per_clip * self.model_cfg.channels      # E
+    self.model_cfg.check_backend(jax.default_backend())
+
+  def train_flops_per_clip(self) -> int:
+    """Model FLOPs of one training clip: forward + backward = 3 x forward, 2 FLOPs per MAC (the
+    usual MFU convention; LPIPS and elementwise work are not model FLOPs)."""
+    return 6 * tokenizer.forward_macs(self.model_cfg, self.config.data.frames,
+                                      self.config.data.res)['total']
 
   def create_model(self, rngs: nnx.Rngs) -> tokenizer.ViTok:
     return tokenizer.ViTok(self.model_cfg, rngs=rngs)
@@ -64,15 +74,17 @@ class TokenizerTask:
   def loss_fn(self, model, batch, rng, frozen):
     return stage1_loss(model, batch, rng, frozen, self.config.loss)
 
-  def evaluate(self, graphdef, params, frozen, eval_source, step: int, workdir: str) -> dict:
-    return evaluate(self, graphdef, params, frozen, eval_source, step, workdir)
+  def evaluate(self, graphdef, params, frozen, eval_source, step: int, workdir: str,
+               mesh=None) -> dict:
+    return evaluate(self, graphdef, params, frozen, eval_source, step, workdir, mesh)
 
 
-def _eval_fn(graphdef, baseline_pairs):
-  """Jitted per-batch evaluation: per-clip metrics of the tokenizer and of the baseline codec."""
+def _eval_fn(graphdef, baseline_pairs, mesh):
+  """Jitted per-batch evaluation: per-clip metrics of the tokenizer and of the baseline codec.
+  Outputs are replicated so every process can read them."""
 
-  @jax.jit
-  def run(params, video_uint8, frozen):
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def run(params, video_uint8, mask, frozen):
     video = tokenizer.to_unit_range(video_uint8)
     recon, _, _ = nnx.merge(graphdef, params)(video)        # posterior mean at evaluation
     recon = jnp.clip(recon, -1.0, 1.0)
@@ -83,26 +95,42 @@ def _eval_fn(graphdef, baseline_pairs):
     }
     for st, s in baseline_pairs:
       out[f'baseline_{st}x{s}'] = metrics.psnr(metrics.pool_and_resize(video, st, s), video)
-    return out, tokenizer.to_uint8(recon)
+    return out, tokenizer.to_uint8(recon), video_uint8, mask
 
   return run
 
 
 def evaluate(task: TokenizerTask, graphdef, params, frozen, eval_source, step: int,
-             workdir: str) -> dict:
+             workdir: str, mesh=None) -> dict:
   """PSNR / SSIM / LPIPS of the mean reconstruction over the whole held-out split, the honesty
-  baseline at no more floats than E, sample images/videos, and one line in metrics.jsonl."""
+  baseline at no more floats than E, sample images/videos, and one line in metrics.jsonl.
+
+  Multi-host: each process decodes only its rows of every evaluation batch; the batch is split
+  over the mesh's data axes like training batches; only process 0 writes files. `mesh` defaults
+  to the config's mesh over all devices."""
   cfg = task.config
+  mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
+  dp = sharding.data_parallel_size(mesh, cfg.sharding_rules)
+  if cfg.data.eval_batch_size % dp:
+    raise ValueError(f'data.eval_batch_size={cfg.data.eval_batch_size} must be divisible by the '
+                     f'{dp} ways the mesh {dict(mesh.shape)} splits a batch')
+  batch_sharding = sharding.batch_sharding(mesh, cfg.sharding_rules)
   T, res = cfg.data.frames, cfg.data.res
   pairs = metrics.baseline_factors(T, res, res, task.latent_floats)
-  run = _eval_fn(graphdef, pairs)
+  run = _eval_fn(graphdef, pairs, mesh)
   accumulator, samples = metrics.MetricAccumulator(), []
-  for batch in pipeline.eval_batches(cfg.data, eval_source):
-    per_clip, recon = run(params, batch['video'], frozen)
-    accumulator.update(jax.device_get(per_clip), batch['mask'])
+  for batch in pipeline.eval_batches(cfg.data, eval_source, jax.process_index(),
+                                     jax.process_count()):
+    video, mask = (jax.make_array_from_process_local_data(batch_sharding, batch[k])
+                   for k in ('video', 'mask'))
+    with sharding.activation_sharding(mesh, cfg.sharding_rules):   # traced on the first batch
+      outputs = run(params, video, mask, frozen)
+    # Every process gets the whole batch's per-clip metrics (and, for samples, its clips) back.
+    per_clip, recon, video, mask = jax.device_get(outputs)
+    accumulator.update(per_clip, mask)
     if len(samples) < cfg.num_eval_videos:
-      real = np.flatnonzero(batch['mask'])[: cfg.num_eval_videos - len(samples)]
-      samples += [(batch['video'][i], np.asarray(recon[i])) for i in real]
+      real = np.flatnonzero(mask)[: cfg.num_eval_videos - len(samples)]
+      samples += [(video[i], recon[i]) for i in real]
   count = accumulator.count('psnr')
   if count == 0:
     raise ValueError(f'data.eval_split={cfg.data.eval_split!r} of data.name={cfg.data.name!r} '
@@ -118,9 +146,10 @@ def evaluate(task: TokenizerTask, graphdef, params, frozen, eval_source, step: i
       'baseline_pool': [st, s, s],
       'latent_floats': task.latent_floats,
   }
-  write_samples(samples, os.path.join(workdir, 'samples'), step)
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-    f.write(json.dumps(result) + '\n')
+  if jax.process_index() == 0:
+    write_samples(samples, os.path.join(workdir, 'samples'), step)
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps(result) + '\n')
   return result
 
 

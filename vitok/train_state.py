@@ -1,7 +1,7 @@
 """Model-agnostic training state, optimizer and jitted train step (shared by ViTok and the DiT).
 
-The state is one pytree, so it can be checkpointed by Orbax and, later, sharded with one
-`jax.jit(..., in_shardings=..., out_shardings=...)`:
+The state is one pytree, so it can be checkpointed by Orbax and sharded with one
+`jax.jit(..., in_shardings=..., out_shardings=...)` (see `StateLayout` and `compile_train_step`):
 
     TrainState(step, params, opt_state, ema_params, rng)
 
@@ -13,6 +13,7 @@ argument because closed-over weights get constant-folded by XLA at great compile
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -20,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from vitok import sharding
 
 
 @flax.struct.dataclass
@@ -101,3 +104,70 @@ def make_train_step(graphdef, loss_fn: Callable, tx, schedule, ema_decay: float)
 def eval_params(state: TrainState):
   """The parameters to evaluate and export: the EMA when it is on, else the raw parameters."""
   return state.ema_params if state.ema_params is not None else state.params
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded creation and compilation.
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """Where every array of the TrainState lives on a mesh, and how to create it there.
+
+  `abstract` is the state as `jax.ShapeDtypeStruct`s carrying their target shardings: the restore
+  target for Orbax, and the input spec for ahead-of-time compilation."""
+  graphdef: Any
+  tx: Any
+  schedule: Any
+  mesh: jax.sharding.Mesh
+  rules: Any
+  shardings: Any          # TrainState of NamedSharding
+  abstract: Any           # TrainState of ShapeDtypeStruct(sharding=...)
+  _init: Callable[[], TrainState]
+
+  def init(self) -> TrainState:
+    """Step-0 state, born sharded: each device computes only its own shards of every parameter."""
+    return self._init()
+
+
+def state_layout(create_model: Callable[[nnx.Rngs], nnx.Module], config, mesh,
+                 total_steps: int) -> StateLayout:
+  """The TrainState layout of a model family on `mesh` under `config.sharding_rules`.
+
+  Parameters are sharded by their logical axis names; optimizer moments and the EMA keep their
+  parameter's names (optax and jax.tree.map carry the nnx metadata), so they follow it."""
+  tx, schedule = make_optimizer(config.optim, config.data.batch_size, total_steps)
+  ema = config.optim.ema_decay > 0
+
+  def init() -> TrainState:
+    model = create_model(nnx.Rngs(params=config.seed))
+    return init_train_state(model, tx, jax.random.PRNGKey(config.seed + 1), ema)[1]
+
+  graphdef = nnx.split(nnx.eval_shape(lambda: create_model(nnx.Rngs(params=0))), nnx.Param)[0]
+  shapes = jax.eval_shape(init)
+  shardings = sharding.state_shardings(shapes, mesh, config.sharding_rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return StateLayout(graphdef=graphdef, tx=tx, schedule=schedule, mesh=mesh,
+                     rules=config.sharding_rules, shardings=shardings, abstract=abstract,
+                     _init=jax.jit(init, out_shardings=shardings))
+
+
+def compile_train_step(layout: StateLayout, loss_fn: Callable, ema_decay: float,
+                       abstract_batch: Any, frozen: Any):
+  """Lowers and compiles the train step once, ahead of time, for the layout's shardings.
+
+  The state is donated (updated in place); the batch is split over the data axes; frozen arrays
+  and metrics are replicated. Activations are constrained by the config's rules while tracing.
+  Returns the `jax.stages.Compiled` step: call it as `step(state, batch, frozen)`."""
+  mesh, rules = layout.mesh, layout.rules
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  replicated = sharding.replicated(mesh)
+  step = jax.jit(
+      make_train_step(layout.graphdef, loss_fn, layout.tx, layout.schedule, ema_decay),
+      in_shardings=(layout.shardings, batch_sharding, replicated),
+      out_shardings=(layout.shardings, replicated),
+      donate_argnums=0)
+  with sharding.activation_sharding(mesh, rules):
+    lowered = step.lower(layout.abstract, abstract_batch, frozen)
+  return lowered.compile()

@@ -1,28 +1,36 @@
-"""The shared training loop: data, state, jitted step, logging, evaluation, checkpoints, resume.
+"""The shared training loop: mesh, sharded state, data, one compiled step, logging, evaluation,
+checkpoints, resume and preemption.
 
 A model plugs in through a small task object (see `vitok.stage1.TokenizerTask`):
 
-    task.create_model(rngs) -> nnx.Module        task.loss_fn(model, batch, rng, frozen)
-    task.frozen() -> pytree of frozen arrays      task.evaluate(graphdef, params, frozen, source,
-                                                                step, workdir) -> dict
-The loop itself knows nothing about the model.
+    task.name, task.tokens_per_clip           task.create_model(rngs) -> nnx.Module
+    task.train_flops_per_clip() -> int        task.loss_fn(model, batch, rng, frozen)
+    task.frozen() -> pytree of frozen arrays  task.evaluate(graphdef, params, frozen, source,
+                                                            step, workdir, mesh) -> dict
+The loop itself knows nothing about the model. Every process of a multi-host run executes it;
+each reads only its share of every batch, and only process 0 writes logs and samples.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 
 import jax
 import numpy as np
-from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from vitok import checkpoint as ckpt_lib
+from vitok import perf, sharding
 from vitok import train_state as ts
 from vitok.data import builders, pipeline
 from vitok.writer import MetricWriter
+
+PREEMPTED_EXIT_CODE = 143   # 128 + SIGTERM: "stopped early, resume me"
 
 
 def check_known_fields(config, reference, path: str = 'config') -> None:
@@ -41,87 +49,234 @@ def write_config(config, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def create_state(task, config, total_steps: int):
-  """Model, optimizer and step-0 state. Returns (graphdef, state, tx, schedule)."""
-  model = task.create_model(nnx.Rngs(params=config.seed))
-  tx, schedule = ts.make_optimizer(config.optim, config.data.batch_size, total_steps)
-  rng = jax.random.PRNGKey(config.seed + 1)
-  graphdef, state = ts.init_train_state(model, tx, rng, ema=config.optim.ema_decay > 0)
-  return graphdef, state, tx, schedule
+def configure_runtime(config) -> None:
+  """Process-wide JAX settings the config controls (call before building any arrays)."""
+  jax.config.update('jax_threefry_partitionable', bool(config.partitionable_rng))
 
 
-def restore_or_init(task, config, checkpointer: ckpt_lib.Checkpointer):
-  graphdef, state, tx, schedule = create_state(task, config, config.total_steps)
+def create_layout(task, config, mesh=None) -> ts.StateLayout:
+  """The TrainState layout of `task` on `mesh` (default: the config's mesh over all devices)."""
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  return ts.state_layout(task.create_model, config, mesh, config.total_steps)
+
+
+def abstract_batch(data_cfg) -> dict:
+  """Shapes of one global training batch, as the input pipeline produces it."""
+  b, t, r = data_cfg.batch_size, data_cfg.frames, data_cfg.res
+  return {'video': jax.ShapeDtypeStruct((b, t, r, r, 3), np.uint8),
+          'label': jax.ShapeDtypeStruct((b,), np.int32)}
+
+
+def check_batch_fits(config, mesh) -> None:
+  """The global batch must split evenly over the data axes and over the processes."""
+  dp = sharding.data_parallel_size(mesh, config.sharding_rules)
+  for field in ('batch_size', 'eval_batch_size'):
+    size = config.data[field]
+    if size % dp or size % jax.process_count():
+      raise ValueError(f'data.{field}={size} must be divisible by the {dp} ways the mesh '
+                       f'{dict(mesh.shape)} splits a batch and by the {jax.process_count()} '
+                       f'process(es)')
+
+
+def replicate(tree, mesh):
+  """Host arrays (identical on every process) -> global arrays replicated over `mesh`."""
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda idx: np.asarray(x)[idx]),
+      tree)
+
+
+def global_batch(local_batch: dict, batch_sharding) -> dict:
+  """This process's rows of a batch -> one global array per field, split over the data axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+          for k, v in local_batch.items()}
+
+
+def prepare_sources(data_cfg) -> dict:
+  """Builds the dataset on process 0 first (others wait), so processes sharing a file system
+  never write the same files at once; then every process opens it."""
+  if jax.process_count() == 1:
+    return builders.prepare(data_cfg)
+  if jax.process_index() == 0:
+    builders.prepare(data_cfg)
+  multihost_utils.sync_global_devices('vitok: dataset prepared')
+  return builders.prepare(data_cfg)
+
+
+class Preemption:
+  """Turns SIGTERM (the preemption / scancel / `kill` signal) into "save now and stop".
+
+  Single process: a SIGTERM handler sets a flag the loop checks after each step. Multi-process:
+  JAX's coordination service receives the notice and `reached_preemption_sync_point` makes all
+  processes agree on the same step to save."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def restore_or_init(layout, checkpointer, train_iter):
+  """The latest complete checkpoint restored onto `layout` (with the data iterator's position),
+  or a fresh step-0 state. Returns (state, restored_step or None, iterator position restored)."""
   latest = checkpointer.latest_step()
-  if latest is not None:
-    state = checkpointer.restore(ckpt_lib.abstract_like(state), latest)
-    print(f'resumed from {checkpointer.directory}/{latest}', flush=True)
-  return graphdef, state, tx, schedule
+  if latest is None:
+    return layout.init(), None, True
+  state = checkpointer.restore(layout.abstract, latest, data_iterator=train_iter)
+  return state, latest, checkpointer.last_restore_had_data
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def compile_report(task, config, layout, compiled) -> dict:
+  """Per-device memory and FLOPs of the compiled step, next to the analytic model FLOPs."""
+  stats = perf.compiled_stats(compiled)
+  num_devices = layout.mesh.size
+  analytic = task.train_flops_per_clip() * config.data.batch_size / num_devices
+  return dict(stats, analytic_flops=analytic, num_devices=num_devices,
+              state_bytes=sharding.abstract_bytes_per_device(layout.abstract, layout.shardings))
+
+
+def format_compile_report(report: dict, mesh) -> str:
+  gib = 2 ** 30
+  xla = report.get('flops') or 0.0
+  ratio = f' (XLA/analytic {xla / report["analytic_flops"]:.2f})' if xla else ''
+  return (f'compiled train step on mesh {dict(mesh.shape)}: per device '
+          f'state {report["state_bytes"] / gib:.3f} GiB, '
+          f'arguments {report.get("argument_bytes", 0) / gib:.3f} GiB, '
+          f'temporaries {report.get("temp_bytes", 0) / gib:.3f} GiB; '
+          f'{report["analytic_flops"] / 1e12:.4f} model TFLOP per step per device, '
+          f'XLA counts {xla / 1e12:.4f}{ratio}')
 
 
 def train(config, workdir: str, task):
   """Trains until `config.total_steps`, resuming from the latest checkpoint in `workdir`.
-  Returns (final TrainState, metrics of the last evaluation or None)."""
+
+  Returns (final TrainState, metrics of the last evaluation or None). On SIGTERM it saves the
+  current step and returns early with `state.step < total_steps` (`launch.train` then exits with
+  PREEMPTED_EXIT_CODE)."""
+  configure_runtime(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  write_config(config, workdir)
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh)      # a mesh that does not fit the devices fails here
+  check_batch_fits(config, mesh)
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    write_config(config, workdir)
 
-  sources = builders.prepare(config.data)
+  sources = prepare_sources(config.data)
   train_source = sources[config.data.train_split]
-
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  graphdef, state, tx, schedule = restore_or_init(task, config, checkpointer)
+  layout = create_layout(task, config, mesh)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                       keep_best=config.keep_best, best_metric=config.best_metric,
+                                       best_mode=config.best_mode)
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = iter(pipeline.train_dataset(config.data, seed=config.data.seed, source=train_source,
+                                           **process))
+  state, resumed, iterator_restored = restore_or_init(layout, checkpointer, train_iter)
   start = int(state.step)
-  # Until the iterator state is checkpointed (multi-host issue), a resumed run draws a fresh shuffle
-  # seeded by its start step instead of replaying the batches it has already seen.
-  train_iter = iter(pipeline.train_dataset(config.data, seed=config.data.seed + start,
-                                           source=train_source))
-  frozen = task.frozen()
-  step_fn = jax.jit(ts.make_train_step(graphdef, task.loss_fn, tx, schedule,
-                                       config.optim.ema_decay), donate_argnums=0)
+  if resumed is not None:
+    _log(f'resumed from {checkpointer.directory}/{resumed}')
+    if not iterator_restored:
+      # E.g. a checkpoint written with another process count: batches are a pure function of
+      # the global step, so the stream is positioned from the step instead.
+      _log(f'no data-iterator state for this process in checkpoint {resumed}; '
+           f'positioning the input stream at step {start}')
+      if hasattr(train_iter, 'close'):
+        train_iter.close()          # stops its worker processes, if any
+      train_iter = pipeline.train_iterator(config.data, seed=config.data.seed, start_step=start,
+                                           source=train_source, **process)
 
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f'{task.name}: {n_params / 1e6:.2f}M parameters, steps {start} -> {config.total_steps}, '
-        f'workdir {workdir}', flush=True)
-  writer = MetricWriter(workdir)
-  batch_size = config.data.batch_size
+  frozen = replicate(task.frozen(), mesh)
+  started = time.perf_counter()
+  step_fn = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
+                                  abstract_batch(config.data), frozen)
+  report = compile_report(task, config, layout, step_fn)
+  n_params = sum(x.size for x in jax.tree.leaves(layout.abstract.params))
+  _log(f'{task.name}: {n_params / 1e6:.2f}M parameters, steps {start} -> {config.total_steps}, '
+       f'{jax.process_count()} process(es), {mesh.size} devices, workdir {workdir}')
+  _log(format_compile_report(report, mesh) + f'; compile {time.perf_counter() - started:.1f} s')
+
+  peak_flops, peak_source = perf.peak_flops_per_device(jax.local_devices()[0], config.peak_tflops)
+  batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
+  writer = MetricWriter(workdir) if is_main else None
+  preemption = Preemption()
   pending, last_eval = [], None
-  last_time, last_step = time.perf_counter(), start
+  timer = perf.StepTimer()
 
   def run_eval(step):
-    result = task.evaluate(graphdef, ts.eval_params(state), frozen, sources[config.data.eval_split],
-                           step, workdir)
-    writer.log(step, result, prefix='eval/')
+    result = task.evaluate(layout.graphdef, ts.eval_params(state), frozen,
+                           sources[config.data.eval_split], step, workdir, mesh)
+    if writer:
+      writer.scalars(step, {k: v for k, v in result.items() if isinstance(v, float)}, 'eval/')
     return result
 
   progress = tqdm(range(start, config.total_steps), initial=start, total=config.total_steps,
-                  desc=task.name, dynamic_ncols=True, mininterval=2.0)
+                  desc=task.name, dynamic_ncols=True, mininterval=2.0, disable=not is_main)
   for step in progress:
-    batch = next(train_iter)
+    with timer.data_wait():
+      batch = global_batch(next(train_iter), batch_sharding)
     state, metrics = step_fn(state, batch, frozen)   # async: the host runs ahead of the device
+    timer.step()
     pending.append(metrics)
     done = step + 1
     if done % config.log_every == 0 or done == config.total_steps:
-      # The only device->host transfer of the loop: the averaged metrics of the interval.
+      # The only device->host transfer of the loop: the metrics of the interval.
       interval = jax.device_get(pending)
+      lap = timer.lap()
       values = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
-      now = time.perf_counter()
-      values['steps_per_s'] = (done - last_step) / (now - last_time)
-      values['clips_per_s'] = values['steps_per_s'] * batch_size
-      last_time, last_step, pending = now, done, []
-      writer.scalars(done, values, prefix='train/')
-      progress.set_postfix(loss=f"{values['loss']:.4f}", psnr=f"{values.get('train_psnr', 0):.2f}")
-    if done % config.ckpt_every == 0 or done == config.total_steps:
-      checkpointer.save(done, state)
-    if done % config.eval_every == 0 or done == config.total_steps:
-      last_eval = run_eval(done)
-      last_time = time.perf_counter()   # evaluation time does not count as training throughput
-      progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                 for k, v in last_eval.items()}))
+      values.update(perf.throughput(
+          step_seconds=lap['step_time_s'], global_batch=config.data.batch_size,
+          tokens_per_clip=task.tokens_per_clip,
+          flops_per_step_per_device=report['analytic_flops'], peak_flops=peak_flops,
+          num_devices=mesh.size))
+      values['data_wait_fraction'] = lap['data_wait_fraction']
+      pending = []
+      if writer:
+        writer.scalars(done, values, prefix='train/')
+      progress.set_postfix(loss=f"{values['loss']:.4f}", psnr=f"{values.get('train_psnr', 0):.2f}",
+                           mfu=f"{values['mfu']:.3f}")
+    eval_now = done % config.eval_every == 0 or done == config.total_steps
+    with timer.excluded():   # evaluation and saving do not count as training time
+      if eval_now:
+        last_eval = run_eval(done)
+        if is_main:
+          progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                     for k, v in last_eval.items()}))
+      # Every process asks every step: multi-host preemption is agreed on at a common step.
+      preempted = preemption.reached(done) and done < config.total_steps
+      if done % config.ckpt_every == 0 or done == config.total_steps or preempted:
+        checkpointer.save(done, state, data_iterator=train_iter,
+                          metrics=last_eval if eval_now else None)
+    if preempted:
+      _log(f'SIGTERM: saved step {done} to {checkpointer.directory}; '
+           f'rerun the same command to resume')
+      break
   progress.close()
+  _log(f'peak FLOP/s per device for MFU: {peak_flops / 1e12:.2f} TFLOP/s ({peak_source})')
   if start >= config.total_steps:
-    print(f'nothing to train: checkpoint step {start} already reached total_steps='
-          f'{config.total_steps} (raise --config.total_steps to continue)', flush=True)
-  checkpointer.close()
-  writer.close()
+    _log(f'nothing to train: checkpoint step {start} already reached total_steps='
+         f'{config.total_steps} (raise --config.total_steps to continue)')
+  preemption.close()
+  checkpointer.close()          # waits for the last asynchronous save to be committed
+  if writer:
+    writer.close()
   return state, last_eval

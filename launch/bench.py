@@ -1,0 +1,106 @@
+r"""Benchmark the train step of a config on this machine's devices and print one table.
+
+    python -m launch.bench --config=configs/vitok.py:demo --steps=20
+    python -m launch.bench --config=configs/vitok.py:ucf101,batch=4 --steps=5 --mesh=-1x1
+
+The step is the real one (loss, backward, AdamW, EMA; sharded on the config's mesh or --mesh),
+fed a fixed random batch that already sits on the devices, so input reading is not measured.
+After --warmup steps, each of --steps steps is timed to completion. Columns: compile time, median
+step time, clips/s and tokens/s per device, achieved model TFLOP/s per device, MFU (against the
+device's peak: the table in vitok/perf.py, config.peak_tflops, or on CPU a measured dense-matmul
+rate of this machine), and peak memory (device allocator; on CPU the process's peak RSS).
+"""
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from launch import common
+from vitok import perf, sharding
+from vitok import train_state as ts
+from vitok import trainer
+
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+
+COLUMNS = [
+    ('config', 'config'), ('mesh', 'mesh'), ('devices', 'devices'),
+    ('batch', 'batch'), ('compile_s', 'compile s', '.1f'),
+    ('step_time_s', 'step s (median)', '.4f'),
+    ('clips_per_s_per_device', 'clips/s/dev', '.2f'),
+    ('tokens_per_s_per_device', 'tokens/s/dev', '.0f'),
+    ('tflops_per_device', 'TFLOP/s/dev', '.4f'), ('mfu', 'MFU', '.3f'),
+    ('peak_memory_GiB', 'peak mem GiB', '.2f'),
+]
+
+
+def random_batch(config, mesh) -> dict:
+  """A global batch of random pixels, created directly on the devices in the batch sharding."""
+  batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
+  rng = np.random.default_rng(0)
+  out = {}
+  for name, spec in trainer.abstract_batch(config.data).items():
+    host = rng.integers(0, 255, spec.shape).astype(spec.dtype) if name == 'video' \
+        else np.zeros(spec.shape, spec.dtype)
+    out[name] = jax.make_array_from_callback(spec.shape, batch_sharding, lambda i, h=host: h[i])
+  return out
+
+
+def bench(config, mesh, steps: int, warmup: int, name: str = '') -> dict:
+  task = common.make_task_or_exit(config)
+  trainer.configure_runtime(config)
+  layout = trainer.create_layout(task, config, mesh)
+  state = layout.init()
+  frozen = trainer.replicate(task.frozen(), mesh)
+  batch = random_batch(config, mesh)
+  started = time.perf_counter()
+  step_fn = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
+                                  trainer.abstract_batch(config.data), frozen)
+  compile_s = time.perf_counter() - started
+  report = trainer.compile_report(task, config, layout, step_fn)
+  for _ in range(warmup):
+    state, metrics = step_fn(state, batch, frozen)
+  jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(steps):
+    started = time.perf_counter()
+    state, metrics = step_fn(state, batch, frozen)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - started)
+  peak_flops, peak_source = perf.peak_flops_per_device(jax.local_devices()[0], config.peak_tflops)
+  row = {'config': name or config.model.variant, 'mesh': 'x'.join(map(str, mesh.shape.values())),
+         'devices': mesh.size, 'batch': config.data.batch_size, 'compile_s': compile_s}
+  row.update(perf.throughput(
+      step_seconds=statistics.median(times), global_batch=config.data.batch_size,
+      tokens_per_clip=task.tokens_per_clip, flops_per_step_per_device=report['analytic_flops'],
+      peak_flops=peak_flops, num_devices=mesh.size))
+  row.update(peak_memory_GiB=perf.peak_memory_bytes(jax.local_devices()[0]) / 2 ** 30,
+             peak_tflops=peak_flops / 1e12, peak_source=peak_source,
+             xla_tflop_per_step_per_device=(report['flops'] or 0) / 1e12,
+             model_tflop_per_step_per_device=report['analytic_flops'] / 1e12,
+             step_times_s=[round(t, 4) for t in times], loss=float(metrics['loss']))
+  return row
+
+
+def main(argv):
+  del argv
+  common.quiet_library_logs()
+  config = common.load_config()
+  common.init_distributed()
+  common.mesh_override(config)
+  mesh = common.make_mesh_or_exit(config)
+  row = bench(config, mesh, _STEPS.value, _WARMUP.value)
+  if jax.process_index() == 0:
+    print(perf.format_table([row], COLUMNS))
+    print(f"peak for MFU: {row['peak_tflops']:.3f} TFLOP/s per device ({row['peak_source']}); "
+          f"model TFLOP per step per device {row['model_tflop_per_step_per_device']:.4f}, "
+          f"XLA counts {row['xla_tflop_per_step_per_device']:.4f}")
+    print(json.dumps(row))
+
+
+if __name__ == '__main__':
+  app.run(main)

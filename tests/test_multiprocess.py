@@ -1,0 +1,71 @@
+"""A real multi-process run: two `launch.train` processes on localhost joined by jax.distributed
+(2 CPU devices each, one 4-device mesh) train the tiny tokenizer and end with the parameters of a
+single process that drives all 4 devices itself on the same global batches."""
+
+import json
+import os
+import socket
+
+import jax
+import numpy as np
+import pytest
+
+from vitok import checkpoint as ckpt_lib
+from vitok import sharding, stage1, trainer
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _final_state(tiny_config, workdir):
+  config = tiny_config.copy_and_resolve_references()
+  config.mesh.shape = (1, 1)
+  task = stage1.TokenizerTask(config)
+  layout = trainer.create_layout(task, config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  checkpointer = ckpt_lib.Checkpointer(workdir, create=False)
+  assert checkpointer.latest_step() == STEPS
+  state = checkpointer.restore(layout.abstract)
+  checkpointer.close()
+  return jax.device_get(state)
+
+
+def test_two_processes_match_one_process_on_the_same_global_batches(tiny_config, launch_train,
+                                                                    tmp_path):
+  # A 2x2 data x fsdp mesh: batch rows and parameter shards both cross the process boundary.
+  overrides = {'total_steps': STEPS, 'ckpt_every': 3, 'log_every': 3, 'eval_every': STEPS,
+               'mesh.shape': '(2,2)', 'num_eval_videos': 1}
+  single = launch_train(str(tmp_path / 'single'), devices=4, overrides=overrides)
+  out, _ = single.communicate(timeout=600)
+  assert single.returncode == 0, out[-3000:]
+
+  workdir = str(tmp_path / 'multi')
+  address = f'localhost:{_free_port()}'
+  processes = [launch_train(workdir, devices=2, overrides=overrides,
+                            flags_=[f'--coordinator_address={address}', '--num_processes=2',
+                                    f'--process_id={i}'])
+               for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert '2 process(es), 4 devices' in outputs[0]
+
+  reference = _final_state(tiny_config, str(tmp_path / 'single'))
+  state = _final_state(tiny_config, workdir)
+  assert int(state.step) == STEPS
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  # Both runs evaluated the same held-out clips; only process 0 wrote files.
+  evals = [[json.loads(line) for line in open(os.path.join(d, 'metrics.jsonl'))]
+           for d in (str(tmp_path / 'single'), workdir)]
+  assert len(evals[1]) == 1 and evals[1][0]['clips'] == evals[0][0]['clips']
+  assert evals[1][0]['psnr'] == pytest.approx(evals[0][0]['psnr'], abs=1e-3)
+  # The data position of each process is in the checkpoint.
+  data_files = os.listdir(os.path.join(workdir, 'checkpoints', str(STEPS), 'data'))
+  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(data_files)
