@@ -106,3 +106,22 @@ def make_mesh_or_exit(config):
     return sharding.make_mesh(config.mesh)
   except ValueError as e:
     raise app.UsageError(f'bad config: {e}') from None
+
+
+def open_trained_run(step: int | None):
+  """Start-up of the commands that read a finished or running training run (eval, export): the
+  run's config (or --config), jax.distributed, a mesh over this job's devices (data-parallel
+  unless --mesh says otherwise) and the TrainState layout on it, the checkpointer and the step.
+  Returns (config, task, layout, checkpointer, step)."""
+  from vitok import checkpoint as ckpt_lib
+  config = load_config(allow_workdir_config=True)
+  init_distributed()
+  mesh_override(config, default='x'.join(['-1'] + ['1'] * (len(config.mesh.axes) - 1)))
+  task = make_task_or_exit(config)
+  mesh = make_mesh_or_exit(config)
+  checkpointer = ckpt_lib.Checkpointer(workdir(), create=False)
+  step = step if step is not None else checkpointer.latest_step()
+  if step is None:
+    raise SystemExit(f'no checkpoint in {checkpointer.directory}: train first')
+  trainer.configure_runtime(config)
+  return config, task, trainer.create_layout(task, config, mesh), checkpointer, step

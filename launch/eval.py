@@ -15,7 +15,6 @@ import jax
 from absl import app, flags
 
 from launch import common
-from vitok import checkpoint as ckpt_lib
 from vitok import trainer
 
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
@@ -25,22 +24,12 @@ _EMA = flags.DEFINE_bool('ema', False, 'Evaluate the EMA parameters (the run mus
 def main(argv):
   del argv
   common.quiet_library_logs()
-  config = common.load_config(allow_workdir_config=True)
-  common.init_distributed()
-  common.mesh_override(config, default='x'.join(['-1'] + ['1'] * (len(config.mesh.axes) - 1)))
-  task = common.make_task_or_exit(config)
-  mesh = common.make_mesh_or_exit(config)
-  checkpointer = ckpt_lib.Checkpointer(common.workdir(), create=False)
-  step = _STEP.value if _STEP.value is not None else checkpointer.latest_step()
-  if step is None:
-    raise SystemExit(f'no checkpoint in {checkpointer.directory}: train first')
-  trainer.configure_runtime(config)
-  layout = trainer.create_layout(task, config, mesh)
+  config, task, layout, checkpointer, step = common.open_trained_run(_STEP.value)
   # Only the parameters are read: no optimizer state is allocated for an evaluation.
   params = checkpointer.restore_params(layout.abstract.params, step, ema=_EMA.value)
   sources = trainer.prepare_sources(config.data)
-  result = task.evaluate(layout.graphdef, params, trainer.replicate(task.frozen(), mesh),
-                         sources[config.data.eval_split], step, common.workdir(), mesh)
+  result = task.evaluate(layout.graphdef, params, trainer.replicate(task.frozen(), layout.mesh),
+                         sources[config.data.eval_split], step, common.workdir(), layout.mesh)
   if jax.process_index() == 0:
     print(json.dumps(result))
 

@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from vitok import checkpoint as ckpt_lib
 from vitok import sharding, stage1, trainer
@@ -146,6 +147,22 @@ def test_eval_command_on_a_tiny_checkpoint(tiny_config, tmp_path):
   assert len(lines) == 2 and json.loads(lines[-1]) == result
   samples = os.listdir(os.path.join(workdir, 'samples'))
   assert any(f.endswith('.png') for f in samples) and any(f.endswith('.mp4') for f in samples)
+
+
+def test_export_of_ema_parameters_loads_as_a_tokenizer_on_any_device_count(tiny_config, tmp_path):
+  workdir, out = str(tmp_path / 'run'), str(tmp_path / 'export')
+  _, _, state, _ = _train_two_steps(tiny_config, workdir)          # on 8 devices
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')         # exported on 1
+  done = subprocess.run([sys.executable, '-m', 'launch.export', f'--workdir={workdir}',
+                         f'--out={out}'], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'exported the EMA parameters of step 2' in done.stdout
+  model = stage1.load_tokenizer(out)
+  exported = nnx.state(model, nnx.Param)
+  assert _tree_equal(exported, state.ema_params)
+  video = np.random.default_rng(0).uniform(-1, 1, (1, 4, 32, 32, 3)).astype(np.float32)
+  assert model.decode(model.encode(video)).shape == video.shape
 
 
 def test_missing_dataset_directory_fails_naming_the_field(tiny_config, tmp_path):

@@ -53,3 +53,46 @@ def test_plan_command_prints_json_and_rejects_bad_configs():
   assert bad.returncode != 0 and 'lrr' in bad.stderr
   bad = _run('launch.plan', '--config=configs/vitok.py:variant=S-Z/4x8')
   assert bad.returncode != 0 and 'model.variant' in bad.stderr
+
+
+@pytest.mark.slow
+def test_plan_compiles_for_a_mesh_of_simulated_devices():
+  out = _run('launch.plan', '--config=configs/vitok.py:demo,batch=16', '--mesh=4x4')
+  assert out.returncode == 0, out.stderr[-2000:]
+  compiled = json.loads(out.stdout)['compiled']
+  assert compiled['devices'] == 16 and compiled['mesh'] == {'data': 4, 'fsdp': 4}
+  # fsdp=4: each device holds about a quarter of the 4.25M float32 parameters, and Adam's two
+  # moments twice that.
+  params_gib = 4.25e6 * 4 / 2 ** 30
+  assert params_gib / 4 <= compiled['params_GiB_per_device'] < 1.2 * params_gib / 4
+  assert compiled['optimizer_GiB_per_device'] == pytest.approx(
+      2 * compiled['params_GiB_per_device'], rel=0.01)
+  assert compiled['temp_GiB_per_device'] > 0
+  assert compiled['xla_TFLOP_per_step_per_device'] >= compiled['model_TFLOP_per_step_per_device']
+
+
+@pytest.mark.slow
+def test_a_mesh_that_does_not_fit_the_devices_fails_at_start_up_naming_both_numbers(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'launch.train', '--config=configs/vitok.py:demo',
+       '--config.mesh.shape=(3,3)', f'--workdir={tmp_path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert out.returncode != 0
+  assert 'config.mesh.shape=(3, 3) needs 9 devices but 8 are available' in out.stderr
+
+
+def test_bench_reports_step_time_throughput_and_mfu():
+  from launch import bench
+  from vitok import sharding
+  config = vitok_config.get_config('variant=Ti-Ti/2x8,channels=4,frames=4,res=32,batch=8')
+  config.loss.lpips = 0.0
+  config.mesh.shape = (2, 4)
+  row = bench.bench(config, sharding.make_mesh(config.mesh), steps=3, warmup=1)
+  assert len(row['step_times_s']) == 3 and row['step_time_s'] > 0 and row['compile_s'] > 0
+  assert row['clips_per_s_per_device'] == pytest.approx(8 / 8 / row['step_time_s'])
+  assert row['tokens_per_s_per_device'] == pytest.approx(32 * row['clips_per_s_per_device'])
+  assert row['tflops_per_device'] == pytest.approx(
+      row['model_tflop_per_step_per_device'] / row['step_time_s'])
+  assert row['mfu'] == pytest.approx(row['tflops_per_device'] / row['peak_tflops'])
+  assert row['peak_source'].startswith('measured matmul') and row['peak_memory_GiB'] > 0

@@ -166,3 +166,23 @@ def write_samples(samples, directory: str, step: int) -> None:
     if real.shape[0] > 1:
       side_by_side = np.concatenate([real, recon], axis=2)
       video_io.write_mp4(os.path.join(directory, f'step{step:07d}_clip{i}.mp4'), side_by_side)
+
+
+def load_tokenizer(directory: str, mesh=None) -> tokenizer.ViTok:
+  """The tokenizer exported by `python -m launch.export` to `directory`, ready for inference:
+  `model.encode(video)` / `model.decode(z)`. Parameters are placed by the exported config's
+  sharding rules on `mesh` (default: every device, data-parallel, i.e. replicated)."""
+  # Imported here: checkpoint I/O is not needed by the rest of this module.
+  import ml_collections
+  from vitok import checkpoint as ckpt_lib
+  from vitok import train_state as ts
+
+  with open(os.path.join(directory, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if mesh is None:
+    config.mesh.shape = [-1] + [1] * (len(config.mesh.axes) - 1)
+    mesh = sharding.make_mesh(config.mesh)
+  task = TokenizerTask(config)
+  layout = ts.state_layout(task.create_model, config, mesh, total_steps=1)
+  params = ckpt_lib.load_params(os.path.join(directory, 'params'), layout.abstract.params)
+  return nnx.merge(layout.graphdef, params)
