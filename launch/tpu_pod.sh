@@ -44,6 +44,14 @@ if [[ -n "${GIT_REF:-}" ]]; then
   CHECKOUT="git fetch --all --quiet && git checkout --quiet $(printf '%q' "$GIT_REF")"
 fi
 
+# The config is the CONFIG variable (a --config among the extra flags would be a second one).
+for arg in "$@"; do
+  if [[ "$arg" == --config=* ]]; then
+    echo "pass the config as CONFIG=${arg#--config=}, not as an extra --config flag" >&2
+    exit 2
+  fi
+done
+
 REMOTE="set -e; cd $REPO_DIR && $CHECKOUT && $PYTHON -m pip install --quiet -e . \
 && $PYTHON -m launch.train --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")$EXTRA"
 

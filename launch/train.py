@@ -23,8 +23,13 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   config = common.load_config()
   common.init_distributed()
+  common.mesh_override(config)                    # --mesh=AxB, if given
   task = common.make_task_or_exit(config)
-  common.make_mesh_or_exit(config)                # a mesh that does not fit fails before any work
+  mesh = common.make_mesh_or_exit(config)         # a mesh that does not fit fails before any work
+  try:
+    trainer.check_batch_fits(config, mesh)
+  except ValueError as e:
+    raise app.UsageError(f'bad config: {e}') from None
   state, _ = trainer.train(config, common.workdir(), task)   # prints each evaluation
   if int(state.step) < config.total_steps:        # stopped by SIGTERM after saving
     sys.exit(trainer.PREEMPTED_EXIT_CODE)

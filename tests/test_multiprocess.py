@@ -4,7 +4,10 @@ single process that drives all 4 devices itself on the same global batches."""
 
 import json
 import os
+import re
+import signal
 import socket
+import time
 
 import jax
 import numpy as np
@@ -69,3 +72,48 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tiny_config,
   # The data position of each process is in the checkpoint.
   data_files = os.listdir(os.path.join(workdir, 'checkpoints', str(STEPS), 'data'))
   assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(data_files)
+
+
+def test_sigterm_to_one_process_makes_both_save_the_same_step_and_the_run_resumes(
+    tiny_config, launch_train, tmp_path):
+  # A maintenance event or preemption notice may reach a single host: JAX's coordination service
+  # propagates it, and both processes save at one agreed step before exiting.
+  workdir = str(tmp_path / 'run')
+  overrides = {'total_steps': 200, 'ckpt_every': 10, 'log_every': 10, 'eval_every': 1000,
+               'loss.lpips': 0.0, 'num_eval_videos': 0, 'mesh.shape': '(2,2)'}
+
+  def start():
+    address = f'localhost:{_free_port()}'
+    return [launch_train(workdir, devices=2, overrides=overrides,
+                         flags_=[f'--coordinator_address={address}', '--num_processes=2',
+                                 f'--process_id={i}']) for i in range(2)]
+
+  processes = start()
+  deadline = time.time() + 300
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '10')):
+    assert all(p.poll() is None for p in processes), processes[0].communicate()[0][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.01)
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [trainer.PREEMPTED_EXIT_CODE] * 2, outputs[0][-3000:]
+  saved = int(re.search(r'SIGTERM: saved step (\d+)', outputs[0]).group(1))
+  assert 10 <= saved < 200
+  checkpointer = ckpt_lib.Checkpointer(workdir, create=False)
+  assert checkpointer.latest_step() == saved
+  data_files = set(os.listdir(os.path.join(workdir, 'checkpoints', str(saved), 'data')))
+  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= data_files
+
+  overrides['total_steps'] = saved + 5
+  processes = start()
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:]
+  assert f'resumed from {workdir}/checkpoints/{saved}' in outputs[0]
+  assert _final_step(workdir) == saved + 5
+
+
+def _final_step(workdir):
+  checkpointer = ckpt_lib.Checkpointer(workdir, create=False)
+  step = checkpointer.latest_step()
+  checkpointer.close()
+  return step

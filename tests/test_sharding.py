@@ -97,6 +97,14 @@ def test_sharded_step_equals_single_device_step(single_device_run, mesh_shape, a
   # The state lives where the layout says (parameters, moments and EMA), and stays there.
   for leaf, expected in zip(jax.tree.leaves(state), jax.tree.leaves(layout.shardings)):
     assert leaf.sharding.is_equivalent_to(expected, leaf.ndim)
+  qkv = state.params['encoder']['blocks'][0]['attn']['qkv']['kernel']
+  if 'model' in axes:   # tensor parallel: each device holds whole heads' q, k and v
+    assert qkv.sharding.spec == P(None, None, 'model')
+    # The 341 MLP units of width 128 do not split in two: reported, and left whole.
+    whole = sharding.undivided(layout.abstract.params, layout.mesh, RULES)
+    assert any('mlp/down/kernel dim 0 (341) over model' in w for w in whole)
+  else:
+    assert qkv.sharding.spec == P('fsdp')
   np.testing.assert_allclose(float(metrics['loss']), float(ref_metrics['loss']), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
@@ -112,7 +120,8 @@ def test_fsdp_divides_parameter_and_optimizer_memory_by_the_device_count():
   for leaf, expected in zip(jax.tree.leaves(state), jax.tree.leaves(layout.shardings)):
     assert leaf.sharding.is_equivalent_to(expected, leaf.ndim)
   kernel = state.params['decoder']['blocks'][0]['attn']['qkv']['kernel']
-  assert kernel.sharding.spec == P('fsdp') and kernel.addressable_shards[0].data.shape == (16, 384)
+  assert kernel.sharding.spec == P('fsdp')
+  assert kernel.addressable_shards[0].data.shape == (16, 3, 4, 32)     # (width/8, q|k|v, heads, dim)
 
   heavy = (state.params, state.opt_state, state.ema_params)
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(heavy))

@@ -230,8 +230,10 @@ class Checkpointer:
     `jax.ShapeDtypeStruct` carrying the target shardings (see `abstract_like`).
 
     With `data_iterator`, also restores its position in place when the checkpoint holds one for
-    this process (`self.last_restore_had_data` says whether it did); the iterator is touched only
-    after the state restored. Raises CheckpointError naming the step and path."""
+    this process (`self.last_restore_had_data` says whether it did; an unreadable or mismatched
+    iterator state, e.g. from another `data.num_workers`, is logged and reported as not restored);
+    the iterator is touched only after the state restored. Raises CheckpointError naming the step
+    and path when the state cannot be restored."""
     self.last_restore_had_data = False
     _check_target(abstract_state, 'restore target')
     step = self._resolve_step(step)
@@ -252,8 +254,11 @@ class Checkpointer:
         self._manager.restore(
             step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(
                 data_iterator)}))
-      except Exception as e:
-        raise self._error(step, e, 'the data iterator of checkpoint') from e
+      except Exception as e:  # e.g. saved with another data.num_workers: not a reason to stop
+        logging.getLogger(__name__).warning(
+            'could not restore the data iterator of checkpoint step %d (%s: %s); the caller '
+            're-positions the input stream from the step', step, type(e).__name__, e)
+        return state
       self.last_restore_had_data = True
     return state
 

@@ -114,6 +114,23 @@ def dense(in_features: int, out_features: int, axes: tuple[str, str], *, use_bia
                     kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
 
 
+def fused_dense(in_features: int, out_shape: tuple[int, ...], axes: tuple[str | None, ...], *,
+                use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Einsum:
+  """Several projections of the same input in one matmul, with the kernel kept as
+  (in, parts, ...) instead of (in, parts * ...): e.g. q/k/v as (width, 3, heads, head_dim). A
+  'model' axis then splits heads (or MLP units) *within* each part, so every device holds its own
+  heads' q, k and v and the attention needs no re-shuffle. The values equal those of the 2-D
+  kernel an nnx.Linear would draw (same key, same element order, fan-in = in_features)."""
+  out_dims = tuple(range(1, 1 + len(out_shape)))
+  letters = 'abcefgh'[:len(out_shape)]
+  kernel_init = nnx.with_partitioning(
+      nnx.initializers.lecun_normal(in_axis=0, out_axis=out_dims), axes, eager_sharding=False)
+  bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:], eager_sharding=False)
+  return nnx.Einsum(f'...d,d{letters}->...{letters}', (in_features, *out_shape),
+                    out_shape if use_bias else None, dtype=dtype, kernel_init=kernel_init,
+                    bias_init=bias_init, rngs=rngs)
+
+
 def layer_norm(width: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   """LayerNorm whose scale and bias carry the logical axis 'norm' (replicated by default)."""
   names = ('norm',)
@@ -153,12 +170,15 @@ class Attention(nnx.Module):
       raise ValueError(f"model.attention must be one of {list(ATTENTION_IMPLS)}, got {attention!r}")
     self.heads = heads
     self.implementation = ATTENTION_IMPLS[attention]
-    self.qkv = dense(width, 3 * width, ('embed', 'heads'), use_bias=False, dtype=dtype, rngs=rngs)
+    # q/k/v fused into one (width, 3, heads, head_dim) projection; see fused_dense.
+    self.qkv = fused_dense(width, (3, heads, width // heads), ('embed', None, 'heads', None),
+                           use_bias=False, dtype=dtype, rngs=rngs)
     self.out = dense(width, width, ('heads', 'embed'), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
     b, l, d = x.shape
-    q, k, v = jnp.split(self.qkv(x).reshape(b, l, 3 * self.heads, d // self.heads), 3, axis=2)
+    qkv = self.qkv(x)                                           # (B, L, 3, heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, angles), apply_rope(k, angles)
     q, k, v = (constrain(a, HEADS) for a in (q, k, v))
     # (B, L, heads, head_dim) layout. implementation=None lets XLA choose; 'cudnn' is the fused
@@ -174,13 +194,16 @@ class GatedMLP(nnx.Module):
     if kind not in ('swiglu', 'geglu'):
       raise ValueError(f"model.mlp must be 'swiglu' or 'geglu', got {kind!r}")
     self.act = jax.nn.silu if kind == 'swiglu' else jax.nn.gelu
-    # Gate and up projections fused into one matmul (same parameters as two Linears).
-    self.gate_up = dense(width, 2 * hidden, ('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    # Gate and up projections fused into one (width, 2, hidden) matmul (same parameters as two
+    # Linears); see fused_dense.
+    self.gate_up = fused_dense(width, (2, hidden), ('embed', None, 'mlp'), use_bias=True,
+                               dtype=dtype, rngs=rngs)
     self.down = dense(hidden, width, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate, up = jnp.split(self.gate_up(x), 2, axis=-1)
-    return self.down(constrain(self.act(gate) * up, HIDDEN))
+    gate_up = self.gate_up(x)                                   # (B, L, 2, hidden)
+    hidden = self.act(gate_up[..., 0, :]) * gate_up[..., 1, :]
+    return self.down(constrain(hidden, HIDDEN))
 
 
 class Block(nnx.Module):

@@ -46,7 +46,10 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[str, 
 
   Raises ValueError naming `config.mesh.*` and both numbers when the mesh cannot be built."""
   axes = tuple(str(a) for a in _as_tuple(mesh_cfg.axes))
-  sizes = tuple(int(s) for s in _as_tuple(mesh_cfg.shape, ',x'))
+  shape = mesh_cfg.shape
+  if isinstance(shape, (tuple, list)) and len(shape) == 1 and isinstance(shape[0], str):
+    shape = shape[0]                    # --config.mesh.shape=2x4 arrives as ('2x4',)
+  sizes = tuple(int(s) for s in _as_tuple(shape, ',x'))
   if len(axes) != len(sizes) or not axes:
     raise ValueError(f'config.mesh.shape={sizes} and config.mesh.axes={axes} must have the same '
                      f'(non-zero) length')
@@ -131,10 +134,43 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules) -> Any:
   return jax.tree.map(one, abstract_state, is_leaf=_is_variable)
 
 
+def undivided(abstract_params: Any, mesh: Mesh, rules) -> list[str]:
+  """Parameters whose rules name a mesh axis that does not divide the dimension (so that
+  dimension stays whole), as 'path dim size (axis)' strings for the start-up log."""
+  rules = rules_dict(rules)
+  out = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params, is_leaf=_is_variable):
+    names = leaf.get_metadata().get('out_sharding') if _is_variable(leaf) else None
+    for dim, name in enumerate(names or ()):
+      wanted = [a for a in rules.get(name, ()) if a in mesh.shape] if name else []
+      got = logical_to_spec((name,), rules, mesh, (leaf.shape[dim],))
+      if wanted and (not got or got[0] is None):
+        where = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+        out.append(f'{where} dim {dim} ({leaf.shape[dim]}) over {"x".join(wanted)}')
+  return out
+
+
 def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
   """Leading (batch) dimension over the mesh axes the 'batch' rule names; the rest replicated."""
   spec = logical_to_spec(('batch',) + (None,) * (ndim - 1), rules, mesh)
   return NamedSharding(mesh, spec)
+
+
+def check_process_rows(batch_sharding: NamedSharding, global_batch: int, field: str) -> None:
+  """Each process feeds `jax.make_array_from_process_local_data` the rows [p*b, (p+1)*b) of every
+  global batch (b = batch / processes), so its devices must hold exactly those rows. That holds
+  when the mesh's data axes are outermost over hosts; a mesh that splits hosts along a
+  non-batch axis (e.g. 'model' across hosts) would silently mix up rows, so it fails here."""
+  index, count = jax.process_index(), jax.process_count()
+  rows = set()
+  for idx in batch_sharding.addressable_devices_indices_map((global_batch,)).values():
+    rows.update(range(*idx[0].indices(global_batch)))
+  per_process = global_batch // count
+  if rows != set(range(index * per_process, (index + 1) * per_process)):
+    raise ValueError(
+        f'{field}={global_batch}: process {index} of {count} holds batch rows {sorted(rows)[:8]}... '
+        f'on mesh {dict(batch_sharding.mesh.shape)}, not its own contiguous block of '
+        f'{per_process}; put the batch (data) axes outermost so they span the hosts')
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from vitok import lpips as lpips_lib
 from vitok import metrics
@@ -79,11 +81,12 @@ class TokenizerTask:
     return evaluate(self, graphdef, params, frozen, eval_source, step, workdir, mesh)
 
 
-def _eval_fn(graphdef, baseline_pairs, mesh):
-  """Jitted per-batch evaluation: per-clip metrics of the tokenizer and of the baseline codec.
-  Outputs are replicated so every process can read them."""
+def _eval_fn(graphdef, baseline_pairs, mesh, batch_sharding):
+  """Jitted per-batch evaluation: per-clip metrics of the tokenizer and of the baseline codec, and
+  the mask, replicated so every process can read them; reconstructions stay split by batch."""
+  replicated = sharding.replicated(mesh)
 
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  @functools.partial(jax.jit, out_shardings=(replicated, replicated, batch_sharding))
   def run(params, video_uint8, mask, frozen):
     video = tokenizer.to_unit_range(video_uint8)
     recon, _, _ = nnx.merge(graphdef, params)(video)        # posterior mean at evaluation
@@ -95,7 +98,7 @@ def _eval_fn(graphdef, baseline_pairs, mesh):
     }
     for st, s in baseline_pairs:
       out[f'baseline_{st}x{s}'] = metrics.psnr(metrics.pool_and_resize(video, st, s), video)
-    return out, tokenizer.to_uint8(recon), video_uint8, mask
+    return out, mask, tokenizer.to_uint8(recon)
 
   return run
 
@@ -110,25 +113,27 @@ def evaluate(task: TokenizerTask, graphdef, params, frozen, eval_source, step: i
   to the config's mesh over all devices."""
   cfg = task.config
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
-  dp = sharding.data_parallel_size(mesh, cfg.sharding_rules)
-  if cfg.data.eval_batch_size % dp:
-    raise ValueError(f'data.eval_batch_size={cfg.data.eval_batch_size} must be divisible by the '
-                     f'{dp} ways the mesh {dict(mesh.shape)} splits a batch')
+  # Every device gets whole clips: the batch is rounded up to a multiple of the data-parallel
+  # size (the extra rows are padding, masked out).
+  dp = math.lcm(sharding.data_parallel_size(mesh, cfg.sharding_rules), jax.process_count())
+  data_cfg = cfg.data.copy_and_resolve_references()
+  data_cfg.eval_batch_size = -(-cfg.data.eval_batch_size // dp) * dp
   batch_sharding = sharding.batch_sharding(mesh, cfg.sharding_rules)
+  sharding.check_process_rows(batch_sharding, data_cfg.eval_batch_size, 'data.eval_batch_size')
   T, res = cfg.data.frames, cfg.data.res
   pairs = metrics.baseline_factors(T, res, res, task.latent_floats)
-  run = _eval_fn(graphdef, pairs, mesh)
+  run = _eval_fn(graphdef, pairs, mesh, batch_sharding)
   accumulator, samples = metrics.MetricAccumulator(), []
-  for batch in pipeline.eval_batches(cfg.data, eval_source, jax.process_index(),
+  for batch in pipeline.eval_batches(data_cfg, eval_source, jax.process_index(),
                                      jax.process_count()):
     video, mask = (jax.make_array_from_process_local_data(batch_sharding, batch[k])
                    for k in ('video', 'mask'))
     with sharding.activation_sharding(mesh, cfg.sharding_rules):   # traced on the first batch
-      outputs = run(params, video, mask, frozen)
-    # Every process gets the whole batch's per-clip metrics (and, for samples, its clips) back.
-    per_clip, recon, video, mask = jax.device_get(outputs)
+      per_clip, mask, recon = run(params, video, mask, frozen)
+    per_clip, mask = jax.device_get((per_clip, mask))     # the whole batch's, on every process
     accumulator.update(per_clip, mask)
-    if len(samples) < cfg.num_eval_videos:
+    if len(samples) < cfg.num_eval_videos:   # the same decision on every process (global mask)
+      video, recon = multihost_utils.process_allgather((video, recon), tiled=True)
       real = np.flatnonzero(mask)[: cfg.num_eval_videos - len(samples)]
       samples += [(video[i], recon[i]) for i in real]
   count = accumulator.count('psnr')

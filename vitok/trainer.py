@@ -68,14 +68,17 @@ def abstract_batch(data_cfg) -> dict:
 
 
 def check_batch_fits(config, mesh) -> None:
-  """The global batch must split evenly over the data axes and over the processes."""
+  """The global training batch must split evenly over the data axes and over the processes, and
+  each process's devices must hold its own block of rows. (The evaluation batch is rounded up
+  to a multiple of the data-parallel size by the evaluation itself.)"""
   dp = sharding.data_parallel_size(mesh, config.sharding_rules)
-  for field in ('batch_size', 'eval_batch_size'):
-    size = config.data[field]
-    if size % dp or size % jax.process_count():
-      raise ValueError(f'data.{field}={size} must be divisible by the {dp} ways the mesh '
-                       f'{dict(mesh.shape)} splits a batch and by the {jax.process_count()} '
-                       f'process(es)')
+  size = config.data.batch_size
+  if size % dp or size % jax.process_count():
+    raise ValueError(f'data.batch_size={size} must be divisible by the {dp} ways the mesh '
+                     f'{dict(mesh.shape)} splits a batch and by the {jax.process_count()} '
+                     f'process(es)')
+  sharding.check_process_rows(sharding.batch_sharding(mesh, config.sharding_rules), size,
+                              'data.batch_size')
 
 
 def replicate(tree, mesh):
@@ -214,6 +217,10 @@ def train(config, workdir: str, task):
   _log(f'{task.name}: {n_params / 1e6:.2f}M parameters, steps {start} -> {config.total_steps}, '
        f'{jax.process_count()} process(es), {mesh.size} devices, workdir {workdir}')
   _log(format_compile_report(report, mesh) + f'; compile {time.perf_counter() - started:.1f} s')
+  whole = sharding.undivided(layout.abstract.params, mesh, config.sharding_rules)
+  if whole:
+    _log(f'{len(whole)} parameter dimensions stay whole because their mesh axis does not divide '
+         f'them, e.g. {"; ".join(whole[:3])}')
 
   peak_flops, peak_source = perf.peak_flops_per_device(jax.local_devices()[0], config.peak_tflops)
   batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
@@ -255,17 +262,20 @@ def train(config, workdir: str, task):
       progress.set_postfix(loss=f"{values['loss']:.4f}", psnr=f"{values.get('train_psnr', 0):.2f}",
                            mfu=f"{values['mfu']:.3f}")
     eval_now = done % config.eval_every == 0 or done == config.total_steps
-    with timer.excluded():   # evaluation and saving do not count as training time
-      if eval_now:
-        last_eval = run_eval(done)
-        if is_main:
-          progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                     for k, v in last_eval.items()}))
-      # Every process asks every step: multi-host preemption is agreed on at a common step.
-      preempted = preemption.reached(done) and done < config.total_steps
-      if done % config.ckpt_every == 0 or done == config.total_steps or preempted:
-        checkpointer.save(done, state, data_iterator=train_iter,
-                          metrics=last_eval if eval_now else None)
+    # Every process asks every step: multi-host preemption is agreed on at a common step.
+    preempted = preemption.reached(done) and done < config.total_steps
+    save_now = done % config.ckpt_every == 0 or done == config.total_steps or preempted
+    if eval_now or save_now:
+      jax.block_until_ready(state)   # steps still queued on the device count as training time
+      with timer.excluded():         # evaluation and saving do not
+        if eval_now:
+          last_eval = run_eval(done)
+          if is_main:
+            progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                       for k, v in last_eval.items()}))
+        if save_now:
+          checkpointer.save(done, state, data_iterator=train_iter,
+                            metrics=last_eval if eval_now else None)
     if preempted:
       _log(f'SIGTERM: saved step {done} to {checkpointer.directory}; '
            f'rerun the same command to resume')
