@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
@@ -214,22 +213,6 @@ def test_export_and_load_params(tmp_path):
   _assert_shardings(loaded, other)
   with pytest.raises(ckpt_lib.CheckpointError, match='could not load parameters from'):
     ckpt_lib.load_params(str(tmp_path / 'missing'), ckpt_lib.abstract_like(state.params))
-
-
-def test_single_item_checkpoints_of_earlier_versions_still_restore(tmp_path):
-  state = _state()
-  manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
-  manager.save(2, args=ocp.args.StandardSave(state))   # the layout before the Composite one
-  manager.close()
-  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=1)
-  assert checkpointer.latest_step() == 2
-  other = _shardings(state, _mesh((1, 8)))
-  assert _equal(checkpointer.restore(ckpt_lib.abstract_like(state, other)), state)
-  ema = checkpointer.restore_params(ckpt_lib.abstract_like(state.params, other.params), ema=True)
-  assert _equal(ema, state.ema_params)
-  checkpointer.save(3, state)   # new saves use the new layout; retention covers both
-  checkpointer.close()
-  assert _steps(str(tmp_path)) == [3]
 
 
 def test_unreadable_metrics_do_not_prevent_opening(tmp_path):

@@ -45,7 +45,6 @@ from etils import epath
 
 _STATE = 'state'
 _DATA = 'data'
-_LEGACY = 'default'   # single-item checkpoints written before the Composite layout
 
 
 class CheckpointError(RuntimeError):
@@ -237,19 +236,13 @@ class Checkpointer:
     self.last_restore_had_data = False
     _check_target(abstract_state, 'restore target')
     step = self._resolve_step(step)
-    legacy = self._is_legacy(step)
     try:
-      if legacy:
-        state = _restore_with(ocp.StandardCheckpointHandler(),
-                              epath.Path(self._step_dir(step)) / _LEGACY,
-                              ocp.args.StandardRestore(abstract_state))
-      else:
-        state = self._manager.restore(
-            step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
-        state = state[_STATE]
+      state = self._manager.restore(
+          step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
+      state = state[_STATE]
     except Exception as e:  # Orbax raises many types; the user needs the path and the cause.
       raise self._error(step, e) from e
-    if data_iterator is not None and not legacy and self._has_data(step):
+    if data_iterator is not None and self._has_data(step):
       try:
         self._manager.restore(
             step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(
@@ -271,7 +264,7 @@ class Checkpointer:
     _check_target(abstract_params, 'restore_params target')
     step = self._resolve_step(step)
     key = 'ema_params' if ema else 'params'
-    path = epath.Path(self._step_dir(step)) / (_LEGACY if self._is_legacy(step) else _STATE)
+    path = epath.Path(self._step_dir(step)) / _STATE
     handler = ocp.PyTreeCheckpointHandler()
     try:
       saved = handler.metadata(path).tree
@@ -286,10 +279,6 @@ class Checkpointer:
       return _restore_subtree(path, key, abstract_params)
     except Exception as e:
       raise self._error(step, e, f'{key} of checkpoint') from e
-
-  def _is_legacy(self, step: int) -> bool:
-    step_dir = epath.Path(self._step_dir(step))
-    return not (step_dir / _STATE).exists() and (step_dir / _LEGACY).exists()
 
   # --- Lifetime ----------------------------------------------------------------------------------
 
