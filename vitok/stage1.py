@@ -81,9 +81,11 @@ class TokenizerTask:
     return evaluate(self, graphdef, params, frozen, eval_source, step, workdir, mesh)
 
 
+@functools.lru_cache(maxsize=8)
 def _eval_fn(graphdef, baseline_pairs, mesh, batch_sharding):
   """Jitted per-batch evaluation: per-clip metrics of the tokenizer and of the baseline codec, and
-  the mask, replicated so every process can read them; reconstructions stay split by batch."""
+  the mask, replicated so every process can read them; reconstructions stay split by batch.
+  Cached, so the evaluations of one run share one compilation."""
   replicated = sharding.replicated(mesh)
 
   @functools.partial(jax.jit, out_shardings=(replicated, replicated, batch_sharding))
@@ -122,7 +124,7 @@ def evaluate(task: TokenizerTask, graphdef, params, frozen, eval_source, step: i
   sharding.check_process_rows(batch_sharding, data_cfg.eval_batch_size, 'data.eval_batch_size')
   T, res = cfg.data.frames, cfg.data.res
   pairs = metrics.baseline_factors(T, res, res, task.latent_floats)
-  run = _eval_fn(graphdef, pairs, mesh, batch_sharding)
+  run = _eval_fn(graphdef, tuple(map(tuple, pairs)), mesh, batch_sharding)
   accumulator, samples = metrics.MetricAccumulator(), []
   for batch in pipeline.eval_batches(data_cfg, eval_source, jax.process_index(),
                                      jax.process_count()):
