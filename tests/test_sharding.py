@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import vitok as vitok_config
+from training_equality import assert_same_training, training_differences
 from vitok import layers, perf, sharding, stage1, tokenizer, trainer
 from vitok import train_state as ts
 
@@ -67,7 +68,7 @@ def _batch():
           'label': np.zeros(8, np.int32)}
 
 
-def _run_steps(config, mesh_shape, axes=('data', 'fsdp'), steps=2):
+def _run_steps(config, mesh_shape, axes=('data', 'fsdp'), steps=2, batch=None):
   config = config.copy_and_resolve_references()
   config.mesh.shape, config.mesh.axes = mesh_shape, axes
   task = stage1.TokenizerTask(config)
@@ -76,7 +77,8 @@ def _run_steps(config, mesh_shape, axes=('data', 'fsdp'), steps=2):
   state = layout.init()
   step = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
                                trainer.abstract_batch(config.data), {})
-  batch = trainer.global_batch(_batch(), sharding.batch_sharding(mesh, config.sharding_rules))
+  batch = trainer.global_batch(_batch() if batch is None else batch,
+                               sharding.batch_sharding(mesh, config.sharding_rules))
   for _ in range(steps):
     state, metrics = step(state, batch, {})
   return layout, state, metrics
@@ -84,7 +86,8 @@ def _run_steps(config, mesh_shape, axes=('data', 'fsdp'), steps=2):
 
 @pytest.fixture(scope='module')
 def single_device_run():
-  return _run_steps(_tiny_config(), (1, 1))
+  layout, state, metrics = _run_steps(_tiny_config(), (1, 1))
+  return layout, state, metrics, jax.device_get(layout.init())
 
 
 @pytest.mark.parametrize('mesh_shape,axes', [((2, 4), ('data', 'fsdp')),
@@ -92,7 +95,7 @@ def single_device_run():
                                              ((8, 1), ('data', 'fsdp')),
                                              ((4, 2), ('data', 'model'))])
 def test_sharded_step_equals_single_device_step(single_device_run, mesh_shape, axes):
-  _, reference, ref_metrics = single_device_run
+  _, reference, ref_metrics, initial = single_device_run
   layout, state, metrics = _run_steps(_tiny_config(), mesh_shape, axes)
   # The state lives where the layout says (parameters, moments and EMA), and stays there.
   for leaf, expected in zip(jax.tree.leaves(state), jax.tree.leaves(layout.shardings)):
@@ -106,8 +109,26 @@ def test_sharded_step_equals_single_device_step(single_device_run, mesh_shape, a
   else:
     assert qkv.sharding.spec == P('fsdp')
   np.testing.assert_allclose(float(metrics['loss']), float(ref_metrics['loss']), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+  assert_same_training(state, reference, initial)
+
+
+def test_training_comparison_rejects_wrong_rows_and_wrong_shards(single_device_run):
+  # What the multi-process and sharded equality tests must catch. Wrong rows: a process that reads
+  # another process's rows (or skips the gradient all-reduce) trains on half of the batch's clips.
+  _, reference, _, initial = single_device_run
+  batch = _batch()
+  batch['video'][4:] = batch['video'][:4]
+  _, wrong_rows, _ = _run_steps(_tiny_config(), (2, 4), batch=batch)
+  per_array, total = training_differences(wrong_rows, reference, initial)
+  assert total > 0.1 and np.median([d for _, d in per_array]) > 0.1, (total, per_array)
+  with pytest.raises(AssertionError, match='the runs differ'):
+    assert_same_training(wrong_rows, reference, initial)
+  # A wrong shard: the two halves of one kernel swapped (e.g. shards placed on the wrong devices).
+  swapped = jax.tree.map(np.array, jax.device_get(reference))     # writable copies
+  kernel = swapped.params['decoder']['blocks'][1]['mlp']['down']['kernel']
+  kernel[...] = np.roll(np.asarray(kernel[...]), kernel.shape[0] // 2, axis=0)
+  with pytest.raises(AssertionError, match=r"\['down'\]\['kernel'\]"):
+    assert_same_training(swapped, reference, initial)
 
 
 def test_fsdp_divides_parameter_and_optimizer_memory_by_the_device_count():
