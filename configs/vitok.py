@@ -134,16 +134,22 @@ def _set(config, path: str, raw: str):
   for name in parents:
     node = node[name]
   current = node[leaf]
-  if isinstance(current, tuple) and path == 'mesh.shape':
-    value = tuple(int(v) for v in raw.replace(',', 'x').split('x'))
-  elif isinstance(current, bool):
-    value = raw.lower() in ('1', 'true', 'yes')
-  elif isinstance(current, int):
-    value = int(raw)
-  elif isinstance(current, float):
-    value = float(raw)
-  else:
-    value = raw
+  try:
+    if isinstance(current, tuple) and path == 'mesh.shape':
+      value = tuple(int(v) for v in raw.replace(',', 'x').split('x'))
+    elif isinstance(current, bool):
+      if raw.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
+        raise ValueError(raw)
+      value = raw.lower() in ('1', 'true', 'yes')
+    elif isinstance(current, int):
+      value = int(raw)
+    elif isinstance(current, float):
+      value = float(raw)
+    else:
+      value = raw
+  except ValueError:
+    kind = 'sizes such as 2x4' if path == 'mesh.shape' else f'{type(current).__name__} values'
+    raise ValueError(f'{path} takes {kind}, got {raw!r}') from None
   node[leaf] = value
 
 
@@ -186,5 +192,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if key not in SHORTCUTS:
       raise ValueError(f'unknown config shortcut {key!r} in configs/vitok.py:{arg}; '
                        f'known: {", ".join(SHORTCUTS)} (or use --config.<field>=value)')
-    _set(config, SHORTCUTS[key], value)
+    try:
+      _set(config, SHORTCUTS[key], value)
+    except ValueError as e:
+      raise ValueError(f'config shortcut {key}={value}: {e}') from None
   return config

@@ -1,17 +1,22 @@
-"""Start-up shared by the launch scripts: config loading, validation, task selection."""
+"""Start-up shared by the launch scripts: flag parsing, config loading and validation, task
+selection, and one-line reports of everything that stops a command before (or instead of) its work.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
+from typing import Callable, NoReturn
 
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from configs import vitok as vitok_config
-from vitok import stage1
-from vitok import trainer
+from vitok import checkpoint as ckpt_lib
+from vitok import config_checks, stage1, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file with an optional argument, e.g. configs/vitok.py:demo. '
@@ -32,6 +37,87 @@ _MESH = flags.DEFINE_string(
     'one may be -1).')
 
 
+USAGE_EXIT_CODE = 2          # a bad flag or config: nothing was started
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
+
+
+def fail(message: str, code: int = USAGE_EXIT_CODE) -> NoReturn:
+  """Ends the command with `message` as one line on stderr: no traceback, no usage dump."""
+  sys.stderr.write(' '.join(message.split('\n')).strip() + '\n')
+  sys.stderr.flush()
+  sys.exit(code)
+
+
+def run(main: Callable, on_interrupt: Callable[[], str] | None = None) -> None:
+  """absl's app.run for the launch scripts. Everything that stops a command before its work is one
+  line: a bad flag (unknown or mistyped --config.<field>, a bad --config argument), a bad config
+  (`config_checks.ConfigError`), a checkpoint that cannot be used (`CheckpointError`), and Ctrl-C
+  outside the training loop (which handles it itself): `on_interrupt()` says what was kept."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except config_checks.ConfigError as e:
+      fail(f'bad config: {e}')
+    except ckpt_lib.CheckpointError as e:
+      fail(str(e), code=1)
+    except KeyboardInterrupt:
+      fail('interrupted (Ctrl-C): ' + (on_interrupt() if on_interrupt else 'stopped'),
+           code=INTERRUPTED_EXIT_CODE)
+
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    # absl raises flags.Error; ml_collections' --config.<field> overrides also raise
+    # AttributeError / KeyError (unknown field) and TypeError.
+    fail(_flag_error_message(e, argv))
+
+
+def _config_file_argument(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _last_line(text: str) -> str:
+  line = [s for s in str(text).splitlines() if s.strip()][-1].strip()
+  return re.sub(r'^\w+(Error|Exception): ', '', line)
+
+
+def _flag_error_message(error: Exception, argv: list[str]) -> str:
+  """One line naming the flag and the problem, for an error raised while parsing flags."""
+  argument = _config_file_argument(argv)
+  defaults = None
+  if argument is not None:
+    try:
+      defaults = flags.FLAGS['config'].parser.parse(argument)   # the config without overrides
+      defaults.keys()            # a file that failed to load raises here
+    except Exception as e:  # pylint: disable=broad-except
+      return f'bad flag --config={argument}: {_last_line(e)}'
+  missing = object()
+  overrides = [a for a in argv[1:] if a.startswith('--config.')]
+  for arg in overrides:
+    dotted = arg[len('--'):].split('=', 1)[0]
+    if defaults is not None and config_checks.lookup(defaults, dotted[len('config.'):],
+                                                     missing) is missing:
+      return f'bad flag {arg}: {config_checks.unknown_field_message(dotted, defaults)}'
+  match = re.match(r'flag (--config\.[\w.]+)=(.*?): ', str(error))
+  if match and defaults is not None:
+    dotted = match[1][len('--'):]
+    current = config_checks.lookup(defaults, dotted[len('config.'):])
+    return (f'bad flag {match[1]}={match[2]}: {dotted} takes {type(current).__name__} values '
+            f'({_last_line(str(error)[match.end():])})')
+  match = re.match(r'flag (--\S+?): (.*)', _last_line(error))
+  return f'bad flag {match[1]}: {match[2]}' if match else f'bad flag: {_last_line(error)}'
+
+
 def mesh_flag() -> str:
   return _MESH.value
 
@@ -44,7 +130,7 @@ def mesh_override(config, default: str = '') -> None:
   try:
     sizes = tuple(int(s) for s in shape.replace(',', 'x').split('x'))
   except ValueError:
-    raise app.UsageError(f'--mesh={shape}: expected sizes such as 16x16 or -1x1') from None
+    fail(f'bad flag --mesh={shape}: expected sizes such as 16x16 or -1x1')
   config.mesh.shape = type(config.mesh.shape)(sizes)   # a tuple, or a list from config.json
 
 
@@ -67,8 +153,8 @@ def workdir() -> str | None:
   if not _WORKDIR.value:
     return None
   if '://' in _WORKDIR.value:
-    raise app.UsageError(f'--workdir={_WORKDIR.value}: URLs are not supported; use a path on a '
-                         'shared file system (NFS, Lustre, or a bucket mounted with gcsfuse)')
+    fail(f'bad flag --workdir={_WORKDIR.value}: URLs are not supported; use a path on a '
+         'shared file system (NFS, Lustre, or a bucket mounted with gcsfuse)')
   return os.path.abspath(os.path.expanduser(_WORKDIR.value))
 
 
@@ -78,17 +164,28 @@ def load_config(allow_workdir_config: bool = False) -> ml_collections.ConfigDict
   if config is None:
     saved = os.path.join(workdir() or '', 'config.json')
     if not (allow_workdir_config and os.path.exists(saved)):
-      raise SystemExit('--config is required (e.g. --config=configs/vitok.py:demo)'
-                       + (f'; no {saved} to fall back on' if allow_workdir_config else ''))
-    with open(saved) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+      fail('--config is required (e.g. --config=configs/vitok.py:demo)'
+           + (f'; no {saved} to fall back on' if allow_workdir_config else ''))
+    try:
+      with open(saved) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError) as e:
+      fail(f'cannot read the run\'s config {saved}: {type(e).__name__}: {e}; pass --config')
+  try:
+    config.keys()      # a --config file that failed to load raises on first access
+  except OSError as e:
+    fail(f'bad flag --config={_config_file_argument(sys.argv)}: {_last_line(e)}')
   return config
 
 
 def make_task(config) -> stage1.TokenizerTask:
-  """Validates the config (unknown fields, model/data consistency) and returns the task."""
-  trainer.check_known_fields(config, vitok_config.base_config())
-  return stage1.TokenizerTask(config)
+  """Validates the config (unknown fields, ranges, model/data consistency) and returns the task.
+  Raises ConfigError / ValueError naming the field."""
+  config_checks.check_known_fields(config, vitok_config.base_config())
+  config_checks.check_fields(config, config_checks.TRAINING_FIELDS)   # before the task reads them
+  task = stage1.TokenizerTask(config)
+  trainer.check_config(config, task)
+  return task
 
 
 def make_task_or_exit(config) -> stage1.TokenizerTask:
@@ -96,7 +193,7 @@ def make_task_or_exit(config) -> stage1.TokenizerTask:
   try:
     return make_task(config)
   except ValueError as e:
-    raise app.UsageError(f'bad config: {e}') from None
+    fail(f'bad config: {e}')
 
 
 def make_mesh_or_exit(config):
@@ -105,7 +202,7 @@ def make_mesh_or_exit(config):
   try:
     return sharding.make_mesh(config.mesh)
   except ValueError as e:
-    raise app.UsageError(f'bad config: {e}') from None
+    fail(f'bad config: {e}')
 
 
 def open_trained_run(step: int | None):
@@ -113,7 +210,6 @@ def open_trained_run(step: int | None):
   run's config (or --config), jax.distributed, a mesh over this job's devices (data-parallel
   unless --mesh says otherwise) and the TrainState layout on it, the checkpointer and the step.
   Returns (config, task, layout, checkpointer, step)."""
-  from vitok import checkpoint as ckpt_lib
   config = load_config(allow_workdir_config=True)
   init_distributed()
   mesh_override(config, default='x'.join(['-1'] + ['1'] * (len(config.mesh.axes) - 1)))
@@ -122,6 +218,6 @@ def open_trained_run(step: int | None):
   checkpointer = ckpt_lib.Checkpointer(workdir(), create=False)
   step = step if step is not None else checkpointer.latest_step()
   if step is None:
-    raise SystemExit(f'no checkpoint in {checkpointer.directory}: train first')
+    fail(f'no checkpoint in {checkpointer.directory}: train first', code=1)
   trainer.configure_runtime(config)
   return config, task, trainer.create_layout(task, config, mesh), checkpointer, step

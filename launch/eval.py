@@ -12,7 +12,7 @@ data-parallel mesh over all devices here (--mesh=-1x1); pass --mesh for a model-
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from launch import common
 from vitok import trainer
@@ -38,4 +38,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  common.run(main)

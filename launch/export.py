@@ -13,7 +13,7 @@ import os
 import shutil
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from launch import common
 from vitok import checkpoint as ckpt_lib
@@ -40,4 +40,4 @@ def main(argv):
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
   flags.mark_flag_as_required('out')
-  app.run(main)
+  common.run(main)

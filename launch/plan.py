@@ -21,7 +21,6 @@ import time
 
 import jax
 import numpy as np
-from absl import app
 
 from launch import common
 from vitok import perf, sharding, tokenizer
@@ -60,8 +59,8 @@ def compile_plan(config, mesh) -> dict:
   trainer.configure_runtime(config)
   dp = sharding.data_parallel_size(mesh, config.sharding_rules)
   if config.data.batch_size % dp:
-    raise app.UsageError(f'data.batch_size={config.data.batch_size} must be divisible by the {dp} '
-                         f'ways the mesh {dict(mesh.shape)} splits a batch')
+    common.fail(f'bad config: data.batch_size={config.data.batch_size} must be divisible by '
+                f'the {dp} ways the mesh {dict(mesh.shape)} splits a batch')
   layout = trainer.create_layout(task, config, mesh)
   frozen = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
@@ -96,7 +95,7 @@ def simulate_devices(mesh_flag: str) -> None:
   """Makes the CPU backend present as many devices as --mesh names (before JAX starts)."""
   sizes = [int(s) for s in mesh_flag.replace(',', 'x').split('x')]
   if any(s < 1 for s in sizes):
-    raise app.UsageError(f'--mesh={mesh_flag}: plan needs explicit positive sizes (no -1)')
+    common.fail(f'--mesh={mesh_flag}: plan needs explicit positive sizes (no -1)')
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', math.prod(sizes))
 
@@ -116,4 +115,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

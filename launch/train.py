@@ -10,7 +10,7 @@ status 143; rerunning the command resumes from there.
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from launch import common
 from vitok import trainer
@@ -20,7 +20,7 @@ def main(argv):
   del argv
   common.quiet_library_logs()
   if common.workdir() is None:
-    raise app.UsageError('--workdir is required')
+    common.fail('--workdir is required')
   config = common.load_config()
   common.init_distributed()
   common.mesh_override(config)                    # --mesh=AxB, if given
@@ -29,7 +29,7 @@ def main(argv):
   try:
     trainer.check_batch_fits(config, mesh)
   except ValueError as e:
-    raise app.UsageError(f'bad config: {e}') from None
+    common.fail(f'bad config: {e}')
   state, _ = trainer.train(config, common.workdir(), task)   # prints each evaluation
   if int(state.step) < config.total_steps:        # stopped by SIGTERM after saving
     sys.exit(trainer.PREEMPTED_EXIT_CODE)
@@ -37,4 +37,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  common.run(main)

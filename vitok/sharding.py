@@ -49,7 +49,11 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[str, 
   shape = mesh_cfg.shape
   if isinstance(shape, (tuple, list)) and len(shape) == 1 and isinstance(shape[0], str):
     shape = shape[0]                    # --config.mesh.shape=2x4 arrives as ('2x4',)
-  sizes = tuple(int(s) for s in _as_tuple(shape, ',x'))
+  try:
+    sizes = tuple(int(s) for s in _as_tuple(shape, ',x'))
+  except (TypeError, ValueError):
+    raise ValueError(f'config.mesh.shape={shape!r} is not a mesh shape: expected sizes such as '
+                     f'(2, 4), "2x4" or (-1, 1)') from None
   if len(axes) != len(sizes) or not axes:
     raise ValueError(f'config.mesh.shape={sizes} and config.mesh.axes={axes} must have the same '
                      f'(non-zero) length')

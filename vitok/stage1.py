@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vitok import config_checks
 from vitok import lpips as lpips_lib
 from vitok import metrics
 from vitok import sharding
@@ -47,13 +48,30 @@ def stage1_loss(model: tokenizer.ViTok, batch, rng, frozen, loss_cfg):
   return loss, terms
 
 
+# Ranges of the loss fields (the model's fields are checked by TokenizerConfig, the shared ones by
+# vitok.config_checks.TRAINING_FIELDS).
+LOSS_FIELDS = {
+    'loss.l2': config_checks.NON_NEGATIVE,
+    'loss.l1': config_checks.NON_NEGATIVE,
+    'loss.kl': config_checks.NON_NEGATIVE,
+    'loss.lpips': config_checks.NON_NEGATIVE,
+    'loss.lpips_frames': config_checks.Range(0, note='0 = all frames'),
+}
+
+
 class TokenizerTask:
   """What the shared trainer needs to know about ViTok."""
 
   name = 'vitok'
+  eval_metrics = ('psnr', 'ssim', 'lpips', 'baseline_psnr')   # what `evaluate` reports
 
   def __init__(self, config):
     self.config = config
+    config_checks.check_fields(config, LOSS_FIELDS)
+    if config.loss.lpips_frames > config.data.frames:
+      raise config_checks.ConfigError(
+          f'config.loss.lpips_frames={config.loss.lpips_frames} is more than the '
+          f'data.frames={config.data.frames} frames of a clip')
     self.model_cfg = tokenizer.TokenizerConfig.from_config(config.model)
     # Fails at start-up (naming data.frames / data.res) when the clip does not tile into tubelets.
     self.grid = self.model_cfg.latent_grid(config.data.frames, config.data.res)

@@ -75,6 +75,11 @@ class TokenizerConfig:
     parse_variant(self.variant)
     if int(self.channels) <= 0:
       raise ValueError(f'model.channels must be positive, got {self.channels}')
+    if not self.rope_theta > 0:
+      raise ValueError(f'model.rope_theta must be positive, got {self.rope_theta}')
+    if not self.logvar_min < self.logvar_max:
+      raise ValueError(f'model.logvar_min={self.logvar_min} must be below '
+                       f'model.logvar_max={self.logvar_max}')
     if self.mlp not in ('swiglu', 'geglu'):
       raise ValueError(f"model.mlp must be 'swiglu' or 'geglu', got {self.mlp!r}")
     if self.rope not in ('3d', '1d'):

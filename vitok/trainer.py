@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from vitok import checkpoint as ckpt_lib
-from vitok import perf, sharding
+from vitok import config_checks, perf, sharding
 from vitok import train_state as ts
 from vitok.data import builders, pipeline
 from vitok.writer import MetricWriter
@@ -33,15 +33,15 @@ from vitok.writer import MetricWriter
 PREEMPTED_EXIT_CODE = 143   # 128 + SIGTERM: "stopped early, resume me"
 
 
-def check_known_fields(config, reference, path: str = 'config') -> None:
-  """Every field of `config` must exist in `reference` (the config file's defaults): a typo such
-  as `optim.learning_rate` fails at start-up instead of being silently ignored."""
-  for key in config.keys():
-    if key not in reference:
-      raise ValueError(f'unknown config field {path}.{key}; known fields of {path}: '
-                       f'{", ".join(sorted(reference.keys()))}')
-    if hasattr(config[key], 'keys') and hasattr(reference[key], 'keys'):
-      check_known_fields(config[key], reference[key], f'{path}.{key}')
+def check_config(config, task) -> None:
+  """The shared fields' ranges (`config_checks.TRAINING_FIELDS`) and the best-checkpoint metric,
+  which must be one the task's evaluation reports. (The task checked its own fields.)"""
+  config_checks.check_fields(config, config_checks.TRAINING_FIELDS)
+  if config.keep_best > 0 and config.best_metric not in task.eval_metrics:
+    raise config_checks.ConfigError(
+        f'config.best_metric={config.best_metric!r} is not a metric of the {task.name} '
+        f'evaluation ({", ".join(task.eval_metrics)}), so keep_best={config.keep_best} would keep '
+        f'nothing')
 
 
 def write_config(config, workdir: str) -> None:

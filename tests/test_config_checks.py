@@ -1,0 +1,122 @@
+"""Bad configuration fails at start-up with one line naming the field: unknown fields, wrong types,
+values out of range, unknown choices, and combinations that cannot work."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import vitok as vitok_config
+from launch import common
+from vitok import config_checks, stage1
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _out_of_range(accepted):
+  """A value of the field's type that `accepted` rejects."""
+  if isinstance(accepted, config_checks.OneOf):
+    return 99 if isinstance(accepted.choices[0], int) else 'nope'
+  if accepted.low is not None:
+    return accepted.low if accepted.low_open else accepted.low - 1
+  return accepted.high + 1
+
+
+FIELDS = {**config_checks.TRAINING_FIELDS, **stage1.LOSS_FIELDS}
+
+
+@pytest.mark.parametrize('preset', ['demo', 'ucf101', 'imagenet', ''])
+def test_presets_pass_the_checks(preset):
+  common.make_task(vitok_config.get_config(preset))
+
+
+@pytest.mark.parametrize('field', sorted(FIELDS))
+def test_every_field_with_a_range_rejects_a_value_outside_it(field):
+  config = vitok_config.get_config('demo')
+  *parents, leaf = field.split('.')
+  node = config
+  for name in parents:
+    node = node[name]
+  bad = _out_of_range(FIELDS[field])
+  node[leaf] = type(node[leaf])(bad) if not isinstance(bad, str) else bad
+  with pytest.raises(ValueError, match=rf'config\.{field}=.* it must be '):
+    common.make_task(config)
+
+
+def test_float_fields_reject_nan_and_infinity():
+  for value in (float('nan'), float('inf')):
+    config = vitok_config.get_config('demo')
+    config.optim.weight_decay = value
+    with pytest.raises(config_checks.ConfigError, match='optim.weight_decay'):
+      common.make_task(config)
+
+
+@pytest.mark.parametrize('update, message', [
+    ({'loss.lpips_frames': 9}, r'loss.lpips_frames=9 is more than the data.frames=8'),
+    ({'model.logvar_min': 30.0}, r'model.logvar_min=30.0 must be below model.logvar_max'),
+    ({'model.rope_theta': 0.0}, r'model.rope_theta must be positive'),
+    ({'keep_best': 1, 'best_metric': 'psnrr'}, r"best_metric='psnrr' is not a metric of the vitok "
+                                               r"evaluation \(psnr, ssim, lpips, baseline_psnr\)"),
+])
+def test_combinations_that_cannot_work(update, message):
+  config = vitok_config.get_config('demo')
+  for field, value in update.items():
+    *parents, leaf = field.split('.')
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    common.make_task(config)
+
+
+def test_unknown_field_names_the_known_fields_of_its_group():
+  config = vitok_config.get_config('demo')
+  with config.unlocked():
+    config.optim.learning_rate = 1.0
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'unknown config field config.optim.learning_rate; known fields of '
+                           r'config.optim: b1, b2, clip_norm, ema_decay, end_lr_fraction, lr,'):
+    common.make_task(config)
+
+
+def test_shortcut_with_a_wrong_type_names_the_shortcut_and_field():
+  with pytest.raises(ValueError, match=r"shortcut steps=abc: total_steps takes int values, got 'abc'"):
+    vitok_config.get_config('demo,steps=abc')
+  with pytest.raises(ValueError, match=r"shortcut mesh=2xa: mesh.shape takes sizes such as 2x4"):
+    vitok_config.get_config('mesh=2xa')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args, line', [
+    (['--config.optim.learning_rate=1'],
+     'bad flag --config.optim.learning_rate=1: unknown config field config.optim.learning_rate; '
+     'known fields of config.optim: b1, b2, clip_norm, ema_decay, end_lr_fraction, lr, '
+     'warmup_steps, weight_decay'),
+    (['--config.data.batch_size=abc'],
+     "bad flag --config.data.batch_size=abc: config.data.batch_size takes int values (invalid "
+     "literal for int() with base 10: 'abc')"),
+    (['--config.ckpt_every=0'],
+     'bad config: config.ckpt_every=0 is not accepted: it must be a number >= 1'),
+    (['--config.optim.lr=-1'],
+     "bad config: config.optim.lr=-1.0 is not accepted: it must be a number >= 0 (0 = the paper's "
+     "rule 1e-4 x batch / 256)"),
+    (['--config=configs/vitok.py:demo,lrr=3'],
+     "bad flag --config=configs/vitok.py:demo,lrr=3: unknown config shortcut 'lrr' in "
+     'configs/vitok.py:demo,lrr=3; known: variant, channels, res, frames, batch, steps, lr, data, '
+     'manual_dir, mesh (or use --config.<field>=value)'),
+    (['--config=configs/nothere.py'],
+     "bad flag --config=configs/nothere.py: [Errno 2] No such file or directory: "
+     "'configs/nothere.py'"),
+])
+def test_command_line_mistakes_are_one_line_and_touch_nothing(tmp_path, args, line):
+  workdir = tmp_path / 'run'
+  if not any(a.startswith('--config=') for a in args):
+    args = ['--config=configs/vitok.py:demo'] + args
+  out = subprocess.run([sys.executable, '-m', 'launch.train', f'--workdir={workdir}', *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+  assert out.returncode == common.USAGE_EXIT_CODE, out.stderr[-2000:]
+  assert out.stderr.splitlines() == [line]
+  assert not workdir.exists()
