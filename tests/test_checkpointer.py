@@ -1,19 +1,22 @@
 """Checkpointer unit tests (fast, CPU, 8 simulated devices): resharding restores, keep-last plus
 keep-best retention, the data iterator in the checkpoint, params-only restores and exports."""
 
-import gc
+import json
 import os
+import shutil
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from vitok import checkpoint as ckpt_lib
+from vitok import manifest
 from vitok import train_state as ts
 
 
@@ -185,12 +188,13 @@ def test_restore_params_and_ema_onto_another_sharding(tmp_path):
   assert _equal(checkpointer.restore_params(abstract, step=3), no_ema.params)
   with pytest.raises(ckpt_lib.CheckpointError, match=r'step 3 .*no EMA'):
     checkpointer.restore_params(abstract, ema=True)
-  # A mismatching target (another model config) names the step and path.
+  # A mismatching target (another model config) names the step, the directory and the arrays.
   replicated = NamedSharding(_mesh((1, 8)), P())
   wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct((3,) + x.shape, x.dtype), abstract)
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'step 3 from .*checkpoints/3'):
+  with pytest.raises(ckpt_lib.CheckpointMismatch,
+                     match=r'step 3 in .*checkpoints holds other arrays than this config builds: '
+                           r'down/bias: saved \(8,\) float32, requested \(3, 8\) float32'):
     checkpointer.restore_params(ckpt_lib.abstract_like(wrong, replicated))
-  gc.collect()   # a failed Orbax read leaves un-awaited coroutines behind (a harmless warning)
   # A target without shardings is refused (Orbax would silently return the saved shape).
   with pytest.raises(ValueError, match='no target sharding'):
     checkpointer.restore_params(wrong)
@@ -227,3 +231,163 @@ def test_unreadable_metrics_do_not_prevent_opening(tmp_path):
   assert checkpointer.all_steps() == [1, 2] and checkpointer.best_step() == 1
   assert _equal(checkpointer.restore(ckpt_lib.abstract_like(state)), state)
   checkpointer.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Damage: detected (digests), skipped by restores without a step, moved aside, never deleted.
+# ------------------------------------------------------------------------------------------------
+
+def _raw_restore(item_dir, abstract):
+  """Orbax alone, without the manifest's checks: what a restore returned before digests."""
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    with ckpt_lib._quiet_async_errors():   # pylint: disable=protected-access
+      return checkpointer.restore(item_dir, abstract)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  finally:
+    checkpointer.close()
+
+
+def _flip_a_bit_that_orbax_restores_silently(item_dir, abstract, saved):
+  """Flips one bit of the array data in the Orbax item `item_dir` such that Orbax still restores
+  it, with a wrong value (zstd-compressed data carries no checksum)."""
+  data_files = sorted(      # OCDBT value files; its B-tree nodes (in state/d/) carry a CRC-32C
+      (os.path.join(root, name) for root, _, names in os.walk(item_dir) for name in names
+       if os.path.basename(root) == 'd' and 'ocdbt.process_' in root),
+      key=os.path.getsize, reverse=True)
+  for path in data_files:
+    original = open(path, 'rb').read()
+    for offset in range(len(original) // 2, len(original), 97):
+      flipped = bytearray(original)
+      flipped[offset] ^= 0x10
+      open(path, 'wb').write(bytes(flipped))
+      restored = _raw_restore(item_dir, abstract)
+      if restored is not None and not _equal(restored, saved):
+        return
+      open(path, 'wb').write(original)
+  raise AssertionError('no silently restoring bit flip found')
+
+
+def test_digests_do_not_depend_on_sharding_and_see_any_single_change():
+  state = _state()
+  digests = manifest.digests(state)
+  for mesh in (_mesh((1, 8)), _mesh((8, 1))):
+    assert manifest.digests(jax.device_put(state, _shardings(state, mesh))) == digests
+  assert manifest.digests(jax.device_get(state)) == digests          # host arrays too
+  rng = np.random.default_rng(0)
+  kernel = np.asarray(state.params['up']['kernel'][...])
+  for _ in range(20):      # one element changed by one bit, anywhere: always a new digest
+    changed = kernel.copy().reshape(-1)
+    i = rng.integers(changed.size)
+    changed[i] = (changed[i:i + 1].view(np.uint32) ^ np.uint32(1 << rng.integers(32))).view(
+        np.float32)[0]
+    assert manifest.digests([changed.reshape(kernel.shape)]) != manifest.digests([kernel])
+  swapped = kernel.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]                                  # two elements trade places
+  assert manifest.digests([swapped]) != manifest.digests([kernel])
+  for dtype in (jnp.bfloat16, jnp.int8, jnp.bool_, jnp.uint32):
+    x = np.asarray(rng.integers(0, 2, (4, 5))).astype(dtype)
+    y = x.copy()
+    y[2, 3] = not x[2, 3] if dtype == jnp.bool_ else 1 - x[2, 3]
+    assert manifest.digests([x]) != manifest.digests([y])
+
+
+def _large_state(seed):
+  """A state with an array large and random enough that Orbax stores it outside its B-tree nodes
+  (which carry a CRC-32C), zstd-compressed without a checksum."""
+  state = _state(seed=seed)
+  big = jnp.asarray(np.random.default_rng(seed).normal(size=(64, 256)), jnp.float32)
+  return state.replace(params={'big': big, **state.params})
+
+
+def test_a_flipped_bit_is_damage_and_restore_falls_back_to_the_previous_checkpoint(tmp_path):
+  older, newer = _large_state(seed=0), _large_state(seed=1)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  checkpointer.save(1, older)
+  checkpointer.save(2, newer)
+  checkpointer.close()
+  abstract = ckpt_lib.abstract_like(newer)
+  _flip_a_bit_that_orbax_restores_silently(str(tmp_path / 'checkpoints' / '2' / 'state'),
+                                           abstract, newer)
+
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  with pytest.raises(ckpt_lib.CheckpointDamaged,
+                     match=r'step 2 in .* is damaged: array .* does not match the digest'):
+    checkpointer.restore(abstract, step=2)
+  assert _equal(checkpointer.restore(abstract), older)              # the newest that restores
+  assert checkpointer.restored_step == 1
+  assert [s for s, _ in checkpointer.skipped] == [2] and 'digest' in checkpointer.skipped[0][1]
+  assert _equal(checkpointer.restore_params(abstract.params), older.params)
+  assert checkpointer.restored_step == 1
+
+  # Moved aside, never deleted; step 2 can be written again and retention never sees the copy.
+  moved = checkpointer.quarantine([2])
+  assert moved == [str(tmp_path / ckpt_lib.DAMAGED_DIR / '2')] and os.path.isdir(moved[0])
+  assert checkpointer.all_steps() == [1]
+  checkpointer.save(2, newer)
+  checkpointer.wait()
+  assert checkpointer.latest_step() == 2 and _equal(checkpointer.restore(abstract), newer)
+  checkpointer.close()
+  assert os.path.isdir(moved[0])
+
+
+def test_every_checkpoint_damaged_is_an_error_listing_each_reason(tmp_path):
+  state = _state()
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  checkpointer.save(1, state)
+  checkpointer.save(2, state)
+  checkpointer.close()
+  os.remove(tmp_path / 'checkpoints' / '1' / 'state' / 'manifest.ocdbt')     # unreadable
+  with open(tmp_path / 'checkpoints' / '2' / 'manifest' / 'metadata') as f:   # edited manifest
+    text = f.read()
+  with open(tmp_path / 'checkpoints' / '2' / 'manifest' / 'metadata', 'w') as f:
+    f.write(text.replace('[16, 32]', '[16, 33]'))
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match=r'no checkpoint in .* can be restored: step 2: its manifest is damaged'
+                           r'.*; step 1: '):
+    checkpointer.restore(ckpt_lib.abstract_like(state))
+  checkpointer.close()
+
+
+def test_other_arrays_are_a_mismatch_not_damage_and_older_steps_are_not_tried(tmp_path):
+  state = _state()
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  checkpointer.save(1, state)
+  checkpointer.save(2, state)
+  no_ema = ckpt_lib.abstract_like(state.replace(ema_params=None))
+  with pytest.raises(ckpt_lib.CheckpointMismatch,
+                     match=r'step 2 .* ema_params/down/bias: saved \(8,\) float32, requested absent'):
+    checkpointer.restore(no_ema)
+  assert checkpointer.skipped == []
+  checkpointer.close()
+
+
+def test_checkpoints_without_a_manifest_still_restore(tmp_path):
+  state = _state()
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  checkpointer.save(1, state)
+  checkpointer.close()
+  shutil.rmtree(tmp_path / 'checkpoints' / '1' / 'manifest')     # as written by older versions
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  assert _equal(checkpointer.restore(ckpt_lib.abstract_like(state)), state)
+  checkpointer.close()
+
+
+def test_exported_parameters_are_verified_when_loaded(tmp_path):
+  state = _large_state(seed=0)
+  directory = str(tmp_path / 'export')
+  ckpt_lib.export_params(state.params, directory)
+  abstract = ckpt_lib.abstract_like(state.params)
+  with open(os.path.join(directory, 'manifest', 'metadata')) as f:
+    names = [name for name, *_ in json.load(f)['arrays']]
+  assert names == ['big', 'down/bias', 'down/kernel', 'up/bias', 'up/kernel']
+  wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2,) + x.shape, x.dtype, sharding=x.sharding),
+                       abstract)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'not those of this config: big: saved \(64, 256\)'):
+    ckpt_lib.load_params(directory, wrong)
+  _flip_a_bit_that_orbax_restores_silently(os.path.join(directory, 'params'), abstract,
+                                           state.params)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'could not load .* does not match the digest'):
+    ckpt_lib.load_params(directory, abstract)

@@ -6,6 +6,7 @@ Layout of one checkpoint (an Orbax Composite):
     WORKDIR/checkpoints/<step>/data/      optional: the grain iterator position, one JSON file per
                                           process (`process_<i>-of-<n>.json`)
     WORKDIR/checkpoints/<step>/metrics/   optional: the metrics the save was ranked by (keep-best)
+    WORKDIR/checkpoints/<step>/manifest/  every array's path, shape, dtype and digest (manifest.py)
 
 Atomic finalisation: Orbax writes every save into `<step>.orbax-checkpoint-tmp-<n>/` and renames it
 to `<step>/` only once all items of all processes are on disk (and the commit succeeded). A save
@@ -23,6 +24,14 @@ Retention: the last `keep` checkpoints plus the best `keep_best` among the check
 `metrics[best_metric]` (a finite number), `best_mode` 'max' or 'min'. Checkpoints saved without
 such metrics are governed by keep-last only.
 
+Restoring tells a config mismatch from damage (see manifest.py). A checkpoint whose arrays have
+other shapes than the restore target raises CheckpointMismatch naming them: it is intact, the
+config is not the run's. A checkpoint that cannot be read, or whose restored arrays do not match
+their digests, is damaged: without an explicit step, `restore` / `restore_params` then fall back to
+the newest checkpoint that restores, log each skipped step and why, and list them in `skipped`;
+`quarantine` moves damaged checkpoints out of the rotation (never deleting them). All processes of
+a multi-host run take the same decision for every step.
+
 Restores always go against an abstract target (`abstract_like`): a pytree of `jax.ShapeDtypeStruct`
 carrying the *target* shardings, never the layout recorded in the checkpoint, so a run saved on 8
 devices restores onto 1 device or onto another mesh. `restore_params` reads only the (EMA)
@@ -32,9 +41,12 @@ parameters of a checkpoint (an Orbax partial restore; no optimizer structure nee
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
 import os
+import sys
 from typing import Any
 
 import grain
@@ -42,13 +54,39 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+from vitok import manifest
 
 _STATE = 'state'
 _DATA = 'data'
+_MANIFEST = 'manifest'
+DAMAGED_DIR = 'damaged_checkpoints'   # beside `checkpoints/`: where `quarantine` moves them
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint exists but cannot be restored into the requested state."""
+  """No checkpoint can be restored into the requested state (the message says why)."""
+
+
+class CheckpointDamaged(CheckpointError):
+  """A checkpoint's files cannot be read, or its arrays changed after they were written."""
+
+  def __init__(self, directory: str, step: int, reason: str):
+    self.step, self.reason = step, reason
+    super().__init__(f'checkpoint step {step} in {directory} is damaged: {reason}')
+
+
+class CheckpointMismatch(CheckpointError):
+  """A checkpoint is intact but holds other arrays than the requested state (another config)."""
+
+  def __init__(self, directory: str, step: int, differences: list[str]):
+    self.step, self.differences = step, differences
+    shown = '; '.join(differences[:4]) + (f'; ... ({len(differences)} in all)'
+                                          if len(differences) > 4 else '')
+    super().__init__(f'checkpoint step {step} in {directory} holds other arrays than this config '
+                     f'builds: {shown}')
 
 
 class _NoMetricsWarningFilter(logging.Filter):
@@ -71,7 +109,7 @@ class _Manager(ocp.CheckpointManager):
     try:
       return super()._get_metrics(step)
     except Exception as e:  # pylint: disable=broad-except
-      logging.getLogger(__name__).warning(
+      log.warning(
           'ignoring the unreadable metrics of checkpoint step %s in %s: %s: %s', step,
           self.directory, type(e).__name__, e)
       return None
@@ -111,9 +149,10 @@ def _json_metrics(metrics: dict) -> dict:
 class Checkpointer:
   """Saves and restores TrainStates in `WORKDIR/checkpoints` (see the module docstring).
 
-  After `restore(..., data_iterator=it)`, `last_restore_had_data` tells whether `it` was restored
-  (True) or left untouched because the checkpoint holds no iterator state readable by this
-  process (False: saved without an iterator, or by a different process count).
+  After a restore, `restored_step` is the step it read and `skipped` the damaged steps it passed
+  over, with why. After `restore(..., data_iterator=it)`, `last_restore_had_data` tells whether
+  `it` was restored (True) or left untouched because the checkpoint holds no iterator state
+  readable by this process (False: saved without an iterator, or by a different process count).
   """
 
   def __init__(self, workdir: str, keep: int = 3, keep_best: int = 0,
@@ -123,6 +162,8 @@ class Checkpointer:
     self.directory = os.path.join(_absolute(workdir), 'checkpoints')
     self.best_metric, self.best_mode = best_metric, best_mode
     self.last_restore_had_data = False
+    self.restored_step: int | None = None           # the step the last restore read
+    self.skipped: list[tuple[int, str]] = []        # damaged steps it skipped, newest first
     self._pending_step: int | None = None
     self._metrics: dict[int, dict | None] = {}   # step -> ranked metrics (read once from disk)
     worst = -math.inf if best_mode == 'max' else math.inf
@@ -188,7 +229,8 @@ class Checkpointer:
 
     `metrics` (e.g. the evaluation result) ranks the checkpoint for keep-best; it is recorded only
     when it holds a finite `metrics[best_metric]`. A step that already exists is an error."""
-    items = {_STATE: ocp.args.StandardSave(state)}
+    items = {_STATE: ocp.args.StandardSave(state),
+             _MANIFEST: ocp.args.JsonSave(manifest.make(state))}
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     ranked = None
@@ -201,21 +243,8 @@ class Checkpointer:
 
   # --- Restoring ---------------------------------------------------------------------------------
 
-  def _resolve_step(self, step: int | None) -> int:
-    self._manager.wait_until_finished()   # a restore of a step being written sees it complete
-    step = self.latest_step() if step is None else int(step)
-    if step is None:
-      raise CheckpointError(f'no checkpoint found in {self.directory}')
-    return step
-
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
-
-  def _error(self, step: int, e: Exception, what: str = 'checkpoint') -> CheckpointError:
-    return CheckpointError(
-        f'could not restore {what} step {step} from {self._step_dir(step)}: '
-        f'{type(e).__name__}: {e}. It may be corrupt or written by a different model config; '
-        f'move it aside to resume from an earlier step ({self.all_steps()} present).')
 
   def _has_data(self, step: int) -> bool:
     """Whether checkpoint `step` holds an iterator state for this process (grain names the file
@@ -223,34 +252,99 @@ class Checkpointer:
     index, count = jax.process_index(), jax.process_count()
     return (epath.Path(self._step_dir(step)) / _DATA / f'process_{index}-of-{count}.json').exists()
 
+  def _recorded(self, step: int, prefix: str) -> dict | None:
+    """The manifest entries of `step` under `prefix`, or None for a checkpoint written before
+    manifests existed. Raises manifest.Damaged (or Orbax's error) when it cannot be read."""
+    if not (epath.Path(self._step_dir(step)) / _MANIFEST).exists():
+      return None
+    saved = self._manager.restore(
+        step, args=ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()}))[_MANIFEST]
+    return manifest.entries(saved, prefix)
+
+  def _restore_step(self, step: int, abstract: Any, prefix: str, read) -> Any:
+    """`read()` of checkpoint `step` into `abstract` (the manifest entries under `prefix`), checked
+    against the manifest. Raises CheckpointMismatch or CheckpointDamaged; every process of a
+    multi-host run raises the same."""
+    recorded, result, outcome = None, None, (_OK, '')
+    try:
+      recorded = self._recorded(step, prefix)
+      differences = manifest.compare(recorded, abstract) if recorded is not None else []
+      if differences:
+        outcome = (_MISMATCH, differences)
+      else:
+        with _quiet_async_errors():
+          result = read()
+    except Exception as e:  # pylint: disable=broad-except  # Orbax and TensorStore raise many types
+      outcome = (_DAMAGED, _describe(e))
+    code, detail = _agree(*outcome)
+    if code == _MISMATCH:
+      raise CheckpointMismatch(self.directory, step, detail)
+    if code == _DAMAGED:
+      raise CheckpointDamaged(self.directory, step, detail)
+    if recorded is None:
+      log.warning('checkpoint step %d in %s has no manifest (written by an older version): its '
+                  'arrays were restored without verifying them', step, self.directory)
+      return result
+    try:
+      manifest.verify(recorded, result)          # a collective: every process gets here
+    except manifest.Damaged as e:
+      raise CheckpointDamaged(self.directory, step, str(e)) from None
+    return result
+
+  def _restore_newest(self, step: int | None, restore_one) -> Any:
+    """`restore_one(step)`; without a step, that of the newest checkpoint that is not damaged,
+    logging every damaged one it skips. A mismatch is never skipped (all checkpoints of a run hold
+    the same arrays, so an older one would not match either)."""
+    self._manager.wait_until_finished()   # a restore of a step being written sees it complete
+    self.skipped, self.restored_step = [], None
+    candidates = [int(step)] if step is not None else sorted(self.all_steps(), reverse=True)
+    if not candidates:
+      raise CheckpointError(f'no checkpoint found in {self.directory}')
+    for candidate in candidates:
+      try:
+        result = restore_one(candidate)
+      except CheckpointDamaged as e:
+        if step is not None:
+          raise
+        self.skipped.append((candidate, e.reason))
+        log.warning('SKIPPED %s; trying the previous checkpoint', e)
+        continue
+      self.restored_step = candidate
+      if self.skipped:
+        log.warning('restored checkpoint step %d of %s instead of the damaged step(s) %s',
+                    candidate, self.directory, ', '.join(str(s) for s, _ in self.skipped))
+      return result
+    raise CheckpointError(f'no checkpoint in {self.directory} can be restored: ' + '; '.join(
+        f'step {s}: {reason}' for s, reason in self.skipped))
+
   def restore(self, abstract_state: Any, step: int | None = None,
               data_iterator: Any = None) -> Any:
-    """Restores `step` (default: the latest) into the structure of `abstract_state`, a pytree of
-    `jax.ShapeDtypeStruct` carrying the target shardings (see `abstract_like`).
+    """Restores `step` (default: the newest checkpoint that is not damaged) into the structure of
+    `abstract_state`, a pytree of `jax.ShapeDtypeStruct` carrying the target shardings (see
+    `abstract_like`).
 
     With `data_iterator`, also restores its position in place when the checkpoint holds one for
     this process (`self.last_restore_had_data` says whether it did; an unreadable or mismatched
     iterator state, e.g. from another `data.num_workers`, is logged and reported as not restored);
-    the iterator is touched only after the state restored. Raises CheckpointError naming the step
-    and path when the state cannot be restored."""
+    the iterator is touched only after the state restored. Raises CheckpointMismatch when the
+    checkpoint holds other arrays, CheckpointDamaged (an explicit `step`) or CheckpointError (no
+    checkpoint restores)."""
     self.last_restore_had_data = False
     _check_target(abstract_state, 'restore target')
-    step = self._resolve_step(step)
-    try:
-      state = self._manager.restore(
-          step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)}))
-      state = state[_STATE]
-    except Exception as e:  # Orbax raises many types; the user needs the path and the cause.
-      raise self._error(step, e) from e
+    read = lambda step: self._manager.restore(step, args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
+    state = self._restore_newest(
+        step, lambda s: self._restore_step(s, abstract_state, '', lambda: read(s)))
+    step = self.restored_step
     if data_iterator is not None and self._has_data(step):
       try:
         self._manager.restore(
             step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(
                 data_iterator)}))
       except Exception as e:  # e.g. saved with another data.num_workers: not a reason to stop
-        logging.getLogger(__name__).warning(
-            'could not restore the data iterator of checkpoint step %d (%s: %s); the caller '
-            're-positions the input stream from the step', step, type(e).__name__, e)
+        log.warning('could not restore the data iterator of checkpoint step %d (%s: %s); the '
+                    'caller re-positions the input stream from the step', step,
+                    type(e).__name__, e)
         return state
       self.last_restore_had_data = True
     return state
@@ -258,27 +352,43 @@ class Checkpointer:
   def restore_params(self, abstract_params: Any, step: int | None = None,
                      ema: bool = False) -> Any:
     """Restores only `params` (or `ema_params` when `ema`) of checkpoint `step` (default: the
-    latest) into `abstract_params` (ShapeDtypeStructs with the target shardings, e.g.
-    `abstract_like(nnx.state(model, nnx.Param), shardings)`). The optimizer state is neither read
-    nor needed. Raises CheckpointError (also when `ema` and the checkpoint has no EMA)."""
+    newest that is not damaged) into `abstract_params` (ShapeDtypeStructs with the target
+    shardings, e.g. `abstract_like(nnx.state(model, nnx.Param), shardings)`). The optimizer state
+    is neither read nor needed. Raises like `restore`; CheckpointMismatch also when `ema` and the
+    checkpoint has no EMA."""
     _check_target(abstract_params, 'restore_params target')
-    step = self._resolve_step(step)
     key = 'ema_params' if ema else 'params'
-    path = epath.Path(self._step_dir(step)) / _STATE
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-      saved = handler.metadata(path).tree
-    except Exception as e:
-      raise self._error(step, e) from e
-    finally:
-      handler.close()
-    if not (isinstance(saved, dict) and saved.get(key)):
-      what = 'EMA parameters (the run had EMA off)' if ema else 'parameters'
-      raise CheckpointError(f'checkpoint step {step} in {self._step_dir(step)} holds no {what}.')
-    try:
-      return _restore_subtree(path, key, abstract_params)
-    except Exception as e:
-      raise self._error(step, e, f'{key} of checkpoint') from e
+
+    def restore_one(step):
+      path = epath.Path(self._step_dir(step)) / _STATE
+      if not _holds(path, key):
+        what = 'EMA parameters (the run had EMA off)' if ema else 'parameters'
+        raise CheckpointMismatch(self.directory, step, [f'{key}: absent; it holds no {what}'])
+      return self._restore_step(step, abstract_params, f'{key}/',
+                                lambda: _restore_subtree(path, key, abstract_params))
+
+    return self._restore_newest(step, restore_one)
+
+  def quarantine(self, steps) -> list[str]:
+    """Moves the damaged checkpoints `steps` to WORKDIR/damaged_checkpoints/<step> (never deletes
+    them: they stay for inspection), out of the rotation: retention cannot delete them and the
+    run can write those steps again. Every process calls it; process 0 moves. Returns the new
+    paths (as seen by process 0)."""
+    root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    moved = []
+    for step in steps:
+      target, n = os.path.join(root, str(step)), 0
+      while os.path.exists(target):
+        n += 1
+        target = os.path.join(root, f'{step}-{n}')
+      if jax.process_index() == 0:
+        os.makedirs(root, exist_ok=True)
+        os.rename(self._step_dir(step), target)
+      moved.append(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('vitok: damaged checkpoints moved')
+    self._manager.reload()
+    return moved
 
   # --- Lifetime ----------------------------------------------------------------------------------
 
@@ -289,6 +399,82 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+_OK, _DAMAGED, _MISMATCH = 0, 1, 2
+
+
+def _agree(code: int, detail: Any) -> tuple[int, Any]:
+  """The outcome every process of a multi-host run acts on: the worst of all processes' (a
+  checkpoint one process cannot read is damaged for all of them)."""
+  if jax.process_count() == 1:
+    return code, detail
+  worst = int(np.max(multihost_utils.process_allgather(np.array([code], np.int32))))
+  if worst != code:
+    detail = 'another process of this job could not read it' if worst == _DAMAGED else [
+        'another process of this job found other arrays']
+  return worst, detail
+
+
+def _describe(error: Exception) -> str:
+  """One line: the exception type and the first line of its message (without TensorStore's
+  spec dump)."""
+  lines = str(error).strip().splitlines()
+  line = (lines[0] if lines else '').split(' [tensorstore_spec')[0]
+  return line if isinstance(error, manifest.Damaged) else f'{type(error).__name__}: {line}'[:400]
+
+
+def _drop_closed_loop_reports() -> None:
+  """A TensorStore read that fails leaves callbacks that later try to wake Orbax's event loop after
+  it closed, from TensorStore's threads, at any time after the restore returned; Python reports
+  each as an unraisable RuntimeError('Event loop is closed'), hundreds per damaged checkpoint.
+  They say nothing the restore error did not: drop those reports, and only those, from then on."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_reports', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _quiet_async_errors():
+  """Reading a damaged checkpoint leaves TensorStore / Orbax coroutines and futures whose errors
+  Python reports as tracebacks ('Exception ignored in ...', 'Future exception was never
+  retrieved') after the error itself was raised and handled. Collect them while the restore runs
+  and log those reports at debug level only."""
+  _drop_closed_loop_reports()
+  hooks = sys.unraisablehook, sys.excepthook
+  asyncio_log = logging.getLogger('asyncio')
+  level = asyncio_log.level
+  sys.unraisablehook = lambda unraisable: log.debug('ignored: %s', unraisable.exc_value)
+  sys.excepthook = lambda kind, value, tb: log.debug('ignored: %s', value)
+  asyncio_log.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    gc.collect()      # the abandoned coroutines report now, not later
+    sys.unraisablehook, sys.excepthook = hooks
+    asyncio_log.setLevel(level)
+
+
+def _holds(path: epath.Path, key: str) -> bool:
+  """Whether the PyTree checkpoint at `path` has a non-empty top-level `key` (an unreadable one
+  answers True: the restore then reports the damage)."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    with _quiet_async_errors():
+      saved = handler.metadata(path).tree
+  except Exception:  # pylint: disable=broad-except
+    return True
+  finally:
+    handler.close()
+  return bool(isinstance(saved, dict) and saved.get(key))
 
 
 def _absolute(path: str) -> str:
@@ -331,26 +517,51 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
 
 
 def export_params(params: Any, directory: str) -> None:
-  """Writes `params` alone as a standalone Orbax checkpoint in `directory`, synchronously. An
-  existing export there is removed first (the new one is written to a temporary directory and
-  renamed into place when complete). Read it back with `load_params`. All processes call this in
-  a multi-host run."""
+  """Writes `params` alone, with their manifest, as a standalone Orbax checkpoint in `directory`
+  (items `params/` and `manifest/`), synchronously. An existing export there is replaced (the new
+  one is written to a temporary directory and renamed into place when complete). Read it back
+  with `load_params`. All processes call this in a multi-host run."""
   directory = epath.Path(_absolute(directory))
-  checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
-    checkpointer.save(directory, args=ocp.args.StandardSave(params), force=True)
+    checkpointer.save(directory, args=ocp.args.Composite(**{
+        'params': ocp.args.StandardSave(params),
+        _MANIFEST: ocp.args.JsonSave(manifest.make(params))}), force=True)
   finally:
     checkpointer.close()
 
 
 def load_params(directory: str, abstract_params: Any) -> Any:
   """Restores a params tree written by `export_params` into `abstract_params` (ShapeDtypeStructs
-  with the target shardings). Raises CheckpointError naming the directory."""
+  with the target shardings) and verifies it against its manifest. Raises CheckpointError naming
+  the directory (other arrays than `abstract_params`, or damage)."""
   _check_target(abstract_params, 'load_params target')
   directory = _absolute(directory)
+  if not (epath.Path(directory) / _MANIFEST).exists():      # an export without a manifest
+    log.warning('%s has no manifest (exported by an older version): its parameters are loaded '
+                'without verifying them', directory)
+    read = lambda: _restore_with(ocp.StandardCheckpointHandler(), epath.Path(directory),
+                                 ocp.args.StandardRestore(abstract_params))
+    recorded = None
+  else:
+    try:
+      saved = _restore_with(ocp.CompositeCheckpointHandler(), epath.Path(directory),
+                            ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()}))[_MANIFEST]
+      recorded = manifest.entries(saved)
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'the parameters in {directory} are damaged: {_describe(e)}') from e
+    differences = manifest.compare(recorded, abstract_params)
+    if differences:
+      raise CheckpointError(f'the parameters in {directory} are not those of this config: '
+                            + '; '.join(differences[:4]))
+    read = lambda: _restore_with(ocp.CompositeCheckpointHandler(), epath.Path(directory),
+                                 ocp.args.Composite(params=ocp.args.StandardRestore(
+                                     abstract_params)))['params']
   try:
-    return _restore_with(ocp.StandardCheckpointHandler(), epath.Path(directory),
-                         ocp.args.StandardRestore(abstract_params))
-  except Exception as e:
-    raise CheckpointError(f'could not load parameters from {directory}: '
-                          f'{type(e).__name__}: {e}') from e
+    with _quiet_async_errors():
+      params = read()
+    if recorded is not None:
+      manifest.verify(recorded, params)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'could not load parameters from {directory}: {_describe(e)}') from e
+  return params
