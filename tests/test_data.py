@@ -187,6 +187,84 @@ def test_config_errors_name_the_field(tmp_path):
     builders.prepare(_cfg(tmp_path, name='kinetics'))
 
 
+def test_a_video_added_to_the_folder_builds_a_new_data_set_that_holds_it(tmp_path):
+  src = tmp_path / 'videos'
+  for name in ('a.mp4', 'b.mp4'):
+    _video(str(src / name), 8)
+  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
+             holdout_fraction=0.5)
+  before = builders.make_builder(cfg).builder_config.name
+  assert sum(len(s) for s in builders.prepare(cfg).values()) == 4
+  (src / '.DS_Store').write_bytes(b'junk')                      # not a video: same data set
+  assert builders.make_builder(cfg).builder_config.name == before
+  _video(str(src / 'c.mp4'), 8)
+  assert builders.make_builder(cfg).builder_config.name != before
+  assert sum(len(s) for s in builders.prepare(cfg).values()) == 6
+
+
+def test_file_names_that_are_not_utf8_are_read_and_shown_escaped(tmp_path):
+  src = tmp_path / 'videos'
+  _video(str(src / 'a.mp4'), 8)
+  _video(os.fsdecode(os.path.join(os.fsencode(str(src)), b'caf\xe9.mp4')), 8, seed=1)   # Latin-1
+  assert folders.stable_hash01(os.fsdecode(b'caf\xe9.mp4')) != folders.stable_hash01('caf.mp4')
+  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
+             store_short_side=12, holdout_fraction=0.5)
+  sources = builders.prepare(cfg)
+  names = {_str(source[i]['source']).split('@')[0] for source in sources.values()
+           for i in range(len(source))}
+  assert names == {'a.mp4', 'caf\\xe9.mp4'} and _skipped(cfg) == []
+
+
+def test_every_path_is_used_or_reported_with_its_reason(tmp_path, monkeypatch):
+  src = tmp_path / 'videos'
+  for name in ('a.mp4', 'b.mp4', 'c.mp4'):
+    _video(str(src / name), 8)
+  _video(str(src / 'looks_like_a_video.mp4' / 'inside.mp4'), 8)      # a folder, not a video
+  (src / 'empty_dir.mov').mkdir()
+  (src / 'empty').mkdir()
+  (src / 'notes.txt').write_text('not a video')
+  os.symlink(str(tmp_path / 'gone.mp4'), str(src / 'dangling.mp4'))
+  os.symlink(str(src), str(src / 'loop'))
+  _video(str(src / 'odd.mp4'), 8)
+
+  real_read = video_io.read_video
+
+  def read(path, **kwargs):   # a decoder failing in an unforeseen way, on one file
+    if str(path).endswith('odd.mp4'):
+      raise RuntimeError('decoder crashed')
+    return real_read(path, **kwargs)
+
+  monkeypatch.setattr(video_io, 'read_video', read)
+  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
+             store_short_side=12, holdout_fraction=0.4)
+  sources = builders.prepare(cfg)
+  used = {_str(source[i]['source']).split('@')[0] for source in sources.values()
+          for i in range(len(source))}
+  assert used == {'a.mp4', 'b.mp4', 'c.mp4'}                 # the loose videos are all used
+  reasons = {s['file']: (s['split'], s['reason']) for s in _skipped(cfg)}
+  odd_split = reasons.pop('odd.mp4')
+  assert odd_split[0] in ('train', 'test') and odd_split[1] == 'RuntimeError: decoder crashed'
+  assert reasons == {
+      'looks_like_a_video.mp4': (None, 'a folder named like a video file'),
+      'empty_dir.mov': (None, 'a folder named like a video file'),
+      'empty': (None, 'an empty folder'),
+      'notes.txt': (None, 'not a video file (.txt)'),
+      'dangling.mp4': (None, 'broken symbolic link'),
+      'loop': (None, 'a symbolic link to a folder already scanned (a loop)'),
+  }
+
+
+def test_a_split_without_clips_lists_the_paths_no_split_uses(tmp_path):
+  src = tmp_path / 'videos'
+  _video(str(src / 'only_class' / 'x.mp4'), 8)          # one class folder with one video...
+  _video(str(src / 'loose.mp4'), 8)                     # ...makes loose files unplaceable
+  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4)
+  with pytest.raises(ValueError, match=r"split '(train|test)' .* has no clips. Skipped in this "
+                                       r'split: none; not in any split: loose.mp4 \(outside the '
+                                       r'class sub-folders\)'):
+    builders.prepare(cfg)
+
+
 def test_image_folder_gives_one_frame_clips(tmp_path):
   src = tmp_path / 'images'
   for label in ('a', 'b'):

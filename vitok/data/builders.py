@@ -16,10 +16,11 @@ TFDS catalogue, e.g. its own TF-based 'ucf101'):
   SkvideoDemo                offline demo: train = bigbuckbunny, test = bikes.
   MovingDigits               synthetic bouncing sklearn digits, 10 classes.
 
-Unreadable, corrupt, missing or too-short files are skipped; they are logged
-and listed in `builder.info.metadata['skipped_files']` ({'split', 'file',
-'reason'} dicts), which is saved with the data set. `prepare(data_cfg)` is
-the entry point used by training.
+Unreadable, corrupt, missing or too-short files are skipped, and so is every
+other path of a source folder that is not used (see folders.py); they are
+logged and listed in `builder.info.metadata['skipped_files']` ({'split',
+'file', 'reason'} dicts; split None for paths no split owns), which is saved
+with the data set. `prepare(data_cfg)` is the entry point used by training.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class ClipConfig(tfds.core.BuilderConfig):
   holdout_fraction: VideoFolder / ImageFolder without train/ + test/ folders:
     fraction of files held out for 'test'.
   ucf_fold: UCF101 official split, 1, 2 or 3.
+  source_files: VideoFolder / ImageFolder: a fingerprint of the files the
+    folder layout uses (their paths, splits and labels), so that adding,
+    removing or renaming a source file builds a new data set instead of
+    reusing one that does not hold it.
   """
   clip_frames: int = 16
   short_side: int | None = 128
@@ -61,6 +66,7 @@ class ClipConfig(tfds.core.BuilderConfig):
   manual_dir: str = ''
   holdout_fraction: float = 0.1
   ucf_fold: int = 1
+  source_files: str = ''
 
   @property
   def stride(self) -> int:
@@ -78,7 +84,7 @@ def clip_config(manual_dir: str = '', **params) -> ClipConfig:
   probe = ClipConfig(name='probe', manual_dir=manual_dir, **params)
   fingerprint = folders.short_hash(manual_dir, probe.clip_frames, probe.short_side,
                                    probe.stride, probe.max_clips_per_video,
-                                   probe.holdout_fraction, probe.ucf_fold)
+                                   probe.holdout_fraction, probe.ucf_fold, probe.source_files)
   name = (f'c{probe.clip_frames}_s{probe.short_side or "orig"}_st{probe.stride}'
           f'_m{probe.max_clips_per_video or "all"}_{fingerprint}')
   return dataclasses.replace(probe, name=name)
@@ -140,9 +146,12 @@ class _ClipBuilder(_LocalBuilder, skip_registration=True):
     return {split: self._generate_examples(split, items)
             for split, items in self._split_files().items()}
 
-  def _skip(self, split: str, name: str, reason: str) -> None:
+  def _skip(self, split: str | None, name: str, reason: str) -> None:
     self.info.metadata['skipped_files'].append(
         {'split': split, 'file': name, 'reason': reason})
+
+  def _skipped(self, *splits) -> list[dict]:
+    return [s for s in self.info.metadata['skipped_files'] if s['split'] in splits]
 
   def _decode(self, path: Path) -> np.ndarray:
     """The frames of one file that can end up in clips: uint8 (T, H, W, 3)."""
@@ -172,6 +181,9 @@ class _ClipBuilder(_LocalBuilder, skip_registration=True):
       except video_io.VideoDecodeError as e:
         self._skip(split, name, e.reason)
         continue
+      except Exception as e:  # pylint: disable=broad-except  # one bad file never stops a build
+        self._skip(split, name, f'{type(e).__name__}: {e}')
+        continue
       if len(frames) < cfg.clip_frames:
         self._skip(split, name,
                    f'too short: {len(frames)} frames < clip_frames={cfg.clip_frames}')
@@ -187,15 +199,25 @@ class _ClipBuilder(_LocalBuilder, skip_registration=True):
     self._report(split, num_clips)
 
   def _report(self, split: str, num_clips: int) -> None:
-    skipped = [s for s in self.info.metadata['skipped_files'] if s['split'] == split]
+    skipped = self._skipped(split)
     if skipped:
       log.warning('%s: skipped %d file(s) in split %r: %s', self.name, len(skipped), split,
-                  '; '.join(f"{s['file']} ({s['reason']})" for s in skipped))
+                  _listing(skipped))
     if num_clips == 0:
       source = self.builder_config.manual_dir or self.name
+      unassigned = self._skipped(None)
       raise ValueError(
-          f'{self.name}: split {split!r} of {source} has no clips. Skipped files: '
-          + ('; '.join(f"{s['file']} ({s['reason']})" for s in skipped) or 'none'))
+          f'{self.name}: split {split!r} of {source} has no clips. Skipped in this split: '
+          f'{_listing(skipped) or "none"}' + (f'; not in any split: {_listing(unassigned)}'
+                                               if unassigned else ''))
+
+
+def _listing(skipped: list[dict], limit: int = 20) -> str:
+  """'a.mp4 (reason); b.txt (reason); ... and 7 more' (all of them are in the metadata)."""
+  shown = '; '.join(f"{s['file']} ({s['reason']})" for s in skipped[:limit])
+  more = len(skipped) - limit
+  return shown + (f"; ... and {more} more (builder.info.metadata['skipped_files'])"
+                  if more > 0 else '')
 
 
 class VideoFolder(_ClipBuilder):
@@ -203,26 +225,28 @@ class VideoFolder(_ClipBuilder):
   the layouts (class sub-folders, explicit train/ test/ or hashed hold-out)."""
   name = 'vitok_video_folder'
   EXTENSIONS = video_io.VIDEO_EXTENSIONS
+  KIND = 'video'
 
   def _scan(self):
     if not hasattr(self, '_scan_cache'):
       cfg = self.builder_config
       self._scan_cache = folders.folder_splits(cfg.manual_dir, self.EXTENSIONS,
-                                               cfg.holdout_fraction)
+                                               cfg.holdout_fraction, self.KIND)
     return self._scan_cache
 
   def _class_names(self):
-    return self._scan()[1]
+    names = self._scan()[1]
+    return None if names is None else [folders.display_name(n) for n in names]
 
   def _split_files(self):
-    splits, _, stray = self._scan()
+    splits, _, skipped = self._scan()
     root = Path(self.builder_config.manual_dir)
-    if stray:  # media files a labelled layout cannot assign to a class
-      log.warning('%s: ignoring %d file(s) outside the class sub-folders: %s',
-                  self.name, len(stray), ', '.join(stray))
-    for name in stray:
-      self._skip('none', name, 'outside the class sub-folders')
-    return {split: [(root / rel, rel, label) for rel, label in files]
+    for rel, reason in skipped:         # paths no split uses: reported once, here
+      self._skip(None, folders.display_name(rel), reason)
+    if skipped:
+      log.warning('%s: not using %d path(s) of %s: %s', self.name, len(skipped), root,
+                  _listing(self._skipped(None)))
+    return {split: [(root / rel, folders.display_name(rel), label) for rel, label in files]
             for split, files in splits.items()}
 
 
@@ -231,6 +255,7 @@ class ImageFolder(VideoFolder):
   same layouts as VideoFolder. clip_frames must be 1."""
   name = 'vitok_image_folder'
   EXTENSIONS = video_io.IMAGE_EXTENSIONS
+  KIND = 'image'
   IS_IMAGE = True
 
   def __init__(self, **kwargs):
@@ -358,8 +383,13 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
                      f'but data.manual_dir={data_cfg.manual_dir!r} is not an existing folder.')
   builder_cls = {'video_folder': VideoFolder, 'image_folder': ImageFolder,
                  'ucf101': UCF101}[name]
+  source_files = ''
+  if builder_cls is not UCF101:       # UCF-101's files are fixed by its official lists
+    splits, _, _ = folders.folder_splits(manual_dir, builder_cls.EXTENSIONS,
+                                         data_cfg.holdout_fraction, builder_cls.KIND)
+    source_files = folders.short_hash(sorted(splits.items()))
   config = clip_config(manual_dir, holdout_fraction=data_cfg.holdout_fraction,
-                       ucf_fold=data_cfg.ucf_fold, **params)
+                       ucf_fold=data_cfg.ucf_fold, source_files=source_files, **params)
   return builder_cls(config=config, **kwargs)
 
 

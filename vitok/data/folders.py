@@ -15,20 +15,34 @@ Supported folder layouts (video_folder / image_folder):
 Class labels come from the immediate sub-folders (of the root, or of
 train/ and test/): if any sub-folder holds media files, each sub-folder is a
 class (files are found recursively below it) and media files lying directly
-in the root are not used (they are reported as skipped). Otherwise the data
-set is unlabelled and the media files directly in the root are used.
+in the root are not used. Otherwise the data set is unlabelled and the media
+files directly in the root are used.
+
+Every path below the root is either used or reported with its reason (see
+`Scan.skipped`): files with other extensions, folders named like media files,
+broken symbolic links, unreadable or empty folders, files a layout cannot
+place. File names need not be UTF-8: they are hashed as the
+bytes on disk and shown with `display_name`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
 
 
+def display_name(relpath: str) -> str:
+  """`relpath` as printable UTF-8. Bytes of a name that are not UTF-8 (Python holds them as
+  surrogate escapes) appear as \\xNN, so logs, dataset keys and metadata never fail on them; the
+  file itself is still opened by its real name."""
+  return relpath.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
 def stable_hash01(text: str) -> float:
-  """A number in [0, 1) that depends only on `text` (not on PYTHONHASHSEED)."""
-  digest = hashlib.sha1(text.encode('utf-8')).digest()
+  """A number in [0, 1) that depends only on `text` (its bytes on disk; not on PYTHONHASHSEED)."""
+  digest = hashlib.sha1(text.encode('utf-8', 'surrogateescape')).digest()
   return int.from_bytes(digest[:8], 'big') / 2.0**64
 
 
@@ -37,32 +51,79 @@ def short_hash(*parts) -> str:
   return hashlib.sha1(repr(parts).encode('utf-8')).hexdigest()[:8]
 
 
-def _media_below(folder: Path, extensions, recursive: bool) -> list[Path]:
-  pattern = folder.rglob('*') if recursive else folder.iterdir()
-  return sorted(p for p in pattern
-                if p.is_file() and p.suffix.lower() in extensions)
+@dataclasses.dataclass
+class Scan:
+  """What is below one split's folder."""
+  files: list[str]                      # relative paths of the media files used, sorted
+  class_names: list[str] | None         # sorted sub-folder names that hold media; None: unlabelled
+  skipped: list[tuple[str, str]]        # (relative path, reason) of every other path
 
 
-def scan_folder(root, extensions) -> tuple[list[str], list[str] | None, list[str]]:
-  """Lists media files below `root` (one split's folder).
+class _Walker:
+  """Lists the media files below a root and records everything else as skipped."""
 
-  Returns:
-    files: relative paths ('Class/sub/x.mp4' or 'x.mp4'), sorted.
-    class_names: sorted immediate sub-folder names that hold media, or None
-      when the folder is unlabelled.
-    stray: relative paths of media files ignored because they sit in the
-      root of a class-labelled folder.
-  """
+  def __init__(self, root: Path, extensions, kind: str):
+    self.root, self.extensions, self.kind = root, extensions, kind
+    self.skipped: list[tuple[str, str]] = []
+    self._seen = {os.path.realpath(root)}
+
+  def rel(self, path: Path) -> str:
+    return path.relative_to(self.root).as_posix()
+
+  def skip(self, path: Path, reason: str) -> None:
+    self.skipped.append((self.rel(path), reason))
+
+  def entries(self, folder: Path) -> tuple[list[Path], list[Path]]:
+    """(media files, sub-folders) directly in `folder`; anything else is skipped with its reason."""
+    try:
+      listing = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+      self.skip(folder, f'unreadable folder ({e.strerror})')
+      return [], []
+    if not listing and folder != self.root:
+      self.skip(folder, 'an empty folder')
+    media, folders = [], []
+    for entry in listing:
+      path = Path(entry.path)
+      named_like_media = path.suffix.lower() in self.extensions
+      if entry.is_symlink() and not path.exists():
+        self.skip(path, 'broken symbolic link')
+      elif entry.is_dir():
+        if named_like_media:
+          self.skip(path, f'a folder named like a {self.kind} file')
+        elif os.path.realpath(path) in self._seen:
+          self.skip(path, 'a symbolic link to a folder already scanned (a loop)')
+        else:
+          self._seen.add(os.path.realpath(path))
+          folders.append(path)
+      elif not entry.is_file():
+        self.skip(path, 'not a regular file')
+      elif named_like_media:
+        media.append(path)
+      else:
+        self.skip(path, f'not a {self.kind} file ({path.suffix or "no extension"})')
+    return media, folders
+
+  def media_below(self, folder: Path) -> list[Path]:
+    media, folders = self.entries(folder)
+    for sub in folders:
+      media += self.media_below(sub)
+    return media
+
+
+def scan_folder(root, extensions, kind: str = 'media') -> Scan:
+  """Lists one split's folder `root` (see the module doc)."""
   root = Path(root)
-  subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-  per_class = {d.name: _media_below(d, extensions, recursive=True) for d in subdirs}
-  per_class = {name: paths for name, paths in per_class.items() if paths}
-  top_level = _media_below(root, extensions, recursive=False)
-  rel = lambda p: p.relative_to(root).as_posix()
-  if not per_class:
-    return [rel(p) for p in top_level], None, []
-  files = [rel(p) for paths in per_class.values() for p in paths]
-  return sorted(files), sorted(per_class), [rel(p) for p in top_level]
+  walker = _Walker(root, extensions, kind)
+  top_level, subfolders = walker.entries(root)
+  per_class = {sub.name: walker.media_below(sub) for sub in subfolders}
+  labelled = {name: found for name, found in per_class.items() if found}
+  if not labelled:
+    return Scan(sorted(walker.rel(p) for p in top_level), None, walker.skipped)
+  for path in top_level:
+    walker.skip(path, 'outside the class sub-folders')
+  files = sorted(walker.rel(p) for found in labelled.values() for p in found)
+  return Scan(files, sorted(labelled), walker.skipped)
 
 
 def holdout_split(files: list[str], fraction: float) -> tuple[list[str], list[str]]:
@@ -89,7 +150,7 @@ def _labelled(files: list[str], class_names: list[str] | None, prefix: str = '')
   return [(prefix + f, label(f)) for f in files]
 
 
-def folder_splits(root, extensions, holdout_fraction: float):
+def folder_splits(root, extensions, holdout_fraction: float, kind: str = 'media'):
   """Files per split for a video_folder / image_folder source (see module doc).
 
   Returns:
@@ -97,28 +158,31 @@ def folder_splits(root, extensions, holdout_fraction: float):
       relative to root (so it starts with 'train/' or 'test/' in the explicit
       layout); label is an int class index, or None when unlabelled.
     class_names: sorted list of class names, or None (unlabelled).
-    stray: media files that are not used (root files of a labelled folder).
+    skipped: [(relpath, reason)] for every other path below root.
   """
   root = Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f'Source folder {root} does not exist (data.manual_dir).')
   if (root / 'train').is_dir() and (root / 'test').is_dir():
-    scans = {split: scan_folder(root / split, extensions) for split in ('train', 'test')}
-    labelled = {split: names is not None for split, (_, names, _) in scans.items()}
+    scans = {split: scan_folder(root / split, extensions, kind) for split in ('train', 'test')}
+    labelled = {split: scan.class_names is not None for split, scan in scans.items()}
     if labelled['train'] != labelled['test']:
       raise ValueError(f'{root}: train/ and test/ must both use class sub-folders '
                        'or both hold files directly.')
     class_names = None
     if labelled['train']:
-      class_names = sorted({n for _, names, _ in scans.values() for n in names})
-    splits = {split: _labelled(files, class_names, prefix=f'{split}/')
-              for split, (files, _, _) in scans.items()}
-    stray = [f'{split}/{f}' for split, (_, _, ign) in scans.items() for f in ign]
-    return splits, class_names, stray
-  files, class_names, stray = scan_folder(root, extensions)
-  train, test = holdout_split(files, holdout_fraction)
-  splits = {'train': _labelled(train, class_names), 'test': _labelled(test, class_names)}
-  return splits, class_names, stray
+      class_names = sorted({n for scan in scans.values() for n in scan.class_names})
+    splits = {split: _labelled(scan.files, class_names, prefix=f'{split}/')
+              for split, scan in scans.items()}
+    skipped = [(f'{split}/{path}', reason) for split, scan in scans.items()
+               for path, reason in scan.skipped]
+    others = [e for e in sorted(os.listdir(root)) if e not in ('train', 'test')]
+    skipped += [(e, 'outside train/ and test/') for e in others]
+    return splits, class_names, skipped
+  scan = scan_folder(root, extensions, kind)
+  train, test = holdout_split(scan.files, holdout_fraction)
+  splits = {'train': _labelled(train, scan.class_names), 'test': _labelled(test, scan.class_names)}
+  return splits, scan.class_names, scan.skipped
 
 
 # ----------------------------------------------------------------------------
