@@ -205,19 +205,28 @@ def make_mesh_or_exit(config):
     fail(f'bad config: {e}')
 
 
-def open_trained_run(step: int | None):
-  """Start-up of the commands that read a finished or running training run (eval, export): the
-  run's config (or --config), jax.distributed, a mesh over this job's devices (data-parallel
-  unless --mesh says otherwise) and the TrainState layout on it, the checkpointer and the step.
-  Returns (config, task, layout, checkpointer, step)."""
+def open_trained_run(step: int | None, raw: bool):
+  """Start-up of the commands that read a training run (eval, export): the run's config (or
+  --config), jax.distributed, a mesh over this job's devices (data-parallel unless --mesh says
+  otherwise), the TrainState layout on it, and the parameters of checkpoint `step` (default: the
+  newest that is not damaged; damaged ones are skipped with a warning and left in place), the
+  EMA unless `raw` or the run kept none. Returns (config, task, layout, params, step)."""
   config = load_config(allow_workdir_config=True)
   init_distributed()
   mesh_override(config, default='x'.join(['-1'] + ['1'] * (len(config.mesh.axes) - 1)))
   task = make_task_or_exit(config)
   mesh = make_mesh_or_exit(config)
   checkpointer = ckpt_lib.Checkpointer(workdir(), create=False)
-  step = step if step is not None else checkpointer.latest_step()
-  if step is None:
+  if checkpointer.latest_step() is None:
     fail(f'no checkpoint in {checkpointer.directory}: train first', code=1)
   trainer.configure_runtime(config)
-  return config, task, trainer.create_layout(task, config, mesh), checkpointer, step
+  layout = trainer.create_layout(task, config, mesh)
+  # Only the parameters are read: no optimizer state is allocated.
+  use_ema = config.optim.ema_decay > 0 and not raw
+  try:
+    params = checkpointer.restore_params(layout.abstract.params, step, ema=use_ema)
+  except ckpt_lib.CheckpointMismatch as e:
+    fields = trainer.config_differences(os.path.join(workdir(), 'config.json'), config)
+    fail(f'{e}; fields of --config that differ from the run\'s config.json: '
+         f'{"; ".join(fields) or "none"}', code=1)
+  return config, task, layout, params, checkpointer.restored_step

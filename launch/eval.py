@@ -7,6 +7,8 @@ appends them to WORKDIR/metrics.jsonl (plus sample PNG/mp4 files in WORKDIR/samp
 
 The checkpoint is restored onto this job's devices whatever mesh trained it: by default a
 data-parallel mesh over all devices here (--mesh=-1x1); pass --mesh for a model-sharded one.
+Without --step, a damaged newest checkpoint is skipped (with a warning naming it and why) and the
+newest one that restores is evaluated; the JSON says which step.
 """
 
 import json
@@ -25,10 +27,7 @@ _RAW = flags.DEFINE_bool('raw', False, 'Evaluate the raw parameters even when th
 def main(argv):
   del argv
   common.quiet_library_logs()
-  config, task, layout, checkpointer, step = common.open_trained_run(_STEP.value)
-  # Only the parameters are read: no optimizer state is allocated for an evaluation.
-  use_ema = config.optim.ema_decay > 0 and not _RAW.value
-  params = checkpointer.restore_params(layout.abstract.params, step, ema=use_ema)
+  config, task, layout, params, step = common.open_trained_run(_STEP.value, _RAW.value)
   sources = trainer.prepare_sources(config.data)
   result = task.evaluate(layout.graphdef, params, trainer.replicate(task.frozen(), layout.mesh),
                          sources[config.data.eval_split], step, common.workdir(), layout.mesh)
@@ -36,6 +35,10 @@ def main(argv):
     print(json.dumps(result))
 
 
+def _interrupted() -> str:
+  return 'the evaluation was stopped; nothing was written to metrics.jsonl'
+
+
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
-  common.run(main)
+  common.run(main, on_interrupt=_interrupted)

@@ -4,19 +4,19 @@ the EMA parameters when the run kept an EMA (else the raw ones), without optimiz
     python -m launch.export --workdir=/ckpt/sb4x8 --out=/models/sb4x8            # latest step
     python -m launch.export --workdir=/ckpt/sb4x8 --out=/models/sb4x8 --step=50000 --raw
 
-OUT holds `params/` (an Orbax checkpoint of the parameters alone) and `config.json` (the run's
-config, which fixes the architecture). Load it on any device count with
+OUT holds `params/` (an Orbax checkpoint of the parameters alone, with their manifest) and
+`config.json` (the run's config, which fixes the architecture). Load it on any device count with
 `vitok.stage1.load_tokenizer(OUT)`.
 """
 
 import os
-import shutil
 
 import jax
 from absl import flags
 
 from launch import common
 from vitok import checkpoint as ckpt_lib
+from vitok import trainer
 
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the exported parameters to.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
@@ -26,13 +26,12 @@ _RAW = flags.DEFINE_bool('raw', False, 'Export the raw parameters even when the 
 def main(argv):
   del argv
   common.quiet_library_logs()
-  config, _, layout, checkpointer, step = common.open_trained_run(_STEP.value)
+  config, _, _, params, step = common.open_trained_run(_STEP.value, _RAW.value)
   use_ema = config.optim.ema_decay > 0 and not _RAW.value
-  params = checkpointer.restore_params(layout.abstract.params, step, ema=use_ema)
   out = os.path.abspath(os.path.expanduser(_OUT.value))
   ckpt_lib.export_params(params, os.path.join(out, 'params'))
   if jax.process_index() == 0:
-    shutil.copyfile(os.path.join(common.workdir(), 'config.json'), os.path.join(out, 'config.json'))
+    trainer.write_config(config, out)      # the config the parameters were restored with
     kind = 'EMA' if use_ema else 'raw'
     print(f'exported the {kind} parameters of step {step} to {out}')
 

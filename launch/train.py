@@ -4,16 +4,17 @@ r"""Train a ViTok tokenizer (stage 1), resuming from WORKDIR's latest checkpoint
 
 Multi-process: the same command on every process. TPU pods (launch/tpu_pod.sh) and SLURM jobs
 (launch/slurm.sbatch) are detected; elsewhere pass --coordinator_address=host:port
---num_processes=N --process_id=i. On SIGTERM the run saves its current step and exits with
-status 143; rerunning the command resumes from there.
+--num_processes=N --process_id=i. On SIGTERM (or Ctrl-C) the run saves its current step and exits
+with status 143 (130); rerunning the command resumes from there.
 """
 
+import os
 import sys
 
 from absl import flags
 
 from launch import common
-from vitok import trainer
+from vitok import signals, trainer
 
 
 def main(argv):
@@ -30,11 +31,20 @@ def main(argv):
     trainer.check_batch_fits(config, mesh)
   except ValueError as e:
     common.fail(f'bad config: {e}')
-  state, _ = trainer.train(config, common.workdir(), task)   # prints each evaluation
-  if int(state.step) < config.total_steps:        # stopped by SIGTERM after saving
-    sys.exit(trainer.PREEMPTED_EXIT_CODE)
+  result = trainer.train(config, common.workdir(), task)     # prints each evaluation
+  if result.stopped_by:                           # SIGTERM or Ctrl-C: the step was saved
+    sys.exit(signals.EXIT_CODES[result.stopped_by])
+
+
+def _interrupted() -> str:
+  """What a Ctrl-C outside the training loop (start-up, or a second Ctrl-C) leaves behind."""
+  directory = os.path.join(common.workdir(), 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
+      if os.path.isdir(directory) else []
+  return ('stopped without saving; ' + (f'the last complete checkpoint is step {steps[-1]} in '
+                                        f'{directory}' if steps else 'no checkpoint was written'))
 
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
-  common.run(main)
+  common.run(main, on_interrupt=_interrupted)

@@ -1,7 +1,8 @@
 """Checkpoints and resume: a resumed run restores exactly the saved state and data position and
-ends bit for bit where an uninterrupted run does (also after SIGTERM and after kill -9); a state
-saved on one mesh restores on another; unfinished saves are ignored; a corrupt checkpoint fails
-with a clear error; launch.eval works on a checkpoint trained on 8 devices with 1 device."""
+ends bit for bit where an uninterrupted run does (also after SIGTERM, Ctrl-C and kill -9); a state
+saved on one mesh restores on another; unfinished saves are ignored; a damaged newest checkpoint is
+skipped (and moved aside by training); a config that does not match the checkpoints fails at
+start-up and changes nothing; launch.eval works on a checkpoint trained on 8 devices with 1."""
 
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 from flax import nnx
 
 from vitok import checkpoint as ckpt_lib
-from vitok import sharding, stage1, trainer
+from vitok import config_checks, sharding, signals, stage1, trainer
 from vitok import train_state as ts
 
 pytestmark = pytest.mark.slow
@@ -32,27 +33,33 @@ def _tree_equal(a, b):
   return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
 
 
-def _train_two_steps(tiny_config, workdir):
-  config = tiny_config.copy_and_resolve_references()
-  config.total_steps = 2
-  task = stage1.TokenizerTask(config)
-  state, result = trainer.train(config, workdir, task)
-  return config, task, state, result
-
-
-def _train(tiny_config, workdir, total_steps):
+def _train(tiny_config, workdir, total_steps, **overrides):
   config = tiny_config.copy_and_resolve_references()
   config.total_steps = total_steps
+  config.update(overrides)
   return trainer.train(config, workdir, stage1.TokenizerTask(config))
 
 
-def test_resumed_run_continues_with_the_next_batch_and_ends_where_an_uninterrupted_one_does(
-    tiny_config, tmp_path):
-  reference, _ = _train(tiny_config, str(tmp_path / 'straight'), 4)
+@pytest.fixture(scope='module')
+def four_steps(tiny_config, tmp_path_factory):
+  """One uninterrupted run of 4 steps (checkpoints at 2 and 4, an evaluation at 4): its directory,
+  which tests copy before changing anything, and its final state."""
+  workdir = str(tmp_path_factory.mktemp('four_steps') / 'run')
+  state, _, _ = _train(tiny_config, workdir, 4)
+  return workdir, jax.device_get(state)
 
+
+def _copy(run: str, tmp_path) -> str:
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(run, workdir)
+  return workdir
+
+
+def test_resumed_run_continues_with_the_next_batch_and_ends_where_an_uninterrupted_one_does(
+    tiny_config, tmp_path, four_steps):
   workdir = str(tmp_path / 'resumed')
-  state2, result = _train(tiny_config, workdir, 2)
-  assert int(state2.step) == 2 and result['step'] == 2
+  state2, result, stopped_by = _train(tiny_config, workdir, 2)
+  assert int(state2.step) == 2 and result['step'] == 2 and stopped_by is None
   # The checkpoint holds exactly the in-memory state: step, params, Adam moments, EMA and RNG.
   config, task, layout = _layout(tiny_config)
   checkpointer = ckpt_lib.Checkpointer(workdir)
@@ -64,11 +71,11 @@ def test_resumed_run_continues_with_the_next_batch_and_ends_where_an_uninterrupt
 
   # Resuming with a longer schedule starts at step 2, draws batches 2 and 3 (the iterator state is
   # in the checkpoint), and lands bit for bit on the uninterrupted run.
-  state4, result = _train(tiny_config, workdir, 4)
+  state4, result, _ = _train(tiny_config, workdir, 4)
   assert int(state4.step) == 4 and result['step'] == 4
   steps = [json.loads(line)['step'] for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert steps == [2, 4]
-  assert _tree_equal(state4, reference)
+  assert _tree_equal(state4, four_steps[1])
 
 
 def _layout(tiny_config, mesh_shape=None):
@@ -108,35 +115,55 @@ def test_state_saved_on_2x4_restores_bit_exact_on_1x8_and_on_one_device(tiny_con
   checkpointer.close()
 
 
-def test_unfinished_save_is_ignored_and_corrupt_checkpoint_is_reported(tiny_config, tmp_path):
-  workdir = str(tmp_path / 'run')
-  _, _, state, _ = _train_two_steps(tiny_config, workdir)
+def test_unfinished_save_is_ignored(tiny_config, tmp_path, four_steps):
+  workdir = _copy(four_steps[0], tmp_path)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   # A save that was killed half-way leaves only Orbax's temporary directory behind.
-  shutil.copytree(os.path.join(ckpt_dir, '2'), os.path.join(ckpt_dir, '3.orbax-checkpoint-tmp-1'))
+  shutil.copytree(os.path.join(ckpt_dir, '4'), os.path.join(ckpt_dir, '5.orbax-checkpoint-tmp-1'))
   checkpointer = ckpt_lib.Checkpointer(workdir)
-  assert checkpointer.latest_step() == 2
-  assert _tree_equal(checkpointer.restore(ckpt_lib.abstract_like(state)), state)
+  assert checkpointer.latest_step() == 4
+  assert _tree_equal(checkpointer.restore(_layout(tiny_config)[2].abstract), four_steps[1])
   checkpointer.close()
 
-  # Corrupt every data file of the good checkpoint: restoring names the checkpoint and step.
-  for root, _, files in os.walk(os.path.join(ckpt_dir, '2')):
-    for name in files:
-      if 'metadata' not in name:
-        with open(os.path.join(root, name), 'wb') as f:
-          f.write(b'not a checkpoint')
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'could not restore checkpoint step 2 from .*checkpoints/2'):
-    checkpointer.restore(ckpt_lib.abstract_like(state))
+
+def _damage(step_dir):
+  """Makes checkpoint `step_dir` unreadable: the OCDBT manifest of its arrays deleted."""
+  os.remove(os.path.join(step_dir, 'state', 'manifest.ocdbt'))
 
 
-def test_eval_command_on_a_tiny_checkpoint(tiny_config, tmp_path):
-  workdir = str(tmp_path / 'run')
-  _train_two_steps(tiny_config, workdir)
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+def test_resume_skips_a_damaged_checkpoint_moves_it_aside_and_checks_the_data_position(
+    tiny_config, tmp_path, four_steps, capsys):
+  workdir = _copy(four_steps[0], tmp_path)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  _damage(os.path.join(ckpt_dir, '4'))
+  # Step 2's data position edited into a valid but wrong one: it does not match the step.
+  data_file = os.path.join(ckpt_dir, '2', 'data', 'process_0-of-1.json')
+  with open(data_file) as f:
+    position = json.load(f)
+  assert position == {'next_index': 2}
+  with open(data_file, 'w') as f:
+    json.dump({'next_index': 7}, f)
+
+  state, _, _ = _train(tiny_config, workdir, 4)
+  out = capsys.readouterr().out
+  assert re.search(r'checkpoint step 4 is damaged \(ValueError: .*\); moved to '
+                   rf'{re.escape(workdir)}/damaged_checkpoints/4 for inspection', out)
+  assert f'resumed from {ckpt_dir}/2' in out
+  assert "data-iterator state {'next_index': 7} does not match its step 2" in out
+  # Batches 2 and 3 again, from the step: bit for bit the uninterrupted run.
+  assert _tree_equal(state, four_steps[1])
+  assert os.listdir(os.path.join(workdir, 'damaged_checkpoints', '4'))        # kept, not deleted
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4']                           # 4 written again
+
+
+def test_eval_and_export_skip_a_damaged_newest_checkpoint(tiny_config, tmp_path, four_steps):
+  workdir = _copy(four_steps[0], tmp_path)
+  _damage(os.path.join(workdir, 'checkpoints', '4'))
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')          # 8 devices trained, 1 reads
   out = subprocess.run([sys.executable, '-m', 'launch.eval', f'--workdir={workdir}'],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r'SKIPPED checkpoint step 4 in .* is damaged: ValueError', out.stderr)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   for key in ('step', 'split', 'psnr', 'ssim', 'lpips', 'baseline_psnr'):
     assert key in result
@@ -147,33 +174,97 @@ def test_eval_command_on_a_tiny_checkpoint(tiny_config, tmp_path):
   assert len(lines) == 2 and json.loads(lines[-1]) == result
   samples = os.listdir(os.path.join(workdir, 'samples'))
   assert any(f.endswith('.png') for f in samples) and any(f.endswith('.mp4') for f in samples)
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))    # eval moves nothing
+  # An explicit --step is never replaced by another one.
+  out = subprocess.run([sys.executable, '-m', 'launch.eval', f'--workdir={workdir}', '--step=4'],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1
+  assert re.fullmatch(r'checkpoint step 4 in .* is damaged: ValueError: .*\n', out.stderr)
 
 
-def test_export_of_ema_parameters_loads_as_a_tokenizer_on_any_device_count(tiny_config, tmp_path):
-  workdir, out = str(tmp_path / 'run'), str(tmp_path / 'export')
-  _, _, state, _ = _train_two_steps(tiny_config, workdir)          # on 8 devices
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')         # exported on 1
-  done = subprocess.run([sys.executable, '-m', 'launch.export', f'--workdir={workdir}',
+def test_export_of_ema_parameters_loads_as_a_tokenizer_on_any_device_count(tmp_path, four_steps):
+  out = str(tmp_path / 'export')
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')         # exported on 1 device
+  done = subprocess.run([sys.executable, '-m', 'launch.export', f'--workdir={four_steps[0]}',
                          f'--out={out}'], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert 'exported the EMA parameters of step 2' in done.stdout
+  assert 'exported the EMA parameters of step 4' in done.stdout
   model = stage1.load_tokenizer(out)
   exported = nnx.state(model, nnx.Param)
-  assert _tree_equal(exported, state.ema_params)
+  assert _tree_equal(exported, four_steps[1].ema_params)
   video = np.random.default_rng(0).uniform(-1, 1, (1, 4, 32, 32, 3)).astype(np.float32)
   assert model.decode(model.encode(video)).shape == video.shape
 
 
-def test_missing_dataset_directory_fails_naming_the_field(tiny_config, tmp_path):
+def _snapshot(directory):
+  """Every path below `directory` with its size and modification time."""
+  return {os.path.join(root, name): (os.path.getsize(os.path.join(root, name)),
+                                     os.path.getmtime(os.path.join(root, name)))
+          for root, _, names in os.walk(directory) for name in names}
+
+
+def test_a_config_that_does_not_match_the_checkpoints_fails_at_start_up_and_changes_nothing(
+    tiny_config, tmp_path, four_steps):
+  workdir = _copy(four_steps[0], tmp_path)
+  before = _snapshot(workdir)
+  config = tiny_config.copy_and_resolve_references()
+  config.model.channels = 8
+  config.total_steps = 6
+  with pytest.raises(config_checks.ConfigError) as failure:
+    trainer.train(config, workdir, stage1.TokenizerTask(config))
+  message = str(failure.value)
+  assert re.search(r'does not match the checkpoints of the run in .*: checkpoint step 4 .* holds '
+                   r'other arrays than this config builds: ema_params/from_latent/kernel: saved '
+                   r'\(4, 128\) float32, requested \(8, 128\) float32; .* \(12 in all\)', message), message
+  assert "differ from the run's config.json: model.channels: 4 -> 8; total_steps: 4 -> 6" in message
+  assert _snapshot(workdir) == before               # config.json and checkpoints untouched
+
+
+def test_start_up_failures_leave_no_workdir_behind(tiny_config, tmp_path):
   config = tiny_config.copy_and_resolve_references()
   config.data.manual_dir = str(tmp_path / 'does-not-exist')
+  workdir = str(tmp_path / 'run')
   with pytest.raises(ValueError, match='data.manual_dir'):
-    trainer.train(config, str(tmp_path / 'run'), stage1.TokenizerTask(config))
+    trainer.train(config, workdir, stage1.TokenizerTask(config))
+  assert not os.path.exists(workdir)
+  open(workdir, 'w').close()
+  with pytest.raises(config_checks.ConfigError, match=r'--workdir=.*/run is a file'):
+    trainer.train(tiny_config, workdir, stage1.TokenizerTask(tiny_config))
+
+
+def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_step(tiny_config, tmp_path,
+                                                                     monkeypatch, capsys):
+  # The evaluation gets Ctrl-C while it runs (here: at its start, then it would take 10 minutes).
+  def slow_evaluation(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(600)
+
+  monkeypatch.setattr(stage1.TokenizerTask, 'evaluate', slow_evaluation)
+  workdir = str(tmp_path / 'run')
+  started = time.time()
+  state, last_eval, stopped_by = _train(tiny_config, workdir, 4, eval_every=1, ckpt_every=100)
+  assert time.time() - started < 300
+  assert stopped_by == 'SIGINT' and last_eval is None and int(state.step) == 1
+  out = capsys.readouterr().out
+  assert 'SIGINT: the evaluation of step 1 was abandoned' in out
+  assert f'SIGINT: saved step 1 to {workdir}/checkpoints' in out
+  assert ckpt_lib.Checkpointer(workdir, create=False).latest_step() == 1
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # handlers restored
+
+
+def test_ctrl_c_outside_the_loop_is_one_line():
+  code = ('from launch import common\n'
+          'def main(argv):\n  raise KeyboardInterrupt\n'
+          "common.run(main, on_interrupt=lambda: 'nothing was written')\n")
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+  assert out.returncode == signals.EXIT_CODES['SIGINT']
+  assert out.stderr == 'interrupted (Ctrl-C): nothing was written\n'
 
 
 # ------------------------------------------------------------------------------------------------
-# Interrupted runs, as real processes: SIGTERM (preemption) and kill -9 between saves.
+# Interrupted runs, as real processes: SIGTERM (preemption), Ctrl-C and kill -9 between saves.
 # ------------------------------------------------------------------------------------------------
 
 INTERRUPT_STEPS = 100
@@ -218,15 +309,16 @@ def uninterrupted_params(tiny_config, launch_train, tmp_path_factory):
   return _final_params(tiny_config, workdir)
 
 
-def test_sigterm_saves_the_current_step_and_the_rerun_ends_on_the_same_parameters(
-    tiny_config, launch_train, tmp_path, uninterrupted_params):
+@pytest.mark.parametrize('name', ['SIGTERM', 'SIGINT'])
+def test_sigterm_or_ctrl_c_saves_the_current_step_and_the_rerun_ends_on_the_same_parameters(
+    tiny_config, launch_train, tmp_path, uninterrupted_params, name):
   workdir = str(tmp_path / 'run')
   process = _launch(launch_train, workdir)
   _wait_for_checkpoint(process, workdir, 10)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(getattr(signal, name))
   code, out = _finish(process)
-  assert code == trainer.PREEMPTED_EXIT_CODE, out[-3000:]
-  saved = int(re.search(r'SIGTERM: saved step (\d+)', out).group(1))
+  assert code == signals.EXIT_CODES[name], out[-3000:]
+  saved = int(re.search(rf'{name}: saved step (\d+)', out).group(1))
   assert 10 <= saved < INTERRUPT_STEPS
   assert ckpt_lib.Checkpointer(workdir, create=False).latest_step() == saved
 

@@ -83,7 +83,8 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tiny_config,
 def test_sigterm_to_one_process_makes_both_save_the_same_step_and_the_run_resumes(
     tiny_config, launch_train, tmp_path):
   # A maintenance event or preemption notice may reach a single host: JAX's coordination service
-  # propagates it, and both processes save at one agreed step before exiting.
+  # propagates it, and both processes save at one agreed step before exiting. That checkpoint is
+  # then damaged: both processes skip it together and resume from the one before.
   workdir = str(tmp_path / 'run')
   overrides = {'total_steps': 200, 'ckpt_every': 10, 'log_every': 10, 'eval_every': 1000,
                'loss.lpips': 0.0, 'num_eval_videos': 0, 'mesh.shape': '(2,2)'}
@@ -96,7 +97,7 @@ def test_sigterm_to_one_process_makes_both_save_the_same_step_and_the_run_resume
 
   processes = start()
   deadline = time.time() + 300
-  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '10')):
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '20')):
     assert all(p.poll() is None for p in processes), processes[0].communicate()[0][-3000:]
     assert time.time() < deadline
     time.sleep(0.01)
@@ -104,17 +105,21 @@ def test_sigterm_to_one_process_makes_both_save_the_same_step_and_the_run_resume
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   assert [p.returncode for p in processes] == [trainer.PREEMPTED_EXIT_CODE] * 2, outputs[0][-3000:]
   saved = int(re.search(r'SIGTERM: saved step (\d+)', outputs[0]).group(1))
-  assert 10 <= saved < 200
+  assert 20 <= saved < 200
   checkpointer = ckpt_lib.Checkpointer(workdir, create=False)
   assert checkpointer.latest_step() == saved
+  previous = checkpointer.all_steps()[-2]
   data_files = set(os.listdir(os.path.join(workdir, 'checkpoints', str(saved), 'data')))
   assert {'process_0-of-2.json', 'process_1-of-2.json'} <= data_files
 
+  os.remove(os.path.join(workdir, 'checkpoints', str(saved), 'state', 'manifest.ocdbt'))
   overrides['total_steps'] = saved + 5
   processes = start()
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:]
-  assert f'resumed from {workdir}/checkpoints/{saved}' in outputs[0]
+  assert f'checkpoint step {saved} is damaged' in outputs[0]
+  assert f'resumed from {workdir}/checkpoints/{previous}' in outputs[0]
+  assert os.path.isdir(os.path.join(workdir, 'damaged_checkpoints', str(saved)))
   assert _final_step(workdir) == saved + 5
 
 

@@ -6,7 +6,7 @@ A model plugs in through a small task object (see `vitok.stage1.TokenizerTask`):
     task.name, task.tokens_per_clip           task.create_model(rngs) -> nnx.Module
     task.train_flops_per_clip() -> int        task.loss_fn(model, batch, rng, frozen)
     task.frozen() -> pytree of frozen arrays  task.evaluate(graphdef, params, frozen, source,
-                                                            step, workdir, mesh) -> dict
+    task.eval_metrics (names evaluate reports)                  step, workdir, mesh) -> dict
 The loop itself knows nothing about the model. Every process of a multi-host run executes it;
 each reads only its share of every batch, and only process 0 writes logs and samples.
 """
@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 import time
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -25,12 +24,18 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from vitok import checkpoint as ckpt_lib
-from vitok import config_checks, perf, sharding
+from vitok import config_checks, perf, sharding, signals
 from vitok import train_state as ts
 from vitok.data import builders, pipeline
 from vitok.writer import MetricWriter
 
-PREEMPTED_EXIT_CODE = 143   # 128 + SIGTERM: "stopped early, resume me"
+PREEMPTED_EXIT_CODE = signals.EXIT_CODES['SIGTERM']
+
+
+class TrainResult(NamedTuple):
+  state: Any                # the final TrainState
+  last_eval: dict | None    # metrics of the last evaluation
+  stopped_by: str | None    # 'SIGTERM' / 'SIGINT' when a signal stopped the run early (step saved)
 
 
 def check_config(config, task) -> None:
@@ -45,8 +50,45 @@ def check_config(config, task) -> None:
 
 
 def write_config(config, workdir: str) -> None:
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  """WORKDIR/config.json, replaced atomically (a crash never leaves half a file)."""
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + '.tmp', path)
+
+
+def config_differences(saved_path: str, config) -> list[str]:
+  """['model.channels: 16 -> 8', ...]: the fields in which `config` differs from the config a run
+  saved at `saved_path` (empty when that file is missing or unreadable)."""
+  try:
+    with open(saved_path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return []
+
+  def flat(tree, prefix=''):
+    out = {}
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        out.update(flat(value, f'{prefix}{key}.'))
+      else:
+        out[prefix + key] = value
+    return out
+
+  old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))   # tuples as lists
+  return [f'{k}: {old.get(k, "(absent)")} -> {new.get(k, "(absent)")}'
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_workdir(workdir: str) -> None:
+  """`workdir` must be a directory this process can write, or creatable as one."""
+  path = workdir
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise config_checks.ConfigError(f'--workdir={workdir}: {path} is a file, not a directory')
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise config_checks.ConfigError(f'--workdir={workdir}: {path} is not writable')
 
 
 def configure_runtime(config) -> None:
@@ -106,42 +148,45 @@ def prepare_sources(data_cfg) -> dict:
   return builders.prepare(data_cfg)
 
 
-class Preemption:
-  """Turns SIGTERM (the preemption / scancel / `kill` signal) into "save now and stop".
-
-  Single process: a SIGTERM handler sets a flag the loop checks after each step. Multi-process:
-  JAX's coordination service receives the notice and `reached_preemption_sync_point` makes all
-  processes agree on the same step to save."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-
-def restore_or_init(layout, checkpointer, train_iter):
-  """The latest complete checkpoint restored onto `layout` (with the data iterator's position),
-  or a fresh step-0 state. Returns (state, restored_step or None, iterator position restored)."""
-  latest = checkpointer.latest_step()
-  if latest is None:
+def restore_or_init(layout, checkpointer, train_iter, config, workdir: str):
+  """The newest checkpoint that restores onto `layout` (damaged ones are skipped, see
+  `Checkpointer.restore`), with the data iterator's position, or a fresh step-0 state when the
+  run has no checkpoint. Returns (state, restored step or None, iterator position restored).
+  A run whose checkpoints hold other arrays than this config builds raises ConfigError naming the
+  arrays and the fields that differ from the run's config.json."""
+  if checkpointer.latest_step() is None:
     return layout.init(), None, True
-  state = checkpointer.restore(layout.abstract, latest, data_iterator=train_iter)
-  return state, latest, checkpointer.last_restore_had_data
+  try:
+    state = checkpointer.restore(layout.abstract, data_iterator=train_iter)
+  except ckpt_lib.CheckpointMismatch as e:
+    fields = config_differences(os.path.join(workdir, 'config.json'), config)
+    raise config_checks.ConfigError(
+        f'this config does not match the checkpoints of the run in {workdir}: {e}. Fields that '
+        f"differ from the run's config.json: {'; '.join(fields) or 'none (no config.json)'}. "
+        f"Resume with the run's own config, or start this one in another --workdir") from None
+  return state, checkpointer.restored_step, checkpointer.last_restore_had_data
+
+
+def positioned_iterator(config, train_iter, start: int, restored: bool, source, process):
+  """The training iterator at global step `start`: the checkpoint's iterator when it is where the
+  step says (batches are a pure function of the step, so its state must equal that of an iterator
+  positioned at the step), else a new one positioned at the step."""
+  at_step = pipeline.train_iterator(config.data, seed=config.data.seed, start_step=start,
+                                    source=source, **process)
+  if restored and train_iter.get_state() == at_step.get_state():
+    _close(at_step)
+    return train_iter
+  _log("the checkpoint's data-iterator state " + (
+      f'{train_iter.get_state()} does not match its step {start} (damaged?)' if restored else
+      'is not there for this process (e.g. saved with another process count)') +
+      f'; positioning the input stream at step {start}')
+  _close(train_iter)
+  return at_step
+
+
+def _close(iterator) -> None:
+  if hasattr(iterator, 'close'):
+    iterator.close()          # stops its worker processes, if any
 
 
 def _log(message: str) -> None:
@@ -170,49 +215,55 @@ def format_compile_report(report: dict, mesh) -> str:
           f'XLA counts {xla / 1e12:.4f}{ratio}')
 
 
-def train(config, workdir: str, task):
-  """Trains until `config.total_steps`, resuming from the latest checkpoint in `workdir`.
+def train(config, workdir: str, task) -> TrainResult:
+  """Trains until `config.total_steps`, resuming from the newest checkpoint in `workdir` that
+  restores.
 
-  Returns (final TrainState, metrics of the last evaluation or None). On SIGTERM it saves the
-  current step and returns early with `state.step < total_steps` (`launch.train` then exits with
-  PREEMPTED_EXIT_CODE)."""
+  Start-up (config and mesh checks, the dataset, the state restored or initialised, the step
+  compiled) writes nothing into `workdir`: a start that fails leaves the run's directory as it
+  was. Only then are the damaged checkpoints the restore skipped moved to
+  WORKDIR/damaged_checkpoints/ and the config written. SIGTERM or Ctrl-C saves the current step
+  and returns early (`stopped_by`; `launch.train` exits with `signals.EXIT_CODES`)."""
+  check_config(config, task)
   configure_runtime(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  check_workdir(workdir)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)      # a mesh that does not fit the devices fails here
   check_batch_fits(config, mesh)
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    write_config(config, workdir)
 
   sources = prepare_sources(config.data)
   train_source = sources[config.data.train_split]
   layout = create_layout(task, config, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        keep_best=config.keep_best, best_metric=config.best_metric,
-                                       best_mode=config.best_mode)
+                                       best_mode=config.best_mode, create=False)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = iter(pipeline.train_dataset(config.data, seed=config.data.seed, source=train_source,
                                            **process))
-  state, resumed, iterator_restored = restore_or_init(layout, checkpointer, train_iter)
+  state, resumed, iterator_restored = restore_or_init(layout, checkpointer, train_iter, config,
+                                                      workdir)
   start = int(state.step)
   if resumed is not None:
-    _log(f'resumed from {checkpointer.directory}/{resumed}')
-    if not iterator_restored:
-      # E.g. a checkpoint written with another process count: batches are a pure function of
-      # the global step, so the stream is positioned from the step instead.
-      _log(f'no data-iterator state for this process in checkpoint {resumed}; '
-           f'positioning the input stream at step {start}')
-      if hasattr(train_iter, 'close'):
-        train_iter.close()          # stops its worker processes, if any
-      train_iter = pipeline.train_iterator(config.data, seed=config.data.seed, start_step=start,
-                                           source=train_source, **process)
+    train_iter = positioned_iterator(config, train_iter, start, iterator_restored, train_source,
+                                     process)
 
   frozen = replicate(task.frozen(), mesh)
   started = time.perf_counter()
   step_fn = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
                                   abstract_batch(config.data), frozen)
   report = compile_report(task, config, layout, step_fn)
+
+  # Start-up succeeded: from here on the run writes into its workdir.
+  if checkpointer.skipped:
+    moved = checkpointer.quarantine([step for step, _ in checkpointer.skipped])
+    for (step, reason), path in zip(checkpointer.skipped, moved):
+      _log(f'checkpoint step {step} is damaged ({reason}); moved to {path} for inspection')
+  if resumed is not None:
+    _log(f'resumed from {checkpointer.directory}/{resumed}')
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    write_config(config, workdir)
   n_params = sum(x.size for x in jax.tree.leaves(layout.abstract.params))
   _log(f'{task.name}: {n_params / 1e6:.2f}M parameters, steps {start} -> {config.total_steps}, '
        f'{jax.process_count()} process(es), {mesh.size} devices, workdir {workdir}')
@@ -225,8 +276,8 @@ def train(config, workdir: str, task):
   peak_flops, peak_source = perf.peak_flops_per_device(jax.local_devices()[0], config.peak_tflops)
   batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
   writer = MetricWriter(workdir) if is_main else None
-  preemption = Preemption()
-  pending, last_eval = [], None
+  stop = signals.StopSignals()
+  pending, last_eval, stopped_by = [], None, None
   timer = perf.StepTimer()
 
   def run_eval(step):
@@ -234,6 +285,9 @@ def train(config, workdir: str, task):
                            sources[config.data.eval_split], step, workdir, mesh)
     if writer:
       writer.scalars(step, {k: v for k, v in result.items() if isinstance(v, float)}, 'eval/')
+    if is_main:
+      progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                 for k, v in result.items()}))
     return result
 
   progress = tqdm(range(start, config.total_steps), initial=start, total=config.total_steps,
@@ -261,23 +315,26 @@ def train(config, workdir: str, task):
         writer.scalars(done, values, prefix='train/')
       progress.set_postfix(loss=f"{values['loss']:.4f}", psnr=f"{values.get('train_psnr', 0):.2f}",
                            mfu=f"{values['mfu']:.3f}")
-    eval_now = done % config.eval_every == 0 or done == config.total_steps
-    # Every process asks every step: multi-host preemption is agreed on at a common step.
-    preempted = preemption.reached(done) and done < config.total_steps
-    save_now = done % config.ckpt_every == 0 or done == config.total_steps or preempted
+    # Every process asks every step: a multi-host stop is agreed on at a common step.
+    stopping = stop.reached(done) and done < config.total_steps
+    eval_now = (done % config.eval_every == 0 or done == config.total_steps) and not stopping
+    save_now = done % config.ckpt_every == 0 or done == config.total_steps or stopping
     if eval_now or save_now:
       jax.block_until_ready(state)   # steps still queued on the device count as training time
       with timer.excluded():         # evaluation and saving do not
         if eval_now:
-          last_eval = run_eval(done)
-          if is_main:
-            progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                       for k, v in last_eval.items()}))
+          try:
+            with stop.interruptible():
+              last_eval = run_eval(done)
+          except signals.EvaluationInterrupted as e:
+            _log(f'{e}: the evaluation of step {done} was abandoned')
+            stopping, save_now, eval_now = True, True, False
         if save_now:
           checkpointer.save(done, state, data_iterator=train_iter,
                             metrics=last_eval if eval_now else None)
-    if preempted:
-      _log(f'SIGTERM: saved step {done} to {checkpointer.directory}; '
+    if stopping:
+      stopped_by = stop.received or 'SIGTERM'       # another process's signal: JAX's SIGTERM
+      _log(f'{stopped_by}: saved step {done} to {checkpointer.directory}; '
            f'rerun the same command to resume')
       break
   progress.close()
@@ -285,8 +342,8 @@ def train(config, workdir: str, task):
   if start >= config.total_steps:
     _log(f'nothing to train: checkpoint step {start} already reached total_steps='
          f'{config.total_steps} (raise --config.total_steps to continue)')
-  preemption.close()
   checkpointer.close()          # waits for the last asynchronous save to be committed
+  stop.close()
   if writer:
     writer.close()
-  return state, last_eval
+  return TrainResult(state, last_eval, stopped_by)

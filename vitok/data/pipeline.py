@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import signal
 
 import grain
 import ml_collections
@@ -264,8 +265,16 @@ def train_dataset(data_cfg, seed: int, process_index: int = 0, process_count: in
   ds = rows.batch(data_cfg.batch_size // process_count, drop_remainder=True)
   ds = ds.to_iter_dataset(_read_options())
   if data_cfg.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers),
+                        worker_init_fn=leave_ctrl_c_to_the_parent)
   return ds
+
+
+def leave_ctrl_c_to_the_parent(worker_index: int, worker_count: int) -> None:
+  """grain worker start-up: ignore SIGINT. Ctrl-C in a terminal reaches the whole process group;
+  the training process answers it (saves its step, then stops its workers)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _state_after(fresh_state: dict, step: int, num_workers: int) -> dict:
