@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from configs import vitok as vitok_config
 from vitok import checkpoint as ckpt_lib
 from vitok import config_checks, stage1, trainer
+from vitok.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file with an optional argument, e.g. configs/vitok.py:demo. '
@@ -51,7 +52,8 @@ def fail(message: str, code: int = USAGE_EXIT_CODE) -> NoReturn:
 def run(main: Callable, on_interrupt: Callable[[], str] | None = None) -> None:
   """absl's app.run for the launch scripts. Everything that stops a command before its work is one
   line: a bad flag (unknown or mistyped --config.<field>, a bad --config argument), a bad config
-  (`config_checks.ConfigError`), a checkpoint that cannot be used (`CheckpointError`), and Ctrl-C
+  (`config_checks.ConfigError`), data that cannot be used (`DataError`: a missing folder, a split
+  without clips), a checkpoint that cannot be used (`CheckpointError`), and Ctrl-C
   outside the training loop (which handles it itself): `on_interrupt()` says what was kept."""
 
   def guarded(argv):
@@ -59,6 +61,8 @@ def run(main: Callable, on_interrupt: Callable[[], str] | None = None) -> None:
       return main(argv)
     except config_checks.ConfigError as e:
       fail(f'bad config: {e}')
+    except DataError as e:
+      fail(f'bad data: {e}')
     except ckpt_lib.CheckpointError as e:
       fail(str(e), code=1)
     except KeyboardInterrupt:
@@ -86,9 +90,11 @@ def _config_file_argument(argv: list[str]) -> str | None:
   return None
 
 
-def _last_line(text: str) -> str:
-  line = [s for s in str(text).splitlines() if s.strip()][-1].strip()
-  return re.sub(r'^\w+(Error|Exception): ', '', line)
+def _last_line(error) -> str:
+  """The last non-empty line of an error's message (config_flags wraps the original error of a
+  config file in a traceback text), without a leading exception type."""
+  lines = [s.strip() for s in str(error).splitlines() if s.strip()]
+  return re.sub(r'^\w+(Error|Exception): ', '', lines[-1]) if lines else type(error).__name__
 
 
 def _flag_error_message(error: Exception, argv: list[str]) -> str:

@@ -38,7 +38,7 @@ def main(argv):
 
 def _interrupted() -> str:
   """What a Ctrl-C outside the training loop (start-up, or a second Ctrl-C) leaves behind."""
-  directory = os.path.join(common.workdir(), 'checkpoints')
+  directory = os.path.join(common.workdir() or '', 'checkpoints')
   steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
       if os.path.isdir(directory) else []
   return ('stopped without saving; ' + (f'the last complete checkpoint is step {steps[-1]} in '

@@ -109,6 +109,9 @@ def test_shortcut_with_a_wrong_type_names_the_shortcut_and_field():
     (['--config=configs/nothere.py'],
      "bad flag --config=configs/nothere.py: [Errno 2] No such file or directory: "
      "'configs/nothere.py'"),
+    (['--config.data.name=video_folder', '--config.data.manual_dir=/nonexistent'],
+     "bad data: data.name='video_folder' reads its source files from data.manual_dir, but "
+     "data.manual_dir='/nonexistent' is not an existing folder."),
 ])
 def test_command_line_mistakes_are_one_line_and_touch_nothing(tmp_path, args, line):
   workdir = tmp_path / 'run'
@@ -120,3 +123,15 @@ def test_command_line_mistakes_are_one_line_and_touch_nothing(tmp_path, args, li
   assert out.returncode == common.USAGE_EXIT_CODE, out.stderr[-2000:]
   assert out.stderr.splitlines() == [line]
   assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_eval_on_a_run_whose_config_json_is_unreadable_is_one_line(tmp_path):
+  (tmp_path / 'config.json').write_text('{"model": ')
+  out = subprocess.run([sys.executable, '-m', 'launch.eval', f'--workdir={tmp_path}'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+  assert out.returncode == common.USAGE_EXIT_CODE
+  assert out.stderr.splitlines() == [
+      f"cannot read the run's config {tmp_path}/config.json: JSONDecodeError: Expecting value: "
+      "line 1 column 11 (char 10); pass --config"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vitok.data import builders, folders, moving_digits, pipeline, video_io
+from vitok.data import DataError, builders, folders, moving_digits, pipeline, video_io
 
 tfds.disable_progress_bar()
 
@@ -185,6 +185,9 @@ def test_config_errors_name_the_field(tmp_path):
     builders.prepare(_cfg(tmp_path, name='ucf101', manual_dir=''))
   with pytest.raises(ValueError, match=r'data\.name.*moving_digits'):
     builders.prepare(_cfg(tmp_path, name='kinetics'))
+  with pytest.raises(DataError, match=r"data.eval_split='val' is not a split of "
+                                      r"data.name='moving_digits'; its splits: test, train"):
+    builders.prepare(_cfg(tmp_path, name='moving_digits', frames=4, res=16, eval_split='val'))
 
 
 def test_a_video_added_to_the_folder_builds_a_new_data_set_that_holds_it(tmp_path):
@@ -326,7 +329,7 @@ def test_ucf101_labels_and_official_splits(tmp_path):
   assert builders.make_builder(cfg).info.features['label'].names == classes
   assert _skipped(cfg) == [{'split': 'train', 'file': missing, 'reason': 'file not found'}]
 
-  with pytest.raises(FileNotFoundError, match='trainlist03.txt'):
+  with pytest.raises(DataError, match='trainlist03.txt'):
     builders.prepare(_cfg(tmp_path, name='ucf101', manual_dir=str(root), ucf_fold=3))
 
 

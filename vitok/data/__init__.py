@@ -2,5 +2,12 @@
 moving_digits) and grain pipelines (pipeline).
 
 Import the submodules directly (`from vitok.data import pipeline`); this
-package file stays empty so importing `vitok` does not pull in tfds / grain.
+package file only defines DataError, so importing `vitok` does not pull in
+tfds / grain.
 """
+
+
+class DataError(ValueError):
+  """The data config or the source files cannot give the requested data (a missing folder, a
+  split without clips, clips too short for data.frames, ...): something the user fixes. The message
+  names the field or the files."""

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vitok.data import folders, moving_digits, video_io
+from vitok.data import DataError, folders, moving_digits, video_io
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class _ClipBuilder(_LocalBuilder, skip_registration=True):
     if num_clips == 0:
       source = self.builder_config.manual_dir or self.name
       unassigned = self._skipped(None)
-      raise ValueError(
+      raise DataError(
           f'{self.name}: split {split!r} of {source} has no clips. Skipped in this split: '
           f'{_listing(skipped) or "none"}' + (f'; not in any split: {_listing(unassigned)}'
                                                if unassigned else ''))
@@ -261,7 +261,7 @@ class ImageFolder(VideoFolder):
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
     if self.builder_config.clip_frames != 1:
-      raise ValueError(f'image_folder stores single frames: clip_frames must be 1, '
+      raise DataError(f'image_folder stores single frames: clip_frames must be 1, '
                        f'got {self.builder_config.clip_frames}')
 
 
@@ -366,7 +366,7 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
   """The (not necessarily prepared) builder selected by data_cfg.name."""
   name = data_cfg.name
   if name not in DATASET_NAMES:
-    raise ValueError(f'Unknown data.name={name!r}; valid names: {", ".join(DATASET_NAMES)}')
+    raise DataError(f'Unknown data.name={name!r}; valid names: {", ".join(DATASET_NAMES)}')
   data_dir = os.path.expanduser(data_cfg.data_dir)
   kwargs = dict(data_dir=data_dir, file_format='array_record')
   params = storage_params(data_cfg)
@@ -379,7 +379,7 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
     return SkvideoDemo(config=clip_config(**params), **kwargs)
   manual_dir = os.path.expanduser(data_cfg.manual_dir or '')
   if not manual_dir or not os.path.isdir(manual_dir):
-    raise ValueError(f'data.name={name!r} reads its source files from data.manual_dir, '
+    raise DataError(f'data.name={name!r} reads its source files from data.manual_dir, '
                      f'but data.manual_dir={data_cfg.manual_dir!r} is not an existing folder.')
   builder_cls = {'video_folder': VideoFolder, 'image_folder': ImageFolder,
                  'ucf101': UCF101}[name]
@@ -412,5 +412,9 @@ def prepare(data_cfg) -> dict:
     log.info('Preparing %s/%s in %s', builder.name, builder.builder_config.name,
              builder.data_dir)
     builder.download_and_prepare()
+  for field in ('train_split', 'eval_split'):
+    if data_cfg[field] not in builder.info.splits:
+      raise DataError(f'data.{field}={data_cfg[field]!r} is not a split of data.name='
+                      f'{data_cfg.name!r}; its splits: {", ".join(sorted(builder.info.splits))}')
   splits = dict.fromkeys([data_cfg.train_split, data_cfg.eval_split])
   return {split: builder.as_data_source(split) for split in splits}

@@ -32,6 +32,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from vitok.data import DataError
+
 
 def display_name(relpath: str) -> str:
   """`relpath` as printable UTF-8. Bytes of a name that are not UTF-8 (Python holds them as
@@ -135,7 +137,7 @@ def holdout_split(files: list[str], fraction: float) -> tuple[list[str], list[st
   the highest-hash one to train, when the hash left a split empty).
   """
   if not 0.0 <= fraction <= 1.0:
-    raise ValueError(f'data.holdout_fraction must be in [0, 1], got {fraction}')
+    raise DataError(f'data.holdout_fraction must be in [0, 1], got {fraction}')
   ranked = sorted(files, key=stable_hash01)
   n_test = sum(stable_hash01(f) < fraction for f in ranked)
   if len(ranked) >= 2:
@@ -162,12 +164,12 @@ def folder_splits(root, extensions, holdout_fraction: float, kind: str = 'media'
   """
   root = Path(root)
   if not root.is_dir():
-    raise FileNotFoundError(f'Source folder {root} does not exist (data.manual_dir).')
+    raise DataError(f'Source folder {root} does not exist (data.manual_dir).')
   if (root / 'train').is_dir() and (root / 'test').is_dir():
     scans = {split: scan_folder(root / split, extensions, kind) for split in ('train', 'test')}
     labelled = {split: scan.class_names is not None for split, scan in scans.items()}
     if labelled['train'] != labelled['test']:
-      raise ValueError(f'{root}: train/ and test/ must both use class sub-folders '
+      raise DataError(f'{root}: train/ and test/ must both use class sub-folders '
                        'or both hold files directly.')
     class_names = None
     if labelled['train']:
@@ -195,7 +197,7 @@ UCF_LIST_DIR = 'ucfTrainTestlist'
 
 def _require(path: Path, what: str) -> Path:
   if not path.exists():
-    raise FileNotFoundError(
+    raise DataError(
         f'UCF-101: expected {what} at {path}. Unpack UCF101.rar and '
         'UCF101TrainTestSplits-RecognitionTask.zip into data.manual_dir so '
         f'that it holds {UCF_VIDEO_DIR}/<Class>/v_*.avi and '
@@ -221,7 +223,7 @@ def ucf_split_files(manual_dir, fold: int) -> dict[str, list[str]]:
   label. Labels are derived from the class folder (see ucf_label).
   """
   if fold not in (1, 2, 3):
-    raise ValueError(f'data.ucf_fold must be 1, 2 or 3, got {fold}')
+    raise DataError(f'data.ucf_fold must be 1, 2 or 3, got {fold}')
   manual_dir = Path(manual_dir)
   _require(manual_dir / UCF_VIDEO_DIR, 'the video folder')
   splits = {}

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from vitok.data import builders
+from vitok.data import DataError, builders
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -75,7 +75,7 @@ def check_clip_length(example, frames: int, frame_stride: int) -> None:
   """Raises ValueError if a stored clip is too short for frames x frame_stride."""
   stored = example['video'].shape[0]
   if stored < required_frames(frames, frame_stride):
-    raise ValueError(
+    raise DataError(
         f'Stored clip {_as_str(example.get("source", "?"))!r} has {stored} frames, but '
         f'data.frames={frames} with data.frame_stride={frame_stride} needs '
         f'{required_frames(frames, frame_stride)}. Lower data.frames / data.frame_stride '
@@ -256,7 +256,7 @@ def train_dataset(data_cfg, seed: int, process_index: int = 0, process_count: in
   if source is None:
     source = builders.prepare(data_cfg)[data_cfg.train_split]
   if len(source) == 0:
-    raise ValueError(f'Training split {data_cfg.train_split!r} is empty.')
+    raise DataError(f'data.train_split={data_cfg.train_split!r} is empty.')
   # Fail at start-up (not later inside a worker) when clips are too short.
   check_clip_length(source[0], data_cfg.frames, data_cfg.frame_stride)
 
@@ -339,7 +339,7 @@ def eval_batches(data_cfg, source, process_index: int = 0, process_count: int = 
                      f'process count {process_count}.')
   _check_process(process_index, process_count)
   if len(source) == 0:
-    raise ValueError('eval_batches: the evaluation split is empty.')
+    raise DataError('the evaluation split (data.eval_split) is empty.')
   check_clip_length(source[0], data_cfg.frames, data_cfg.frame_stride)
   rows = batch_size // process_count
   padding = {'video': np.zeros((data_cfg.frames, data_cfg.res, data_cfg.res, 3), np.uint8),
