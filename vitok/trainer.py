@@ -6,7 +6,8 @@ A model plugs in through a small task object (see `vitok.stage1.TokenizerTask`):
     task.name, task.tokens_per_clip           task.create_model(rngs) -> nnx.Module
     task.train_flops_per_clip() -> int        task.loss_fn(model, batch, rng, frozen)
     task.frozen() -> pytree of frozen arrays  task.evaluate(graphdef, params, frozen, source,
-    task.eval_metrics (names evaluate reports)                  step, workdir, mesh) -> dict
+                                                            step, workdir, mesh) -> dict
+    task.eval_metrics: the names of the metrics `evaluate` reports (`best_metric` is one of them)
 The loop itself knows nothing about the model. Every process of a multi-host run executes it;
 each reads only its share of every batch, and only process 0 writes logs and samples.
 """
