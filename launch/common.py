@@ -8,7 +8,7 @@ import json
 import os
 import re
 import sys
-from typing import Callable, NoReturn
+from typing import Any, Callable, NamedTuple, NoReturn
 
 import ml_collections
 from absl import app, flags
@@ -42,10 +42,14 @@ USAGE_EXIT_CODE = 2          # a bad flag or config: nothing was started
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
 
 
-def fail(message: str, code: int = USAGE_EXIT_CODE) -> NoReturn:
-  """Ends the command with `message` as one line on stderr: no traceback, no usage dump."""
+def fail(message: str, code: int = USAGE_EXIT_CODE, exit_now: bool = False) -> NoReturn:
+  """Ends the command with `message` as one line on stderr: no traceback, no usage dump
+  (`exit_now`: without the interpreter's teardown)."""
   sys.stderr.write(' '.join(message.split('\n')).strip() + '\n')
+  sys.stdout.flush()
   sys.stderr.flush()
+  if exit_now:
+    os._exit(code)
   sys.exit(code)
 
 
@@ -66,8 +70,10 @@ def run(main: Callable, on_interrupt: Callable[[], str] | None = None) -> None:
     except ckpt_lib.CheckpointError as e:
       fail(str(e), code=1)
     except KeyboardInterrupt:
+      # os._exit: interpreter teardown while XLA compiles or Orbax writes in other threads can
+      # crash (segfault) after the line; there is nothing left to clean up that matters.
       fail('interrupted (Ctrl-C): ' + (on_interrupt() if on_interrupt else 'stopped'),
-           code=INTERRUPTED_EXIT_CODE)
+           code=INTERRUPTED_EXIT_CODE, exit_now=True)
 
   app.run(guarded, flags_parser=_parse_flags)
 
@@ -92,9 +98,10 @@ def _config_file_argument(argv: list[str]) -> str | None:
 
 def _last_line(error) -> str:
   """The last non-empty line of an error's message (config_flags wraps the original error of a
-  config file in a traceback text), without a leading exception type."""
+  config file in a traceback text), without a leading 'ValueError: ' (the config files' own
+  messages are ValueErrors; other types are kept)."""
   lines = [s.strip() for s in str(error).splitlines() if s.strip()]
-  return re.sub(r'^\w+(Error|Exception): ', '', lines[-1]) if lines else type(error).__name__
+  return re.sub(r'^ValueError: ', '', lines[-1]) if lines else type(error).__name__
 
 
 def _flag_error_message(error: Exception, argv: list[str]) -> str:
@@ -118,8 +125,8 @@ def _flag_error_message(error: Exception, argv: list[str]) -> str:
   if match and defaults is not None:
     dotted = match[1][len('--'):]
     current = config_checks.lookup(defaults, dotted[len('config.'):])
-    return (f'bad flag {match[1]}={match[2]}: {dotted} takes {type(current).__name__} values '
-            f'({_last_line(str(error)[match.end():])})')
+    return (f'bad flag {match[1]}={match[2]}: {dotted} takes {type(current).__name__} values, '
+            f'got {match[2]!r}')
   match = re.match(r'flag (--\S+?): (.*)', _last_line(error))
   return f'bad flag {match[1]}: {match[2]}' if match else f'bad flag: {_last_line(error)}'
 
@@ -128,16 +135,19 @@ def mesh_flag() -> str:
   return _MESH.value
 
 
+def mesh_sizes(shape: str) -> tuple[int, ...]:
+  """'16x16' (or '16,16') -> (16, 16); anything else fails naming --mesh."""
+  try:
+    return tuple(int(s) for s in shape.replace(',', 'x').split('x'))
+  except ValueError:
+    fail(f'bad flag --mesh={shape}: expected sizes such as 16x16 or -1x1')
+
+
 def mesh_override(config, default: str = '') -> None:
   """Applies --mesh (or `default` when --mesh is not given) to config.mesh.shape."""
   shape = _MESH.value or default
-  if not shape:
-    return
-  try:
-    sizes = tuple(int(s) for s in shape.replace(',', 'x').split('x'))
-  except ValueError:
-    fail(f'bad flag --mesh={shape}: expected sizes such as 16x16 or -1x1')
-  config.mesh.shape = type(config.mesh.shape)(sizes)   # a tuple, or a list from config.json
+  if shape:
+    config.mesh.shape = type(config.mesh.shape)(mesh_sizes(shape))   # tuple, or list from json
 
 
 def init_distributed() -> None:
@@ -155,13 +165,24 @@ def quiet_library_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def workdir() -> str | None:
-  if not _WORKDIR.value:
+def directory_flag(name: str) -> str | None:
+  """--<name> as an absolute path; one line and exit when it is a URL or a file (or under one)."""
+  value = flags.FLAGS[name].value
+  if not value:
     return None
-  if '://' in _WORKDIR.value:
-    fail(f'bad flag --workdir={_WORKDIR.value}: URLs are not supported; use a path on a '
-         'shared file system (NFS, Lustre, or a bucket mounted with gcsfuse)')
-  return os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  if '://' in value:
+    fail(f'bad flag --{name}={value}: URLs are not supported; use a path on a shared file '
+         'system (NFS, Lustre, or a bucket mounted with gcsfuse)')
+  path = os.path.abspath(os.path.expanduser(value))
+  try:
+    trainer.check_workdir(path, flag=f'--{name}')
+  except config_checks.ConfigError as e:
+    fail(f'bad flag {e}')
+  return path
+
+
+def workdir() -> str | None:
+  return directory_flag('workdir')
 
 
 def load_config(allow_workdir_config: bool = False) -> ml_collections.ConfigDict:
@@ -190,7 +211,7 @@ def make_task(config) -> stage1.TokenizerTask:
   config_checks.check_known_fields(config, vitok_config.base_config())
   config_checks.check_fields(config, config_checks.TRAINING_FIELDS)   # before the task reads them
   task = stage1.TokenizerTask(config)
-  trainer.check_config(config, task)
+  trainer.check_best_metric(config, task)
   return task
 
 
@@ -211,12 +232,21 @@ def make_mesh_or_exit(config):
     fail(f'bad config: {e}')
 
 
-def open_trained_run(step: int | None, raw: bool):
+class TrainedRun(NamedTuple):
+  config: ml_collections.ConfigDict
+  task: stage1.TokenizerTask
+  layout: Any                  # train_state.StateLayout on this job's mesh
+  params: Any                  # the restored parameters (EMA or raw)
+  step: int                    # the checkpoint step they come from
+  ema: bool                    # whether they are the EMA
+
+
+def open_trained_run(step: int | None, raw: bool) -> TrainedRun:
   """Start-up of the commands that read a training run (eval, export): the run's config (or
   --config), jax.distributed, a mesh over this job's devices (data-parallel unless --mesh says
   otherwise), the TrainState layout on it, and the parameters of checkpoint `step` (default: the
   newest that is not damaged; damaged ones are skipped with a warning and left in place), the
-  EMA unless `raw` or the run kept none. Returns (config, task, layout, params, step)."""
+  EMA unless `raw` or the run kept none."""
   config = load_config(allow_workdir_config=True)
   init_distributed()
   mesh_override(config, default='x'.join(['-1'] + ['1'] * (len(config.mesh.axes) - 1)))
@@ -233,6 +263,6 @@ def open_trained_run(step: int | None, raw: bool):
     params = checkpointer.restore_params(layout.abstract.params, step, ema=use_ema)
   except ckpt_lib.CheckpointMismatch as e:
     fields = trainer.config_differences(os.path.join(workdir(), 'config.json'), config)
-    fail(f'{e}; fields of --config that differ from the run\'s config.json: '
-         f'{"; ".join(fields) or "none"}', code=1)
-  return config, task, layout, params, checkpointer.restored_step
+    fail(f'bad config: {e}; fields of --config that differ from the run\'s config.json: '
+         f'{"; ".join(fields) or "none"}')
+  return TrainedRun(config, task, layout, params, checkpointer.restored_step, use_ema)

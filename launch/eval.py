@@ -27,16 +27,17 @@ _RAW = flags.DEFINE_bool('raw', False, 'Evaluate the raw parameters even when th
 def main(argv):
   del argv
   common.quiet_library_logs()
-  config, task, layout, params, step = common.open_trained_run(_STEP.value, _RAW.value)
-  sources = trainer.prepare_sources(config.data)
-  result = task.evaluate(layout.graphdef, params, trainer.replicate(task.frozen(), layout.mesh),
-                         sources[config.data.eval_split], step, common.workdir(), layout.mesh)
+  run = common.open_trained_run(_STEP.value, _RAW.value)
+  sources = trainer.prepare_sources(run.config.data)
+  result = run.task.evaluate(
+      run.layout.graphdef, run.params, trainer.replicate(run.task.frozen(), run.layout.mesh),
+      sources[run.config.data.eval_split], run.step, common.workdir(), run.layout.mesh)
   if jax.process_index() == 0:
     print(json.dumps(result))
 
 
 def _interrupted() -> str:
-  return 'the evaluation was stopped; nothing was written to metrics.jsonl'
+  return 'the evaluation was stopped'
 
 
 if __name__ == '__main__':

@@ -26,14 +26,12 @@ _RAW = flags.DEFINE_bool('raw', False, 'Export the raw parameters even when the 
 def main(argv):
   del argv
   common.quiet_library_logs()
-  config, _, _, params, step = common.open_trained_run(_STEP.value, _RAW.value)
-  use_ema = config.optim.ema_decay > 0 and not _RAW.value
-  out = os.path.abspath(os.path.expanduser(_OUT.value))
-  ckpt_lib.export_params(params, os.path.join(out, 'params'))
+  out = common.directory_flag('out')
+  run = common.open_trained_run(_STEP.value, _RAW.value)
+  ckpt_lib.export_params(run.params, os.path.join(out, 'params'))
   if jax.process_index() == 0:
-    trainer.write_config(config, out)      # the config the parameters were restored with
-    kind = 'EMA' if use_ema else 'raw'
-    print(f'exported the {kind} parameters of step {step} to {out}')
+    trainer.write_config(run.config, out)      # the config the parameters were restored with
+    print(f'exported the {"EMA" if run.ema else "raw"} parameters of step {run.step} to {out}')
 
 
 if __name__ == '__main__':

@@ -93,9 +93,9 @@ def compile_plan(config, mesh) -> dict:
 
 def simulate_devices(mesh_flag: str) -> None:
   """Makes the CPU backend present as many devices as --mesh names (before JAX starts)."""
-  sizes = [int(s) for s in mesh_flag.replace(',', 'x').split('x')]
+  sizes = common.mesh_sizes(mesh_flag)
   if any(s < 1 for s in sizes):
-    common.fail(f'--mesh={mesh_flag}: plan needs explicit positive sizes (no -1)')
+    common.fail(f'bad flag --mesh={mesh_flag}: plan needs explicit positive sizes (no -1)')
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', math.prod(sizes))
 

@@ -41,8 +41,8 @@ def _interrupted() -> str:
   directory = os.path.join(common.workdir() or '', 'checkpoints')
   steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
       if os.path.isdir(directory) else []
-  return ('stopped without saving; ' + (f'the last complete checkpoint is step {steps[-1]} in '
-                                        f'{directory}' if steps else 'no checkpoint was written'))
+  return ('stopped without saving; ' + (f'the newest checkpoint in {directory} is step '
+                                        f'{steps[-1]}' if steps else 'no checkpoint was written'))
 
 
 if __name__ == '__main__':

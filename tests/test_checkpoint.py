@@ -215,7 +215,7 @@ def test_a_config_that_does_not_match_the_checkpoints_fails_at_start_up_and_chan
     trainer.train(config, workdir, stage1.TokenizerTask(config))
   message = str(failure.value)
   assert re.search(r'does not match the checkpoints of the run in .*: checkpoint step 4 .* holds '
-                   r'other arrays than this config builds: ema_params/from_latent/kernel: saved '
+                   r'other arrays than this config builds: params/from_latent/kernel: saved '
                    r'\(4, 128\) float32, requested \(8, 128\) float32; .* \(12 in all\)', message), message
   assert "differ from the run's config.json: model.channels: 4 -> 8; total_steps: 4 -> 6" in message
   assert _snapshot(workdir) == before               # config.json and checkpoints untouched
@@ -247,7 +247,8 @@ def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_step(tiny_config,
   assert time.time() - started < 300
   assert stopped_by == 'SIGINT' and last_eval is None and int(state.step) == 1
   out = capsys.readouterr().out
-  assert 'SIGINT: the evaluation of step 1 was abandoned' in out
+  assert (f'SIGINT: the evaluation of step 1 was abandoned (for it: python -m launch.eval '
+          f'--workdir={workdir} --step=1)') in out
   assert f'SIGINT: saved step 1 to {workdir}/checkpoints' in out
   assert ckpt_lib.Checkpointer(workdir, create=False).latest_step() == 1
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # handlers restored

@@ -269,6 +269,14 @@ def _flip_a_bit_that_orbax_restores_silently(item_dir, abstract, saved):
   raise AssertionError('no silently restoring bit flip found')
 
 
+def _write(tmp_path, *states):
+  """Checkpoints 1, 2, ... of `states` in `tmp_path`, committed."""
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  for step, state in enumerate(states, start=1):
+    checkpointer.save(step, state)
+  checkpointer.close()
+
+
 def test_digests_do_not_depend_on_sharding_and_see_any_single_change():
   state = _state()
   digests = manifest.digests(state)
@@ -303,10 +311,7 @@ def _large_state(seed):
 
 def test_a_flipped_bit_is_damage_and_restore_falls_back_to_the_previous_checkpoint(tmp_path):
   older, newer = _large_state(seed=0), _large_state(seed=1)
-  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
-  checkpointer.save(1, older)
-  checkpointer.save(2, newer)
-  checkpointer.close()
+  _write(tmp_path, older, newer)
   abstract = ckpt_lib.abstract_like(newer)
   _flip_a_bit_that_orbax_restores_silently(str(tmp_path / 'checkpoints' / '2' / 'state'),
                                            abstract, newer)
@@ -332,12 +337,27 @@ def test_a_flipped_bit_is_damage_and_restore_falls_back_to_the_previous_checkpoi
   assert os.path.isdir(moved[0])
 
 
+def test_a_truncated_file_is_damage_with_the_reason_and_a_missing_step_is_not(tmp_path):
+  state = _large_state(seed=0)
+  _write(tmp_path, state)
+  item = tmp_path / 'checkpoints' / '1' / 'state'
+  data = max((p for p in item.rglob('*') if p.parent.name == 'd' and 'ocdbt.process_' in str(p)),
+             key=lambda p: p.stat().st_size)
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  abstract = ckpt_lib.abstract_like(state)
+  with pytest.raises(ckpt_lib.CheckpointDamaged,
+                     match=r'step 1 in .* is damaged: ValueError: OUT_OF_RANGE: Error reading .*'
+                           r'Requested byte range .* is not valid for value of size'):
+    checkpointer.restore(abstract, step=1)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'no checkpoint step 9 in .*; present: 1$'):
+    checkpointer.restore(abstract, step=9)
+  checkpointer.close()
+
+
 def test_every_checkpoint_damaged_is_an_error_listing_each_reason(tmp_path):
   state = _state()
-  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
-  checkpointer.save(1, state)
-  checkpointer.save(2, state)
-  checkpointer.close()
+  _write(tmp_path, state, state)
   os.remove(tmp_path / 'checkpoints' / '1' / 'state' / 'manifest.ocdbt')     # unreadable
   with open(tmp_path / 'checkpoints' / '2' / 'manifest' / 'metadata') as f:   # edited manifest
     text = f.read()
@@ -366,9 +386,7 @@ def test_other_arrays_are_a_mismatch_not_damage_and_older_steps_are_not_tried(tm
 
 def test_checkpoints_without_a_manifest_still_restore(tmp_path):
   state = _state()
-  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
-  checkpointer.save(1, state)
-  checkpointer.close()
+  _write(tmp_path, state)
   shutil.rmtree(tmp_path / 'checkpoints' / '1' / 'manifest')     # as written by older versions
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
   assert _equal(checkpointer.restore(ckpt_lib.abstract_like(state)), state)

@@ -95,8 +95,12 @@ def test_shortcut_with_a_wrong_type_names_the_shortcut_and_field():
      'known fields of config.optim: b1, b2, clip_norm, ema_decay, end_lr_fraction, lr, '
      'warmup_steps, weight_decay'),
     (['--config.data.batch_size=abc'],
-     "bad flag --config.data.batch_size=abc: config.data.batch_size takes int values (invalid "
-     "literal for int() with base 10: 'abc')"),
+     "bad flag --config.data.batch_size=abc: config.data.batch_size takes int values, got 'abc'"),
+    (['--config.partitionable_rng=maybe'],
+     "bad flag --config.partitionable_rng=maybe: config.partitionable_rng takes bool values, got "
+     "'maybe'"),
+    (['--workdir=/dev/null/run'],
+     'bad flag --workdir=/dev/null/run: /dev/null is a file, not a directory'),
     (['--config.ckpt_every=0'],
      'bad config: config.ckpt_every=0 is not accepted: it must be a number >= 1'),
     (['--config.optim.lr=-1'],
@@ -117,7 +121,9 @@ def test_command_line_mistakes_are_one_line_and_touch_nothing(tmp_path, args, li
   workdir = tmp_path / 'run'
   if not any(a.startswith('--config=') for a in args):
     args = ['--config=configs/vitok.py:demo'] + args
-  out = subprocess.run([sys.executable, '-m', 'launch.train', f'--workdir={workdir}', *args],
+  if not any(a.startswith('--workdir=') for a in args):
+    args = [f'--workdir={workdir}'] + args
+  out = subprocess.run([sys.executable, '-m', 'launch.train', *args],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
   assert out.returncode == common.USAGE_EXIT_CODE, out.stderr[-2000:]

@@ -185,24 +185,29 @@ def test_config_errors_name_the_field(tmp_path):
     builders.prepare(_cfg(tmp_path, name='ucf101', manual_dir=''))
   with pytest.raises(ValueError, match=r'data\.name.*moving_digits'):
     builders.prepare(_cfg(tmp_path, name='kinetics'))
-  with pytest.raises(DataError, match=r"data.eval_split='val' is not a split of "
-                                      r"data.name='moving_digits'; its splits: test, train"):
-    builders.prepare(_cfg(tmp_path, name='moving_digits', frames=4, res=16, eval_split='val'))
+  with pytest.raises(DataError, match=r"data.eval_split='val' is not a split of the data sets "
+                                      r"here \(train, test, optionally sliced"):
+    builders.prepare(_cfg(tmp_path, name='moving_digits', eval_split='val'))
+  assert not (tmp_path / 'tfds').exists()                   # checked before anything is built
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(DataError, match=r"data.data_dir=.*a_file' is a file"):
+    builders.prepare(_cfg(tmp_path, name='moving_digits', data_dir=str(tmp_path / 'a_file')))
 
 
-def test_a_video_added_to_the_folder_builds_a_new_data_set_that_holds_it(tmp_path):
+def test_a_folder_that_changed_since_its_data_set_was_built_is_reported(tmp_path, caplog):
   src = tmp_path / 'videos'
   for name in ('a.mp4', 'b.mp4'):
     _video(str(src / name), 8)
   cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
              holdout_fraction=0.5)
-  before = builders.make_builder(cfg).builder_config.name
   assert sum(len(s) for s in builders.prepare(cfg).values()) == 4
-  (src / '.DS_Store').write_bytes(b'junk')                      # not a video: same data set
-  assert builders.make_builder(cfg).builder_config.name == before
+  (src / '.DS_Store').write_bytes(b'junk')                      # hidden, not a video: no change
+  caplog.clear()
+  builders.prepare(cfg)
+  assert 'changed since' not in caplog.text
   _video(str(src / 'c.mp4'), 8)
-  assert builders.make_builder(cfg).builder_config.name != before
-  assert sum(len(s) for s in builders.prepare(cfg).values()) == 6
+  assert sum(len(s) for s in builders.prepare(cfg).values()) == 4     # the data set as built...
+  assert f'the files in data.manual_dir={src} changed since its data set was built' in caplog.text
 
 
 def test_file_names_that_are_not_utf8_are_read_and_shown_escaped(tmp_path):
@@ -226,6 +231,8 @@ def test_every_path_is_used_or_reported_with_its_reason(tmp_path, monkeypatch):
   (src / 'empty_dir.mov').mkdir()
   (src / 'empty').mkdir()
   (src / 'notes.txt').write_text('not a video')
+  (src / '.DS_Store').write_bytes(b'junk')
+  _garbage(str(src / '__MACOSX' / '._a.mp4'))                       # Mac archive metadata
   os.symlink(str(tmp_path / 'gone.mp4'), str(src / 'dangling.mp4'))
   os.symlink(str(src), str(src / 'loop'))
   _video(str(src / 'odd.mp4'), 8)
@@ -252,19 +259,49 @@ def test_every_path_is_used_or_reported_with_its_reason(tmp_path, monkeypatch):
       'empty_dir.mov': (None, 'a folder named like a video file'),
       'empty': (None, 'an empty folder'),
       'notes.txt': (None, 'not a video file (.txt)'),
+      '.DS_Store': (None, 'hidden'),
+      '__MACOSX': (None, 'hidden'),
       'dangling.mp4': (None, 'broken symbolic link'),
-      'loop': (None, 'a symbolic link to a folder already scanned (a loop)'),
+      'loop': (None, 'a symbolic link to a folder inside the source folder (used there)'),
   }
 
 
-def test_a_split_without_clips_lists_the_paths_no_split_uses(tmp_path):
+def test_links_are_followed_out_of_the_source_folder_once(tmp_path):
+  src, elsewhere = tmp_path / 'videos', tmp_path / 'elsewhere'
+  _video(str(src / 'dogs' / 'd.mp4'), 8)
+  _video(str(elsewhere / 'cats' / 'c.mp4'), 8)
+  os.symlink(str(src / 'dogs'), str(src / 'animals'))           # inside: its files count once
+  os.symlink(str(elsewhere / 'cats'), str(src / 'cats'))        # out of the folder: followed
+  os.symlink(str(elsewhere / 'cats'), str(src / 'kittens'))     # the same target again
+  os.symlink(str(tmp_path), str(src / 'dogs' / 'up'))           # holds the source folder
+  scan = folders.scan_folder(src, video_io.VIDEO_EXTENSIONS, 'video')
+  assert scan.class_names == ['cats', 'dogs'] and scan.files == ['cats/c.mp4', 'dogs/d.mp4']
+  assert dict(scan.skipped) == {
+      'animals': 'a symbolic link to a folder inside the source folder (used there)',
+      'kittens': 'a second symbolic link to the same folder',
+      'dogs/up': 'a symbolic link to a folder that holds the source folder (a loop)'}
+
+
+def test_videos_both_loose_and_in_sub_folders_are_an_error_not_a_silent_choice(tmp_path):
   src = tmp_path / 'videos'
-  _video(str(src / 'only_class' / 'x.mp4'), 8)          # one class folder with one video...
-  _video(str(src / 'loose.mp4'), 8)                     # ...makes loose files unplaceable
+  _video(str(src / 'loose.mp4'), 8)
+  _video(str(src / 'backup' / 'x.mp4'), 8)
   cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4)
-  with pytest.raises(ValueError, match=r"split '(train|test)' .* has no clips. Skipped in this "
-                                       r'split: none; not in any split: loose.mp4 \(outside the '
-                                       r'class sub-folders\)'):
+  with pytest.raises(DataError, match=r'holds video files both directly \(1, e.g. loose.mp4\) '
+                                      r'and in sub-folders \(backup\)'):
+    builders.prepare(cfg)
+
+
+def test_a_split_without_clips_lists_its_skipped_files_and_the_paths_no_split_uses(tmp_path):
+  src = tmp_path / 'videos'
+  _garbage(str(src / 'a.mp4'))
+  _garbage(str(src / 'b.mp4'))
+  (src / 'c.txt').write_text('not a video')
+  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
+             holdout_fraction=0.5)
+  with pytest.raises(DataError, match=r"split '(train|test)' .* has no clips. Skipped in this "
+                                      r'split: [ab].mp4 \(.*\); not in any split: c.txt \(not a '
+                                      r'video file \(.txt\)\)'):
     builders.prepare(cfg)
 
 

@@ -83,8 +83,10 @@ class CheckpointMismatch(CheckpointError):
 
   def __init__(self, directory: str, step: int, differences: list[str]):
     self.step, self.differences = step, differences
-    shown = '; '.join(differences[:4]) + (f'; ... ({len(differences)} in all)'
-                                          if len(differences) > 4 else '')
+    # The parameters first: the EMA and optimizer moments repeat their differences.
+    first = sorted(differences, key=lambda d: not d.startswith('params/'))
+    shown = '; '.join(first[:4]) + (f'; ... ({len(differences)} in all)'
+                                    if len(differences) > 4 else '')
     super().__init__(f'checkpoint step {step} in {directory} holds other arrays than this config '
                      f'builds: {shown}')
 
@@ -297,9 +299,13 @@ class Checkpointer:
     the same arrays, so an older one would not match either)."""
     self._manager.wait_until_finished()   # a restore of a step being written sees it complete
     self.skipped, self.restored_step = [], None
-    candidates = [int(step)] if step is not None else sorted(self.all_steps(), reverse=True)
-    if not candidates:
+    present = self.all_steps()
+    if not present:
       raise CheckpointError(f'no checkpoint found in {self.directory}')
+    if step is not None and int(step) not in present:
+      raise CheckpointError(f'no checkpoint step {step} in {self.directory}; present: '
+                            f'{", ".join(map(str, present))}')
+    candidates = [int(step)] if step is not None else present[::-1]
     for candidate in candidates:
       try:
         result = restore_one(candidate)
@@ -417,8 +423,11 @@ def _agree(code: int, detail: Any) -> tuple[int, Any]:
 
 
 def _describe(error: Exception) -> str:
-  """One line: the exception type and the first line of its message (without TensorStore's
-  spec dump)."""
+  """One line: the root cause's type and the first line of its message (Orbax wraps TensorStore's
+  error, e.g. 'OUT_OF_RANGE: ... Requested byte range [0, 73892) is not valid for value of size
+  37066', in a generic one that dumps the array's spec)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
   lines = str(error).strip().splitlines()
   line = (lines[0] if lines else '').split(' [tensorstore_spec')[0]
   return line if isinstance(error, manifest.Damaged) else f'{type(error).__name__}: {line}'[:400]

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from vitok.data import builders
+from vitok.data import DATASET_NAMES
 
 
 class ConfigError(ValueError):
@@ -85,7 +85,7 @@ TRAINING_FIELDS: dict[str, Range | OneOf] = {
     'optim.end_lr_fraction': FRACTION,
     'optim.clip_norm': Range(0, note='0 = no clipping'),
     'optim.ema_decay': Range(0, 1, high_open=True, note='0 = no EMA'),
-    'data.name': OneOf(builders.DATASET_NAMES),
+    'data.name': OneOf(DATASET_NAMES),
     'data.frames': AT_LEAST_1,
     'data.res': AT_LEAST_1,
     'data.frame_stride': AT_LEAST_1,

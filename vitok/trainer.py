@@ -40,9 +40,15 @@ class TrainResult(NamedTuple):
 
 
 def check_config(config, task) -> None:
-  """The shared fields' ranges (`config_checks.TRAINING_FIELDS`) and the best-checkpoint metric,
-  which must be one the task's evaluation reports. (The task checked its own fields.)"""
+  """The shared fields' ranges (`config_checks.TRAINING_FIELDS`) and the best-checkpoint metric
+  (the task checked its own fields when it was made). `train` calls it: `launch.common.make_task`
+  checks the same before, for the commands that do not train."""
   config_checks.check_fields(config, config_checks.TRAINING_FIELDS)
+  check_best_metric(config, task)
+
+
+def check_best_metric(config, task) -> None:
+  """keep_best ranks checkpoints by `best_metric`: it must be one the task's evaluation reports."""
   if config.keep_best > 0 and config.best_metric not in task.eval_metrics:
     raise config_checks.ConfigError(
         f'config.best_metric={config.best_metric!r} is not a metric of the {task.name} '
@@ -81,15 +87,15 @@ def config_differences(saved_path: str, config) -> list[str]:
           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str, flag: str = '--workdir') -> None:
   """`workdir` must be a directory this process can write, or creatable as one."""
   path = workdir
   while not os.path.exists(path):
     path = os.path.dirname(path)
   if not os.path.isdir(path):
-    raise config_checks.ConfigError(f'--workdir={workdir}: {path} is a file, not a directory')
+    raise config_checks.ConfigError(f'{flag}={workdir}: {path} is a file, not a directory')
   if not os.access(path, os.W_OK | os.X_OK):
-    raise config_checks.ConfigError(f'--workdir={workdir}: {path} is not writable')
+    raise config_checks.ConfigError(f'{flag}={workdir}: {path} is not writable')
 
 
 def configure_runtime(config) -> None:
@@ -171,9 +177,15 @@ def restore_or_init(layout, checkpointer, train_iter, config, workdir: str):
 def positioned_iterator(config, train_iter, start: int, restored: bool, source, process):
   """The training iterator at global step `start`: the checkpoint's iterator when it is where the
   step says (batches are a pure function of the step, so its state must equal that of an iterator
-  positioned at the step), else a new one positioned at the step."""
-  at_step = pipeline.train_iterator(config.data, seed=config.data.seed, start_step=start,
-                                    source=source, **process)
+  positioned at the step), else a new one positioned at the step. (Positioning needs to know
+  grain's iterator state; for a version it does not know, a restored iterator is trusted.)"""
+  try:
+    at_step = pipeline.train_iterator(config.data, seed=config.data.seed, start_step=start,
+                                      source=source, **process)
+  except NotImplementedError:
+    if restored:
+      return train_iter
+    raise
   if restored and train_iter.get_state() == at_step.get_state():
     _close(at_step)
     return train_iter
@@ -328,7 +340,8 @@ def train(config, workdir: str, task) -> TrainResult:
             with stop.interruptible():
               last_eval = run_eval(done)
           except signals.EvaluationInterrupted as e:
-            _log(f'{e}: the evaluation of step {done} was abandoned')
+            _log(f'{e}: the evaluation of step {done} was abandoned (for it: python -m '
+                 f'launch.eval --workdir={workdir} --step={done})')
             stopping, save_now, eval_now = True, True, False
         if save_now:
           checkpointer.save(done, state, data_iterator=train_iter,

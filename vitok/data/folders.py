@@ -14,15 +14,19 @@ Supported folder layouts (video_folder / image_folder):
 
 Class labels come from the immediate sub-folders (of the root, or of
 train/ and test/): if any sub-folder holds media files, each sub-folder is a
-class (files are found recursively below it) and media files lying directly
-in the root are not used. Otherwise the data set is unlabelled and the media
-files directly in the root are used.
+class (files are found recursively below it). Otherwise the data set is
+unlabelled and the media files directly in the root are used. Media files both
+directly in the root and in sub-folders is an error (DataError): either would
+silently drop the other.
 
 Every path below the root is either used or reported with its reason (see
-`Scan.skipped`): files with other extensions, folders named like media files,
-broken symbolic links, unreadable or empty folders, files a layout cannot
-place. File names need not be UTF-8: they are hashed as the
-bytes on disk and shown with `display_name`.
+`Scan.skipped`): files with other extensions, hidden files and folders (names
+starting with '.', and __MACOSX/, e.g. the '._x.mp4' files of Mac archives),
+folders named like media files, broken symbolic links, unreadable or empty
+folders. A symbolic link to a folder is followed when it leads out of the
+source folder (once per target); a link to a folder inside it is reported,
+since that folder's files are used where they are. File names need not be
+UTF-8: they are hashed as the bytes on disk and shown with `display_name`.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class _Walker:
   def __init__(self, root: Path, extensions, kind: str):
     self.root, self.extensions, self.kind = root, extensions, kind
     self.skipped: list[tuple[str, str]] = []
-    self._seen = {os.path.realpath(root)}
+    self._real_root = os.path.realpath(root)
+    self._followed: set[str] = set()
 
   def rel(self, path: Path) -> str:
     return path.relative_to(self.root).as_posix()
@@ -88,15 +93,14 @@ class _Walker:
     for entry in listing:
       path = Path(entry.path)
       named_like_media = path.suffix.lower() in self.extensions
-      if entry.is_symlink() and not path.exists():
+      if entry.name.startswith('.') or entry.name == '__MACOSX':
+        self.skip(path, 'hidden')
+      elif entry.is_symlink() and not path.exists():
         self.skip(path, 'broken symbolic link')
       elif entry.is_dir():
         if named_like_media:
           self.skip(path, f'a folder named like a {self.kind} file')
-        elif os.path.realpath(path) in self._seen:
-          self.skip(path, 'a symbolic link to a folder already scanned (a loop)')
-        else:
-          self._seen.add(os.path.realpath(path))
+        elif not entry.is_symlink() or self._follow(path):
           folders.append(path)
       elif not entry.is_file():
         self.skip(path, 'not a regular file')
@@ -105,6 +109,22 @@ class _Walker:
       else:
         self.skip(path, f'not a {self.kind} file ({path.suffix or "no extension"})')
     return media, folders
+
+  def _follow(self, link: Path) -> bool:
+    """Whether to scan the folder a symbolic link leads to (else it is reported): only out of the
+    source folder, once per target, and never to a folder that holds the source folder."""
+    target = os.path.realpath(link)
+    inside = lambda path, folder: path == folder or path.startswith(folder + os.sep)
+    if inside(target, self._real_root):
+      self.skip(link, 'a symbolic link to a folder inside the source folder (used there)')
+    elif inside(self._real_root, target):
+      self.skip(link, 'a symbolic link to a folder that holds the source folder (a loop)')
+    elif target in self._followed:
+      self.skip(link, 'a second symbolic link to the same folder')
+    else:
+      self._followed.add(target)
+      return True
+    return False
 
   def media_below(self, folder: Path) -> list[Path]:
     media, folders = self.entries(folder)
@@ -122,8 +142,11 @@ def scan_folder(root, extensions, kind: str = 'media') -> Scan:
   labelled = {name: found for name, found in per_class.items() if found}
   if not labelled:
     return Scan(sorted(walker.rel(p) for p in top_level), None, walker.skipped)
-  for path in top_level:
-    walker.skip(path, 'outside the class sub-folders')
+  if top_level:
+    raise DataError(
+        f'{root} holds {kind} files both directly ({len(top_level)}, e.g. {top_level[0].name}) '
+        f'and in sub-folders ({", ".join(sorted(labelled)[:5])}), which would be classes: move '
+        f'them all into class sub-folders, or out of the sub-folders (see data.manual_dir)')
   files = sorted(walker.rel(p) for found in labelled.values() for p in found)
   return Scan(files, sorted(labelled), walker.skipped)
 
