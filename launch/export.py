@@ -15,8 +15,8 @@ import jax
 from absl import flags
 
 from launch import common
-from vitok import checkpoint as ckpt_lib
-from vitok import trainer
+from vitok.core import checkpoint as ckpt_lib
+from vitok.core import trainer
 
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the exported parameters to.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')

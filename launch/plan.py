@@ -23,9 +23,10 @@ import jax
 import numpy as np
 
 from launch import common
-from vitok import perf, sharding, tokenizer
-from vitok import train_state as ts
-from vitok import trainer
+from vitok import tokenizer
+from vitok.core import perf, sharding
+from vitok.core import train_state as ts
+from vitok.core import trainer
 
 GIB = 2 ** 30
 

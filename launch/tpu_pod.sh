@@ -14,7 +14,7 @@
 #   PYTHON                    python on the workers (default: python3)
 #
 # Every worker runs the same command; JAX's Cloud TPU detection (jax.distributed.initialize() with
-# no arguments, called by vitok.distributed.initialize) finds the coordinator, process count and
+# no arguments, called by vitok.core.distributed.initialize) finds the coordinator, process count and
 # process id from the TPU metadata. WORKDIR must be a path on storage shared by all workers (an
 # NFS/Filestore mount, or a GCS bucket mounted with gcsfuse at the same path on every worker):
 # every process takes part in each checkpoint save and restore. gs:// URLs are not accepted.

@@ -14,7 +14,7 @@ import sys
 from absl import flags
 
 from launch import common
-from vitok import signals, trainer
+from vitok.core import signals, trainer
 
 
 def main(argv):

@@ -17,7 +17,7 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = 'variant=Ti-Ti/2x8,channels=4,frames=4,res=32,batch=8'
+TINY = 'variant=cpu128-cpu128/2x8,channels=4,frames=4,res=32,batch=8'
 
 
 def _make_videos(folder):
@@ -32,7 +32,7 @@ def _make_videos(folder):
 
 @pytest.fixture(scope='session')
 def tiny_config(tmp_path_factory):
-  """Ti-Ti/2x8 on 4 x 32 x 32 clips of four small synthetic mp4s (3 train, 1 held out)."""
+  """cpu128-cpu128/2x8 on 4 x 32 x 32 clips of four small synthetic mp4s (3 train, 1 held out)."""
   from configs import vitok as vitok_config
   videos = tmp_path_factory.mktemp('videos')
   _make_videos(str(videos))

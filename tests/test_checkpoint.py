@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vitok import checkpoint as ckpt_lib
-from vitok import config_checks, sharding, signals, stage1, trainer
-from vitok import train_state as ts
+from vitok.core import checkpoint as ckpt_lib
+from vitok import stage1
+from vitok.core import config_checks, sharding, signals, trainer
+from vitok.core import train_state as ts
 
 pytestmark = pytest.mark.slow
 

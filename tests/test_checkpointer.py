@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from vitok import checkpoint as ckpt_lib
-from vitok import manifest
-from vitok import train_state as ts
+from vitok.core import checkpoint as ckpt_lib
+from vitok.core import manifest
+from vitok.core import train_state as ts
 
 
 class _Tiny(nnx.Module):

@@ -84,8 +84,8 @@ def test_a_mesh_that_does_not_fit_the_devices_fails_at_start_up_naming_both_numb
 
 def test_bench_reports_step_time_throughput_and_mfu():
   from launch import bench
-  from vitok import sharding
-  config = vitok_config.get_config('variant=Ti-Ti/2x8,channels=4,frames=4,res=32,batch=8')
+  from vitok.core import sharding
+  config = vitok_config.get_config('variant=cpu128-cpu128/2x8,channels=4,frames=4,res=32,batch=8')
   config.loss.lpips = 0.0
   config.mesh.shape = (2, 4)
   row = bench.bench(config, sharding.make_mesh(config.mesh), steps=3, warmup=1)

@@ -9,7 +9,8 @@ import pytest
 
 from configs import vitok as vitok_config
 from launch import common
-from vitok import config_checks, stage1
+from vitok import stage1
+from vitok.core import config_checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,9 +1,9 @@
-"""vitok.distributed: a real 2-process JAX run on localhost CPU, and the launch-mode decision.
+"""vitok.core.distributed: a real 2-process JAX run on localhost CPU, and the launch-mode decision.
 
 The recipe for a multi-process CPU run (reused by multi-process training tests), jax 0.10.2:
   * each process gets its own environment: JAX_PLATFORMS=cpu and
     XLA_FLAGS=--xla_force_host_platform_device_count=<local devices> (replacing the 8 of conftest);
-  * `vitok.distributed.initialize(f'localhost:{port}', num_processes, process_id)` before any other
+  * `vitok.core.distributed.initialize(f'localhost:{port}', num_processes, process_id)` before any other
     JAX call, with a free port chosen by the parent;
   * CPU collectives: gloo, already JAX's default here (initialize() sets it only if unset).
 """
@@ -16,13 +16,13 @@ import textwrap
 
 import pytest
 
-from vitok import distributed
+from vitok.core import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent('''
     import sys
-    from vitok import distributed
+    from vitok.core import distributed
     port, pid = sys.argv[1], int(sys.argv[2])
     distributed.initialize(f'localhost:{port}', 2, pid)
     distributed.initialize(f'localhost:{port}', 2, pid)   # a second call is a no-op

@@ -11,7 +11,7 @@ from vitok.tokenizer import TokenizerConfig, ViTok
 
 
 def tiny(**kw):
-  return ViTok(TokenizerConfig(**{'variant': 'Ti-Ti/2x8', 'channels': 4, **kw}), rngs=nnx.Rngs(0))
+  return ViTok(TokenizerConfig(**{'variant': 'cpu128-cpu128/2x8', 'channels': 4, **kw}), rngs=nnx.Rngs(0))
 
 
 def test_encode_decode_shapes_and_dtypes():
@@ -31,7 +31,7 @@ def test_encode_decode_shapes_and_dtypes():
 
 
 def test_images_are_single_frame_clips():
-  model = ViTok(TokenizerConfig(variant='Ti-Ti/16', channels=8), rngs=nnx.Rngs(0))
+  model = ViTok(TokenizerConfig(variant='cpu128-cpu128/16', channels=8), rngs=nnx.Rngs(0))
   img = jnp.zeros((3, 1, 32, 32, 3))
   assert model.encode(img).shape == (3, 1, 2, 2, 8)
   assert model.decode(model.encode(img)).shape == img.shape
@@ -68,7 +68,7 @@ def test_macs_match_the_paper():
 
 
 def test_analytic_macs_agree_with_xla_cost_analysis():
-  cfg = TokenizerConfig(variant='Ti-Ti/2x8', channels=4)
+  cfg = TokenizerConfig(variant='cpu128-cpu128/2x8', channels=4)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: ViTok(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   forward = lambda p, v: nnx.merge(graphdef, p)(v)[0]
   compiled = jax.jit(forward).lower(params, jax.ShapeDtypeStruct((1, 4, 32, 32, 3), jnp.float32)).compile()

@@ -13,8 +13,9 @@ import jax
 import pytest
 
 from training_equality import assert_same_training
-from vitok import checkpoint as ckpt_lib
-from vitok import sharding, stage1, trainer
+from vitok.core import checkpoint as ckpt_lib
+from vitok import stage1
+from vitok.core import sharding, trainer
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""vitok.perf: peak table, compiled-program stats (per device on a mesh), timing, MFU, tables."""
+"""vitok.core.perf: peak table, compiled-program stats (per device on a mesh), timing, MFU, tables."""
 
 import types
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from vitok import perf
+from vitok.core import perf
 
 
 def fake_device(kind, platform='gpu'):

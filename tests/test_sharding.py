@@ -12,8 +12,9 @@ from jax.sharding import PartitionSpec as P
 
 from configs import vitok as vitok_config
 from training_equality import assert_same_training, training_differences
-from vitok import layers, perf, sharding, stage1, tokenizer, trainer
-from vitok import train_state as ts
+from vitok import layers, stage1, tokenizer
+from vitok.core import perf, sharding, trainer
+from vitok.core import train_state as ts
 
 RULES = vitok_config.SHARDING_RULES
 
@@ -55,7 +56,7 @@ def test_logical_rules_drop_absent_axes_and_axes_that_do_not_divide():
 
 
 def _tiny_config(**model):
-  config = vitok_config.get_config('variant=Ti-Ti/2x8,channels=4,frames=4,res=32,batch=8')
+  config = vitok_config.get_config('variant=cpu128-cpu128/2x8,channels=4,frames=4,res=32,batch=8')
   config.loss.lpips = 0.0          # LPIPS is tested elsewhere; it only adds compile time here
   config.optim.update(lr=1e-3, warmup_steps=1, ema_decay=0.9)
   config.model.update(model)
@@ -174,7 +175,7 @@ def test_constrain_is_a_no_op_without_a_mesh_and_shards_inside_one():
 
 
 def _loss_and_grads(remat: str):
-  cfg = tokenizer.TokenizerConfig(variant='Ti-Ti/2x8', channels=4, remat=remat)
+  cfg = tokenizer.TokenizerConfig(variant='cpu128-cpu128/2x8', channels=4, remat=remat)
   model = tokenizer.ViTok(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   video = jax.random.uniform(jax.random.PRNGKey(1), (2, 4, 32, 32, 3), minval=-1, maxval=1)

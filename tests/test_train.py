@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import vitok as vitok_config
 from vitok import stage1, tokenizer
-from vitok import train_state as ts
+from vitok.core import train_state as ts
 
 
 def optim_cfg(**kw):
@@ -92,7 +92,7 @@ def _loss_cfg(**kw):
 
 
 def test_l1_is_added_to_l2_not_replacing_it():
-  model = tokenizer.ViTok(tokenizer.TokenizerConfig(variant='Ti-Ti/2x8', channels=4), rngs=nnx.Rngs(0))
+  model = tokenizer.ViTok(tokenizer.TokenizerConfig(variant='cpu128-cpu128/2x8', channels=4), rngs=nnx.Rngs(0))
   batch = {'video': jnp.full((1, 2, 16, 16, 3), 200, jnp.uint8)}
   rng = jax.random.PRNGKey(0)
   base, terms = stage1.stage1_loss(model, batch, rng, {}, _loss_cfg(lpips=0.0))
@@ -118,7 +118,7 @@ def test_tiny_model_overfits_one_clip():
   clip = (np.clip(np.stack(frames) + 0.02 * rng.standard_normal((4, 32, 32, 3)), 0, 1) * 255)
   batch = {'video': jnp.asarray(clip.astype(np.uint8))[None].repeat(2, 0)}
 
-  config = vitok_config.get_config('variant=Ti-Ti/2x8,channels=8,frames=4,res=32')
+  config = vitok_config.get_config('variant=cpu128-cpu128/2x8,channels=8,frames=4,res=32')
   config.loss.lpips_frames = 1
   config.optim.update(lr=2e-3, warmup_steps=20, clip_norm=1.0)
   task = stage1.TokenizerTask(config)

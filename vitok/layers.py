@@ -9,7 +9,7 @@ LayerNorm after the last block.
 
 Sharding: every parameter carries logical axis names ('embed', 'mlp', 'heads', ...) through
 `nnx.with_partitioning`, and activations are pinned at block boundaries with `sharding.constrain`;
-the config's rules map both to mesh axes (see `vitok.sharding`). On one device both are inert.
+the config's rules map both to mesh axes (see `vitok.core.sharding`). On one device both are inert.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vitok.sharding import constrain
+from vitok.core.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,17 +30,6 @@ class ViTSize:
   depth: int
   heads: int
 
-
-# The paper's sizes (Table 1) plus smaller ones for CPU work. 'Ti' (tiny) and 'STi' (small-tiny)
-# are this project's additions: they keep the paper's block recipe and are sized for unit tests and
-# the 2-core demo. Head dims: S/B 64, L 72 (divisible by 3 for axial RoPE), Ti/STi 32.
-SIZES: dict[str, ViTSize] = {
-    'Ti': ViTSize(width=128, depth=4, heads=4),
-    'STi': ViTSize(width=256, depth=4, heads=8),
-    'S': ViTSize(width=768, depth=6, heads=12),
-    'B': ViTSize(width=768, depth=12, heads=12),
-    'L': ViTSize(width=1152, depth=24, heads=16),
-}
 
 MLP_RATIO = 2.67
 

@@ -1,5 +1,5 @@
 """ViTok stage 1: the reconstruction objective, held-out evaluation, and the task object the shared
-trainer drives (`vitok.trainer.train`).
+trainer drives (`vitok.core.trainer.train`).
 
 Loss = l2 * MSE + l1 * MAE + beta * KL + eta * LPIPS, each term logged separately.
 """
@@ -17,10 +17,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from vitok import config_checks
+from vitok.core import config_checks
 from vitok import lpips as lpips_lib
 from vitok import metrics
-from vitok import sharding
+from vitok.core import sharding
 from vitok import tokenizer
 from vitok.data import pipeline, video_io
 
@@ -49,7 +49,7 @@ def stage1_loss(model: tokenizer.ViTok, batch, rng, frozen, loss_cfg):
 
 
 # Ranges of the loss fields (the model's fields are checked by TokenizerConfig, the shared ones by
-# vitok.config_checks.TRAINING_FIELDS).
+# vitok.core.config_checks.TRAINING_FIELDS).
 LOSS_FIELDS = {
     'loss.l2': config_checks.NON_NEGATIVE,
     'loss.l1': config_checks.NON_NEGATIVE,
@@ -199,8 +199,8 @@ def load_tokenizer(directory: str, mesh=None) -> tokenizer.ViTok:
   sharding rules on `mesh` (default: every device, data-parallel, i.e. replicated)."""
   # Imported here: checkpoint I/O is not needed by the rest of this module.
   import ml_collections
-  from vitok import checkpoint as ckpt_lib
-  from vitok import train_state as ts
+  from vitok.core import checkpoint as ckpt_lib
+  from vitok.core import train_state as ts
 
   with open(os.path.join(directory, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))

@@ -24,6 +24,19 @@ from vitok import layers
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
+# ViTok's encoder / decoder sizes: the paper's S, B, L (Table 1; head dims 64, 64, 72, the last
+# divisible by 3 for axial RoPE) plus this project's CPU sizes, named by their width so that
+# nobody takes them for ViT-Ti or for a DiT size. They keep the paper's block recipe and serve
+# the unit tests and the 2-core demos.
+SIZES: dict[str, layers.ViTSize] = {
+    'cpu128': layers.ViTSize(width=128, depth=4, heads=4),
+    'cpu256': layers.ViTSize(width=256, depth=4, heads=8),
+    'S': layers.ViTSize(width=768, depth=6, heads=12),
+    'B': layers.ViTSize(width=768, depth=12, heads=12),
+    'L': layers.ViTSize(width=1152, depth=24, heads=16),
+}
+RENAMED_SIZES = {'Ti': 'cpu128', 'STi': 'cpu256'}   # names before the DiT shared the project
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -33,7 +46,7 @@ class Variant:
   p: int   # spatial tubelet size
 
 
-_VARIANT_RE = re.compile(r'^(?P<enc>[A-Za-z]+)-(?P<dec>[A-Za-z]+)/(?:(?P<q>\d+)x)?(?P<p>\d+)$')
+_VARIANT_RE = re.compile(r'^(?P<enc>[A-Za-z]\w*)-(?P<dec>[A-Za-z]\w*)/(?:(?P<q>\d+)x)?(?P<p>\d+)$')
 
 
 def parse_variant(variant: str) -> Variant:
@@ -43,9 +56,12 @@ def parse_variant(variant: str) -> Variant:
     raise ValueError(f'model.variant={variant!r} is malformed: expected "<Enc>-<Dec>/<q>x<p>" '
                      f'such as "S-B/4x8", or "<Enc>-<Dec>/<p>" for images such as "S-B/16"')
   for role in ('enc', 'dec'):
-    if m[role] not in layers.SIZES:
+    if m[role] in RENAMED_SIZES:
+      raise ValueError(f'model.variant={variant!r}: the {role}oder size {m[role]!r} is now called '
+                       f'{RENAMED_SIZES[m[role]]!r} (a CPU size, not ViT-Ti)')
+    if m[role] not in SIZES:
       raise ValueError(f'model.variant={variant!r}: unknown {role}oder size {m[role]!r}; '
-                       f'known sizes: {", ".join(layers.SIZES)}')
+                       f'known sizes: {", ".join(SIZES)}')
   q, p = int(m['q'] or 1), int(m['p'])
   if q < 1 or p < 1:
     raise ValueError(f'model.variant={variant!r}: tubelet sizes must be positive')
@@ -126,7 +142,7 @@ class ViTok(nnx.Module):
     self.cfg = cfg
     v = cfg.parsed
     self.q, self.p = v.q, v.p
-    enc, dec = layers.SIZES[v.encoder], layers.SIZES[v.decoder]
+    enc, dec = SIZES[v.encoder], SIZES[v.decoder]
     dtype = DTYPES[cfg.dtype]
     tubelet = v.q * v.p * v.p * 3
     # Kernel = stride = (q, p, p): a 3-D convolution that is exactly one linear map per tubelet.
@@ -224,7 +240,7 @@ def forward_macs(cfg: TokenizerConfig, frames: int, res: int) -> dict[str, int]:
   t, h, w = cfg.latent_grid(frames, res)
   tokens = t * h * w
   tubelet = v.q * v.p * v.p * 3
-  enc, dec = layers.SIZES[v.encoder], layers.SIZES[v.decoder]
+  enc, dec = SIZES[v.encoder], SIZES[v.decoder]
   enc_macs = tokens * tubelet * enc.width + layers.vit_macs(enc, tokens) \
       + tokens * enc.width * 2 * cfg.channels
   dec_macs = tokens * cfg.channels * dec.width + layers.vit_macs(dec, tokens) \

@@ -24,11 +24,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from vitok import checkpoint as ckpt_lib
-from vitok import config_checks, perf, sharding, signals
-from vitok import train_state as ts
+from vitok.core import checkpoint as ckpt_lib
+from vitok.core import config_checks, perf, sharding, signals
+from vitok.core import train_state as ts
 from vitok.data import builders, pipeline
-from vitok.writer import MetricWriter
+from vitok.core.writer import MetricWriter
 
 PREEMPTED_EXIT_CODE = signals.EXIT_CODES['SIGTERM']
 

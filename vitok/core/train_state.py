@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vitok import sharding
+from vitok.core import sharding
 
 
 @flax.struct.dataclass

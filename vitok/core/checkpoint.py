@@ -56,7 +56,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vitok import manifest
+from vitok.core import manifest
 
 _STATE = 'state'
 _DATA = 'data'
