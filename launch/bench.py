@@ -38,14 +38,19 @@ COLUMNS = [
 ]
 
 
-def random_batch(config, mesh) -> dict:
-  """A global batch of random pixels, created directly on the devices in the batch sharding."""
+def random_batch(task, config, mesh) -> dict:
+  """A random global batch of the task's shapes (uint8: random pixels; floats: standard normal;
+  other integers, e.g. labels: zeros), created directly on the devices in the batch sharding."""
   batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
   rng = np.random.default_rng(0)
   out = {}
-  for name, spec in trainer.abstract_batch(config.data).items():
-    host = rng.integers(0, 255, spec.shape).astype(spec.dtype) if name == 'video' \
-        else np.zeros(spec.shape, spec.dtype)
+  for name, spec in task.abstract_batch().items():
+    if spec.dtype == np.uint8:
+      host = rng.integers(0, 255, spec.shape).astype(spec.dtype)
+    elif np.issubdtype(spec.dtype, np.floating):
+      host = rng.standard_normal(spec.shape).astype(spec.dtype)
+    else:
+      host = np.zeros(spec.shape, spec.dtype)
     out[name] = jax.make_array_from_callback(spec.shape, batch_sharding, lambda i, h=host: h[i])
   return out
 
@@ -55,11 +60,11 @@ def bench(config, mesh, steps: int, warmup: int, name: str = '') -> dict:
   trainer.configure_runtime(config)
   layout = trainer.create_layout(task, config, mesh)
   state = layout.init()
-  frozen = trainer.replicate(task.frozen(), mesh)
-  batch = random_batch(config, mesh)
+  frozen = task.frozen(mesh)
+  batch = random_batch(task, config, mesh)
   started = time.perf_counter()
   step_fn = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                                  trainer.abstract_batch(config.data), frozen)
+                                  task.abstract_batch(), task.abstract_frozen(mesh))
   compile_s = time.perf_counter() - started
   report = trainer.compile_report(task, config, layout, step_fn)
   for _ in range(warmup):
@@ -72,7 +77,7 @@ def bench(config, mesh, steps: int, warmup: int, name: str = '') -> dict:
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - started)
   peak_flops, peak_source = perf.peak_flops_per_device(jax.local_devices()[0], config.peak_tflops)
-  row = {'config': name or config.model.variant, 'mesh': 'x'.join(map(str, mesh.shape.values())),
+  row = {'config': name or config.get('model', {}).get('variant', task.name), 'mesh': 'x'.join(map(str, mesh.shape.values())),
          'devices': mesh.size, 'batch': config.data.batch_size, 'compile_s': compile_s}
   row.update(perf.throughput(
       step_seconds=statistics.median(times), global_batch=config.data.batch_size,

@@ -14,10 +14,10 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs import vitok as vitok_config
 from vitok.core import checkpoint as ckpt_lib
-from vitok import stage1
+from launch import tasks
 from vitok.core import config_checks, trainer
+from vitok.core import task as task_lib
 from vitok.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -138,8 +138,9 @@ def mesh_flag() -> str:
 
 def mesh_sizes(shape: str) -> tuple[int, ...]:
   """'16x16' (or '16,16') -> (16, 16); anything else fails naming --mesh."""
+  from vitok.core import sharding
   try:
-    return tuple(int(s) for s in shape.replace(',', 'x').split('x'))
+    return sharding.parse_mesh_shape(shape)
   except ValueError:
     fail(f'bad flag --mesh={shape}: expected sizes such as 16x16 or -1x1')
 
@@ -206,17 +207,12 @@ def load_config(allow_workdir_config: bool = False) -> ml_collections.ConfigDict
   return config
 
 
-def make_task(config) -> stage1.TokenizerTask:
-  """Validates the config (unknown fields, ranges, model/data consistency) and returns the task.
-  Raises ConfigError / ValueError naming the field."""
-  config_checks.check_known_fields(config, vitok_config.base_config())
-  config_checks.check_fields(config, config_checks.TRAINING_FIELDS)   # before the task reads them
-  task = stage1.TokenizerTask(config)
-  trainer.check_best_metric(config, task)
-  return task
+def make_task(config) -> task_lib.Task:
+  """The Task of the family `config.task` names, the config validated (see `tasks.make_task`)."""
+  return tasks.make_task(config)
 
 
-def make_task_or_exit(config) -> stage1.TokenizerTask:
+def make_task_or_exit(config) -> task_lib.Task:
   """make_task for the command line: a bad config ends the run with its message, no traceback."""
   try:
     return make_task(config)
@@ -235,7 +231,7 @@ def make_mesh_or_exit(config):
 
 class TrainedRun(NamedTuple):
   config: ml_collections.ConfigDict
-  task: stage1.TokenizerTask
+  task: task_lib.Task
   layout: Any                  # train_state.StateLayout on this job's mesh
   params: Any                  # the restored parameters (EMA or raw)
   step: int                    # the checkpoint step they come from

@@ -17,6 +17,7 @@ import jax
 from absl import flags
 
 from launch import common
+from vitok.core import task as task_lib
 from vitok.core import trainer
 
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
@@ -28,10 +29,13 @@ def main(argv):
   del argv
   common.quiet_library_logs()
   run = common.open_trained_run(_STEP.value, _RAW.value)
-  sources = trainer.prepare_sources(run.config.data)
-  result = run.task.evaluate(
-      run.layout.graphdef, run.params, trainer.replicate(run.task.frozen(), run.layout.mesh),
-      sources[run.config.data.eval_split], run.step, common.workdir(), run.layout.mesh)
+  context = task_lib.EvalContext(
+      graphdef=run.layout.graphdef, params=run.params, frozen=run.task.frozen(run.layout.mesh),
+      sources=trainer.prepare_data(run.task), step=run.step, workdir=common.workdir(),
+      mesh=run.layout.mesh)
+  result = {}
+  for evaluator in run.task.evaluators():     # every evaluation the family defines
+    result.update(evaluator.run(context))
   if jax.process_index() == 0:
     print(json.dumps(result))
 

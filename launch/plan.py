@@ -20,10 +20,8 @@ import math
 import time
 
 import jax
-import numpy as np
 
 from launch import common
-from vitok import tokenizer
 from vitok.core import perf, sharding
 from vitok.core import train_state as ts
 from vitok.core import trainer
@@ -32,26 +30,9 @@ GIB = 2 ** 30
 
 
 def plan(config) -> dict:
-  """Sizes and analytic costs of the config's model (no compilation)."""
-  task = common.make_task_or_exit(config)
-  cfg = task.model_cfg
-  frames, res = config.data.frames, config.data.res
-  params = tokenizer.count_params(cfg)
-  macs = tokenizer.forward_macs(cfg, frames, res)
-  return {
-      'variant': cfg.variant,
-      'clip': [frames, res, res, 3],
-      'latent': list(task.grid) + [cfg.channels],
-      'params_encoder_M': round(params['encoder'] / 1e6, 2),
-      'params_decoder_M': round(params['decoder'] / 1e6, 2),
-      'params_total_M': round(params['total'] / 1e6, 2),
-      'tokens_per_clip': task.tokens_per_clip,
-      'E': task.latent_floats,
-      'pixels_per_latent_float': round(frames * res * res * 3 / task.latent_floats, 3),
-      'gmacs_encoder': round(macs['encoder'] / 1e9, 2),
-      'gmacs_decoder': round(macs['decoder'] / 1e9, 2),
-      'gmacs_per_clip': round(macs['total'] / 1e9, 2),
-  }
+  """Sizes and analytic costs of the config's model, as its task describes them (no
+  compilation)."""
+  return common.make_task_or_exit(config).describe()
 
 
 def compile_plan(config, mesh) -> dict:
@@ -63,14 +44,13 @@ def compile_plan(config, mesh) -> dict:
     common.fail(f'bad config: data.batch_size={config.data.batch_size} must be divisible by '
                 f'the {dp} ways the mesh {dict(mesh.shape)} splits a batch')
   layout = trainer.create_layout(task, config, mesh)
-  frozen = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
-                                     sharding=sharding.replicated(mesh)), task.frozen())
+  frozen = task.abstract_frozen(mesh)        # shapes only: nothing is loaded onto the devices
   started = time.perf_counter()
   compiled = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                                   trainer.abstract_batch(config.data), frozen)
+                                   task.abstract_batch(), frozen)
   compile_s = time.perf_counter() - started
   stats = perf.compiled_stats(compiled)
+  frozen_b = sharding.abstract_bytes_per_device(frozen, jax.tree.map(lambda x: x.sharding, frozen))
   per_device = lambda part: sharding.abstract_bytes_per_device(getattr(layout.abstract, part),
                                                                getattr(layout.shardings, part))
   params_b = per_device('params')
@@ -84,8 +64,10 @@ def compile_plan(config, mesh) -> dict:
       'clips_per_device': config.data.batch_size / mesh.size,
       'params_GiB_per_device': round(params_b / GIB, 4),
       'optimizer_GiB_per_device': round(optimizer_b / GIB, 4),
+      'frozen_GiB_per_device': round(frozen_b / GIB, 4),
       'temp_GiB_per_device': round((stats['temp_bytes'] or 0) / GIB, 4),
-      'total_GiB_per_device': round((params_b + optimizer_b + (stats['temp_bytes'] or 0)) / GIB, 4),
+      'total_GiB_per_device': round(
+          (params_b + optimizer_b + frozen_b + (stats['temp_bytes'] or 0)) / GIB, 4),
       'model_TFLOP_per_step_per_device': round(analytic / 1e12, 4),
       'xla_TFLOP_per_step_per_device': round((stats['flops'] or 0) / 1e12, 4),
       'compile_s': round(compile_s, 1),

@@ -1,4 +1,5 @@
-r"""Train a ViTok tokenizer (stage 1), resuming from WORKDIR's latest checkpoint if there is one.
+r"""Train a model of the family `config.task` names (see launch/tasks.py), resuming from WORKDIR's
+latest checkpoint if there is one.
 
     python -m launch.train --config=configs/vitok.py:demo --workdir=/tmp/vitok-demo
 

@@ -9,7 +9,7 @@ import pytest
 
 from configs import vitok as vitok_config
 from launch import common
-from vitok import stage1
+from vitok import stage1, tokenizer
 from vitok.core import config_checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,10 +21,12 @@ def _out_of_range(accepted):
     return 99 if isinstance(accepted.choices[0], int) else 'nope'
   if accepted.low is not None:
     return accepted.low if accepted.low_open else accepted.low - 1
-  return accepted.high + 1
+  if accepted.high is not None:
+    return accepted.high + 1
+  return float('nan')                   # any finite number is accepted
 
 
-FIELDS = {**config_checks.TRAINING_FIELDS, **stage1.LOSS_FIELDS}
+FIELDS = {**config_checks.TRAINING_FIELDS, **stage1.LOSS_FIELDS, **tokenizer.MODEL_FIELDS}
 
 
 @pytest.mark.parametrize('preset', ['demo', 'ucf101', 'imagenet', ''])
@@ -56,7 +58,7 @@ def test_float_fields_reject_nan_and_infinity():
 @pytest.mark.parametrize('update, message', [
     ({'loss.lpips_frames': 9}, r'loss.lpips_frames=9 is more than the data.frames=8'),
     ({'model.logvar_min': 30.0}, r'model.logvar_min=30.0 must be below model.logvar_max'),
-    ({'model.rope_theta': 0.0}, r'model.rope_theta must be positive'),
+    ({'model.rope_theta': 0.0}, r'model.rope_theta=0.0 is not accepted: it must be a number > 0'),
     ({'keep_best': 1, 'best_metric': 'psnrr'}, r"best_metric='psnrr' is not a metric of the vitok "
                                                r"evaluation \(psnr, ssim, lpips, baseline_psnr\)"),
 ])

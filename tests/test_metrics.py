@@ -212,23 +212,18 @@ def test_baseline_factors_respect_budget():
 
 
 def test_baseline_too_small_budget_raises():
-    v = moving_video("smooth", t=4)
     smallest = M.baseline_floats(4, S, S, 4, S)  # 1x1x1x3 = 3 floats
     assert smallest == 3
-    M.baseline_codec(v, smallest)  # fits exactly
-    with pytest.raises(ValueError, match="budget"):
-        M.baseline_codec(v, smallest - 1)
-    with pytest.raises(ValueError):
-        M.baseline_factors(4, S, S, 2)
+    assert M.baseline_factors(4, S, S, smallest) == [(4, S)]  # fits exactly
+    with pytest.raises(ValueError, match="budget|floats"):
+        M.baseline_factors(4, S, S, smallest - 1)
 
 
 def test_baseline_full_budget_is_exact():
     v = jnp.concatenate([moving_video("disc"), moving_video("square")])
-    recon, info = M.baseline_codec(v, int(np.prod(v.shape[1:])))
-    assert info == {"time_factor": 1, "space_factor": 1, "floats": 4 * S * S * 3}
-    np.testing.assert_array_equal(recon, v)
-    p, info2 = M.baseline_psnr(v, int(np.prod(v.shape[1:])))
-    assert info2 == info and np.all(np.isinf(p))
+    assert M.baseline_factors(4, S, S, int(np.prod(v.shape[1:])))[-1] == (1, 1)
+    np.testing.assert_array_equal(M.pool_and_resize(v, 1, 1), v)
+    assert np.all(np.isinf(M.psnr(v, M.pool_and_resize(v, 1, 1))))
 
 
 def test_constant_video_is_reconstructed_exactly_at_any_factor():
@@ -251,31 +246,26 @@ def test_pool_and_resize_is_lossy_and_stores_the_pooled_means():
 def test_baseline_picks_the_best_admissible_pair():
     v = jnp.concatenate([moving_video("smooth"), moving_video("disc")])
     budget = 4 * S * S * 3 // 8
-    recon, info = M.baseline_codec(v, budget)
-    assert info["floats"] <= budget
-    assert info["floats"] == M.baseline_floats(4, S, S, info["time_factor"], info["space_factor"])
-    per_pair = M.baseline_psnr_per_pair(v, M.baseline_factors(4, S, S, budget))
-    assert len(per_pair) > 3
-    means = {k: float(jnp.mean(p)) for k, p in per_pair.items()}
-    chosen = means[(info["time_factor"], info["space_factor"])]
-    assert all(chosen >= m for m in means.values())
+    pairs = M.baseline_factors(4, S, S, budget)
+    assert len(pairs) > 3
+    means = {p: float(jnp.mean(M.psnr(v, M.pool_and_resize(v, *p)))) for p in pairs}
     assert len(set(round(m, 3) for m in means.values())) > 1  # the choice is not vacuous
-    np.testing.assert_allclose(M.psnr(v, recon).mean(), chosen, rtol=1e-6)
-    p, info2 = M.baseline_psnr(v, budget)
-    assert info2 == info
-    np.testing.assert_allclose(p, M.psnr(v, recon), rtol=1e-6)
+    st, s = M.best_baseline_pair(means, 4, S, S)
+    assert M.baseline_floats(4, S, S, st, s) <= budget
+    assert all(means[(st, s)] >= m for m in means.values())
+    # Ties go to the pair with fewer floats.
+    tied = {(1, 4): 30.0, (2, 2): 30.0, (4, 1): 20.0}
+    cheapest = min(((1, 4), (2, 2)), key=lambda p: M.baseline_floats(4, S, S, *p))
+    assert M.best_baseline_pair(tied, 4, S, S) == cheapest
 
 
 # ---------------------------------------------------------------------------------------
 # Split averaging
 # ---------------------------------------------------------------------------------------
 
-def test_masked_mean_and_accumulator_ignore_padding():
+def test_accumulator_ignores_padding():
     vals = np.array([10.0, 20.0, np.inf, np.nan])  # padded entries hold garbage
     mask = np.array([True, True, False, False])
-    assert M.masked_mean(vals, mask) == 15.0
-    assert math.isnan(M.masked_mean(vals, np.zeros(4, bool)))
-
     acc = M.MetricAccumulator()
     acc.update({"psnr": jnp.asarray(vals), "ssim": jnp.asarray([0.5, 0.7, 1.0, 0.0])}, mask)
     acc.update({"psnr": jnp.asarray([40.0, 50.0]), "ssim": jnp.asarray([0.9, 0.9])})

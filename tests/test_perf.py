@@ -1,5 +1,9 @@
 """vitok.core.perf: peak table, compiled-program stats (per device on a mesh), timing, MFU, tables."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import types
 
 import jax
@@ -104,12 +108,27 @@ def test_compiled_stats_tolerates_missing_analyses():
   assert set(perf.compiled_stats(Broken()).values()) == {None}
 
 
-def test_peak_memory_on_cpu_is_host_rss():
-  before = perf.peak_memory_bytes()
-  assert before > 10 * 2 ** 20          # a Python process with JAX loaded: tens of MB at least
-  big = np.ones(64 * 2 ** 20 // 8)      # touch 64 MiB more
-  big += 1
-  assert perf.peak_memory_bytes() >= before
+def test_peak_memory_on_cpu_is_host_peak_rss_in_bytes():
+  # In a fresh process (its peak is its current size), touching 256 MiB must raise the reported
+  # peak by about that much, and the figure must be the kernel's own high-water mark in bytes.
+  code = textwrap.dedent("""
+      import numpy as np
+      from vitok.core import perf
+      def high_water():
+        for line in open('/proc/self/status'):
+          if line.startswith('VmHWM:'):
+            return int(line.split()[1]) * 1024
+      before = perf.peak_memory_bytes()
+      big = np.ones(256 * 2 ** 20 // 8)
+      big += 1
+      print(before, perf.peak_memory_bytes(), high_water())
+  """)
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  before, after, kernel = map(int, out.stdout.split())
+  mib = 2 ** 20
+  assert 200 * mib <= after - before <= 300 * mib, (before, after)
+  assert abs(after - kernel) <= 8 * mib, (after, kernel)
 
 
 def test_step_timer_with_a_fake_clock():

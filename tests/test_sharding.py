@@ -10,13 +10,23 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from configs import common as common_config
 from configs import vitok as vitok_config
 from training_equality import assert_same_training, training_differences
 from vitok import layers, stage1, tokenizer
 from vitok.core import perf, sharding, trainer
 from vitok.core import train_state as ts
 
-RULES = vitok_config.SHARDING_RULES
+RULES = common_config.SHARDING_RULES
+
+
+def bytes_per_device(tree) -> dict[int, int]:
+  """Bytes each device holds of the (sharded) arrays in `tree`: device id -> bytes."""
+  out: dict[int, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
+  return out
 
 
 def _mesh_cfg(shape, axes=('data', 'fsdp')):
@@ -77,7 +87,7 @@ def _run_steps(config, mesh_shape, axes=('data', 'fsdp'), steps=2, batch=None):
   layout = trainer.create_layout(task, config, mesh)
   state = layout.init()
   step = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                               trainer.abstract_batch(config.data), {})
+                               task.abstract_batch(), {})
   batch = trainer.global_batch(_batch() if batch is None else batch,
                                sharding.batch_sharding(mesh, config.sharding_rules))
   for _ in range(steps):
@@ -147,12 +157,12 @@ def test_fsdp_divides_parameter_and_optimizer_memory_by_the_device_count():
 
   heavy = (state.params, state.opt_state, state.ema_params)
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(heavy))
-  per_device = sharding.bytes_per_device(heavy)
+  per_device = bytes_per_device(heavy)
   assert len(per_device) == 8
   # 1/8 of the bytes, plus the small LayerNorm / latent-projection arrays kept whole.
   assert max(per_device.values()) <= 1.1 * total / 8
   assert sharding.abstract_bytes_per_device(layout.abstract, layout.shardings) == \
-      max(sharding.bytes_per_device(state).values())
+      max(bytes_per_device(state).values())
 
   config.mesh.shape = (8, 1)       # pure data parallelism: every device holds everything
   replicated = trainer.create_layout(task, config, sharding.make_mesh(config.mesh))
@@ -220,7 +230,7 @@ def test_compiled_flops_match_the_analytic_model_flops():
   task = stage1.TokenizerTask(config)
   layout = trainer.create_layout(task, config, sharding.make_mesh(config.mesh))
   compiled = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                                   trainer.abstract_batch(config.data), {})
+                                   task.abstract_batch(), {})
   report = trainer.compile_report(task, config, layout, compiled)
   assert report['analytic_flops'] == task.train_flops_per_clip() * 8 / 8
   assert 1.0 <= report['flops'] / report['analytic_flops'] < 1.25, report

@@ -10,6 +10,7 @@ from flax import nnx
 
 from configs import vitok as vitok_config
 from vitok import stage1, tokenizer
+from vitok.core import sharding
 from vitok.core import train_state as ts
 
 
@@ -126,7 +127,7 @@ def test_tiny_model_overfits_one_clip():
   tx, schedule = ts.make_optimizer(config.optim, 2, 300)
   graphdef, state = ts.init_train_state(model, tx, jax.random.PRNGKey(1), ema=False)
   step = jax.jit(ts.make_train_step(graphdef, task.loss_fn, tx, schedule, 0.0), donate_argnums=0)
-  frozen = task.frozen()
+  frozen = task.frozen(sharding.make_mesh(config.mesh, jax.devices()[:1]))
   psnrs = []
   for _ in range(300):
     state, metrics = step(state, batch, frozen)

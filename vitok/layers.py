@@ -144,15 +144,20 @@ REMAT_POLICIES = {
 # model.attention -> `implementation` of jax.nn.dot_product_attention.
 ATTENTION_IMPLS = {'xla': None, 'cudnn': 'cudnn'}
 
+# The gate's activation of the gated MLP: SwiGLU (the paper's) or GeGLU.
+GATED_ACTIVATIONS = {'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
+
 
 # ----------------------------------------------------------------------------------------------
 # Blocks.
 # ----------------------------------------------------------------------------------------------
 
 class Attention(nnx.Module):
-  """Multi-head self-attention: q/k/v without bias (fused into one matmul), output with bias."""
+  """Multi-head self-attention: q/k/v fused into one matmul (without bias unless `qkv_bias`, as
+  the original DiT has it), output projection with bias; RoPE when angles are given."""
 
-  def __init__(self, width: int, heads: int, *, attention: str = 'xla', dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, heads: int, *, attention: str = 'xla', qkv_bias: bool = False,
+               dtype, rngs: nnx.Rngs):
     if width % heads:
       raise ValueError(f'width {width} is not divisible by heads {heads}')
     if attention not in ATTENTION_IMPLS:
@@ -161,14 +166,15 @@ class Attention(nnx.Module):
     self.implementation = ATTENTION_IMPLS[attention]
     # q/k/v fused into one (width, 3, heads, head_dim) projection; see fused_dense.
     self.qkv = fused_dense(width, (3, heads, width // heads), ('embed', None, 'heads', None),
-                           use_bias=False, dtype=dtype, rngs=rngs)
+                           use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.out = dense(width, width, ('heads', 'embed'), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, angles: jax.Array | None) -> jax.Array:
     b, l, d = x.shape
     qkv = self.qkv(x)                                           # (B, L, 3, heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q, k = apply_rope(q, angles), apply_rope(k, angles)
+    if angles is not None:
+      q, k = apply_rope(q, angles), apply_rope(k, angles)
     q, k, v = (constrain(a, HEADS) for a in (q, k, v))
     # (B, L, heads, head_dim) layout. implementation=None lets XLA choose; 'cudnn' is the fused
     # flash-attention kernel on NVIDIA GPUs (bf16/fp16 only).
@@ -180,9 +186,7 @@ class GatedMLP(nnx.Module):
   """act(x W_gate + b) * (x W_up + b), then W_down + b. SwiGLU (silu) or GELU-gated."""
 
   def __init__(self, width: int, hidden: int, kind: str = 'swiglu', *, dtype, rngs: nnx.Rngs):
-    if kind not in ('swiglu', 'geglu'):
-      raise ValueError(f"model.mlp must be 'swiglu' or 'geglu', got {kind!r}")
-    self.act = jax.nn.silu if kind == 'swiglu' else jax.nn.gelu
+    self.act = GATED_ACTIVATIONS[kind]
     # Gate and up projections fused into one (width, 2, hidden) matmul (same parameters as two
     # Linears); see fused_dense.
     self.gate_up = fused_dense(width, (2, hidden), ('embed', None, 'mlp'), use_bias=True,
@@ -193,6 +197,17 @@ class GatedMLP(nnx.Module):
     gate_up = self.gate_up(x)                                   # (B, L, 2, hidden)
     hidden = self.act(gate_up[..., 0, :]) * gate_up[..., 1, :]
     return self.down(constrain(hidden, HIDDEN))
+
+
+class MLP(nnx.Module):
+  """The classic transformer MLP: W_up + b, GELU (tanh approximation, as ViT and DiT), W_down + b."""
+
+  def __init__(self, width: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.up = dense(width, hidden, ('embed', 'mlp'), dtype=dtype, rngs=rngs)
+    self.down = dense(hidden, width, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(constrain(jax.nn.gelu(self.up(x), approximate=True), HIDDEN))
 
 
 class Block(nnx.Module):

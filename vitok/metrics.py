@@ -13,7 +13,8 @@ Conventions:
 * per-clip SSIM is the mean of per-frame SSIM (dm-pix defaults: 11x11 Gaussian window,
   sigma 1.5, k1 = 0.01, k2 = 0.03, averaged over RGB channels), so frames need H, W >= 11.
 
-The trivial codec (:func:`baseline_codec`) answers "is the tokenizer better than just
+The trivial codec (:func:`pool_and_resize` at a pair from :func:`baseline_factors`, the split's
+pair chosen by :func:`best_baseline_pair`) answers "is the tokenizer better than just
 storing a down-sampled clip with the same number of floats?": it average-pools the clip by
 ``st`` in time and ``s`` in space and linearly interpolates back. A learned tokenizer whose
 latent has ``budget_floats`` floats per clip should beat it.
@@ -32,7 +33,7 @@ import numpy as np
 
 __all__ = [
     "psnr", "ssim", "pool_and_resize", "baseline_factors", "baseline_floats",
-    "baseline_psnr_per_pair", "baseline_codec", "baseline_psnr", "masked_mean",
+    "best_baseline_pair",
     "MetricAccumulator",
 ]
 
@@ -157,85 +158,17 @@ def baseline_factors(T: int, H: int, W: int, budget_floats: int) -> List[Tuple[i
     return pairs
 
 
-def baseline_psnr_per_pair(video: jax.Array, factors: Iterable[Tuple[int, int]]
-                           ) -> Dict[Tuple[int, int], jax.Array]:
-    """Per-clip PSNR of the trivial codec for each (st, s) pair.
-
-    For the evaluator: accumulate these over a split (with the padding mask), then report the
-    pair with the highest split-mean PSNR, so a single pair is used for the whole split.
-
-    Args:
-      video: (B, T, H, W, 3) in [-1, 1].
-      factors: (st, s) pairs, typically ``baseline_factors(T, H, W, budget)``.
-
-    Returns:
-      {(st, s): (B,) float32 PSNR}.
-    """
-    return {(st, s): psnr(video, pool_and_resize(video, st, s)) for st, s in factors}
-
-
-def baseline_codec(video: jax.Array, budget_floats: int) -> Tuple[jax.Array, dict]:
-    """Best trivial-codec reconstruction of a batch within a per-clip float budget.
-
-    Tries every admissible (st, s) (see :func:`baseline_factors`) and keeps the one with
-    the highest batch-mean PSNR (ties: fewer floats). The choice is per batch; for a
-    split-level number use :func:`baseline_psnr_per_pair` and pick one pair for the split.
-
-    Args:
-      video: (B, T, H, W, 3) float video in [-1, 1].
-      budget_floats: max floats stored per clip; never exceeded.
-
-    Returns:
-      (reconstruction (B, T, H, W, 3) same dtype as ``video``,
-       info = {'time_factor': st, 'space_factor': s, 'floats': floats per clip}).
-
-    Raises:
-      ValueError: if no pair fits in the budget.
-    """
-    if video.ndim != 5 or video.shape[-1] != 3:
-        raise ValueError(f"expected (B, T, H, W, 3) video, got shape {video.shape}")
-    _, t, h, w, _ = video.shape
-    pairs = baseline_factors(t, h, w, budget_floats)
-    scores = baseline_psnr_per_pair(video, pairs)
-
-    def rank(p):  # higher mean PSNR first, then fewer floats (pairs list is deterministic).
-        return (float(jnp.mean(scores[p])), -baseline_floats(t, h, w, *p))
-
-    st, s = max(pairs, key=rank)
-    info = {"time_factor": st, "space_factor": s, "floats": baseline_floats(t, h, w, st, s)}
-    return pool_and_resize(video, st, s), info
-
-
-def baseline_psnr(video: jax.Array, budget_floats: int) -> Tuple[jax.Array, dict]:
-    """(B,) PSNR of :func:`baseline_codec`'s reconstruction, and its info dict."""
-    recon, info = baseline_codec(video, budget_floats)
-    return psnr(video, recon), info
+def best_baseline_pair(mean_psnr: Mapping[Tuple[int, int], float], T: int, H: int, W: int
+                       ) -> Tuple[int, int]:
+    """The (st, s) pair the baseline codec uses for a split: the highest split-mean PSNR, ties
+    going to fewer floats. `mean_psnr` maps every admissible pair (see :func:`baseline_factors`)
+    to its split-mean PSNR; one pair serves the whole split."""
+    return max(mean_psnr, key=lambda p: (mean_psnr[p], -baseline_floats(T, H, W, *p)))
 
 
 # --------------------------------------------------------------------------------------
 # Averaging over a split with padded batches.
 # --------------------------------------------------------------------------------------
-
-def masked_mean(values, mask) -> float:
-    """sum(values * mask) / sum(mask), ignoring whatever the padded entries hold.
-
-    Uses ``where`` rather than a product so that padded entries that are inf / NaN (e.g. the
-    PSNR of an all-zero padding clip against itself) do not poison the sum (inf * 0 = NaN).
-
-    Args:
-      values: (B,) per-clip metric.
-      mask: (B,) bool, True for real clips.
-
-    Returns:
-      Python float (NaN if the mask is all False).
-    """
-    values = np.asarray(values, dtype=np.float64)
-    mask = np.asarray(mask, dtype=bool)
-    if values.shape != mask.shape:
-        raise ValueError(f"values {values.shape} and mask {mask.shape} must have the same shape")
-    n = mask.sum()
-    return float(np.where(mask, values, 0.0).sum() / n) if n else float("nan")
-
 
 class MetricAccumulator:
     """Accumulates masked per-clip metrics over batches (host side, float64 sums).

@@ -22,7 +22,8 @@ from vitok import lpips as lpips_lib
 from vitok import metrics
 from vitok.core import sharding
 from vitok import tokenizer
-from vitok.data import pipeline, video_io
+from vitok.core import task as task_lib
+from vitok.data import builders, pipeline, video_io
 
 
 def stage1_loss(model: tokenizer.ViTok, batch, rng, frozen, loss_cfg):
@@ -60,10 +61,11 @@ LOSS_FIELDS = {
 
 
 class TokenizerTask:
-  """What the shared trainer needs to know about ViTok."""
+  """ViTok stage 1 as a `vitok.core.task.Task`: video clips in, reconstruction loss out, evaluated
+  by PSNR / SSIM / LPIPS of the held-out split against the pooled-codec baseline."""
 
   name = 'vitok'
-  eval_metrics = ('psnr', 'ssim', 'lpips', 'baseline_psnr')   # what `evaluate` reports
+  progress_metrics = ('train_psnr',)
 
   def __init__(self, config):
     self.config = config
@@ -79,24 +81,79 @@ class TokenizerTask:
     self.latent_floats = self.tokens_per_clip * self.model_cfg.channels      # E
     self.model_cfg.check_backend(jax.default_backend())
 
+  # --- the model and its objective ---
+
+  def create_model(self, rngs: nnx.Rngs) -> tokenizer.ViTok:
+    return tokenizer.ViTok(self.model_cfg, rngs=rngs)
+
+  def loss_fn(self, model, batch, rng, frozen):
+    return stage1_loss(model, batch, rng, frozen, self.config.loss)
+
   def train_flops_per_clip(self) -> int:
     """Model FLOPs of one training clip: forward + backward = 3 x forward, 2 FLOPs per MAC (the
     usual MFU convention; LPIPS and elementwise work are not model FLOPs)."""
     return 6 * tokenizer.forward_macs(self.model_cfg, self.config.data.frames,
                                       self.config.data.res)['total']
 
-  def create_model(self, rngs: nnx.Rngs) -> tokenizer.ViTok:
-    return tokenizer.ViTok(self.model_cfg, rngs=rngs)
+  # --- input ---
 
-  def frozen(self):
-    return {'lpips': lpips_lib.load_lpips_params()}
+  def abstract_batch(self) -> dict:
+    d = self.config.data
+    return {'video': jax.ShapeDtypeStruct((d.batch_size, d.frames, d.res, d.res, 3), np.uint8),
+            'label': jax.ShapeDtypeStruct((d.batch_size,), np.int32)}
 
-  def loss_fn(self, model, batch, rng, frozen):
-    return stage1_loss(model, batch, rng, frozen, self.config.loss)
+  def prepare_data(self) -> dict:
+    return builders.prepare(self.config.data)
 
-  def evaluate(self, graphdef, params, frozen, eval_source, step: int, workdir: str,
-               mesh=None) -> dict:
-    return evaluate(self, graphdef, params, frozen, eval_source, step, workdir, mesh)
+  def train_iterator(self, sources, start_step: int, process_index: int, process_count: int):
+    d = self.config.data
+    return pipeline.train_iterator(d, seed=d.seed, start_step=start_step,
+                                   process_index=process_index, process_count=process_count,
+                                   source=sources[d.train_split])
+
+  # --- frozen networks: VGG16 LPIPS (no logical axes: replicated) ---
+
+  def abstract_frozen(self, mesh):
+    return sharding.abstract_placed(_lpips_params(), mesh, self.config.sharding_rules)
+
+  def frozen(self, mesh):
+    return sharding.place(_lpips_params(), self.abstract_frozen(mesh))
+
+  # --- evaluation and reports ---
+
+  def evaluators(self) -> list[task_lib.Evaluator]:
+    return [task_lib.Evaluator(
+        name='reconstruction', every=self.config.eval_every,
+        metrics=('psnr', 'ssim', 'lpips', 'baseline_psnr'),
+        run=lambda c: evaluate(self, c.graphdef, c.params, c.frozen,
+                               c.sources[self.config.data.eval_split], c.step, c.workdir,
+                               c.mesh))]
+
+  def describe(self) -> dict:
+    """Parameter counts, tokens, E, pixels per latent float and forward GMACs per clip."""
+    cfg, frames, res = self.model_cfg, self.config.data.frames, self.config.data.res
+    params = tokenizer.count_params(cfg)
+    macs = tokenizer.forward_macs(cfg, frames, res)
+    return {
+        'task': self.name,
+        'variant': cfg.variant,
+        'clip': [frames, res, res, 3],
+        'latent': list(self.grid) + [cfg.channels],
+        'params_encoder_M': round(params['encoder'] / 1e6, 2),
+        'params_decoder_M': round(params['decoder'] / 1e6, 2),
+        'params_total_M': round(params['total'] / 1e6, 2),
+        'tokens_per_clip': self.tokens_per_clip,
+        'E': self.latent_floats,
+        'pixels_per_latent_float': round(frames * res * res * 3 / self.latent_floats, 3),
+        'gmacs_encoder': round(macs['encoder'] / 1e9, 2),
+        'gmacs_decoder': round(macs['decoder'] / 1e9, 2),
+        'gmacs_per_clip': round(macs['total'] / 1e9, 2),
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _lpips_params():
+  return {'lpips': lpips_lib.load_lpips_params()}
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,8 +218,8 @@ def evaluate(task: TokenizerTask, graphdef, params, frozen, eval_source, step: i
     raise ValueError(f'data.eval_split={cfg.data.eval_split!r} of data.name={cfg.data.name!r} '
                      'has no clips to evaluate')
   means = accumulator.result()
-  best_pair = max(pairs, key=lambda p: means[f'baseline_{p[0]}x{p[1]}'])
-  st, s = best_pair
+  st, s = metrics.best_baseline_pair({(a, b): means[f'baseline_{a}x{b}'] for a, b in pairs},
+                                     T, res, res)
   result = {
       'step': int(step), 'split': cfg.data.eval_split, 'clips': int(count),
       'psnr': means['psnr'], 'ssim': means['ssim'], 'lpips': means['lpips'],

@@ -21,6 +21,7 @@ from einops import rearrange
 from flax import nnx
 
 from vitok import layers
+from vitok.core import config_checks
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -68,6 +69,20 @@ def parse_variant(variant: str) -> Variant:
   return Variant(m['enc'], m['dec'], q, p)
 
 
+# Ranges and choices of the model fields (checked by vitok.core.config_checks, like every field).
+MODEL_FIELDS = {
+    'model.channels': config_checks.AT_LEAST_1,
+    'model.rope_theta': config_checks.POSITIVE,
+    'model.mlp': config_checks.OneOf(tuple(layers.GATED_ACTIVATIONS)),
+    'model.rope': config_checks.OneOf(('3d', '1d')),
+    'model.dtype': config_checks.OneOf(tuple(DTYPES)),
+    'model.remat': config_checks.OneOf(tuple(layers.REMAT_POLICIES)),
+    'model.attention': config_checks.OneOf(tuple(layers.ATTENTION_IMPLS)),
+    'model.logvar_min': config_checks.Range(),
+    'model.logvar_max': config_checks.Range(),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
   """Everything that determines the network (a typed view of `config.model`)."""
@@ -89,28 +104,14 @@ class TokenizerConfig:
 
   def __post_init__(self):
     parse_variant(self.variant)
-    if int(self.channels) <= 0:
-      raise ValueError(f'model.channels must be positive, got {self.channels}')
-    if not self.rope_theta > 0:
-      raise ValueError(f'model.rope_theta must be positive, got {self.rope_theta}')
+    config_checks.check_fields({'model': dataclasses.asdict(self)}, MODEL_FIELDS)
     if not self.logvar_min < self.logvar_max:
-      raise ValueError(f'model.logvar_min={self.logvar_min} must be below '
-                       f'model.logvar_max={self.logvar_max}')
-    if self.mlp not in ('swiglu', 'geglu'):
-      raise ValueError(f"model.mlp must be 'swiglu' or 'geglu', got {self.mlp!r}")
-    if self.rope not in ('3d', '1d'):
-      raise ValueError(f"model.rope must be '3d' or '1d', got {self.rope!r}")
-    if self.dtype not in DTYPES:
-      raise ValueError(f'model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}')
-    if self.remat not in layers.REMAT_POLICIES:
-      raise ValueError(f'model.remat must be one of {list(layers.REMAT_POLICIES)}, '
-                       f'got {self.remat!r}')
-    if self.attention not in layers.ATTENTION_IMPLS:
-      raise ValueError(f'model.attention must be one of {list(layers.ATTENTION_IMPLS)}, '
-                       f'got {self.attention!r}')
+      raise config_checks.ConfigError(f'model.logvar_min={self.logvar_min} must be below '
+                                      f'model.logvar_max={self.logvar_max}')
     if self.attention == 'cudnn' and self.dtype != 'bfloat16':
-      raise ValueError("model.attention='cudnn' needs model.dtype='bfloat16' "
-                       f'(got {self.dtype!r}): the cuDNN kernel has no float32 path')
+      raise config_checks.ConfigError(
+          "model.attention='cudnn' needs model.dtype='bfloat16' "
+          f'(got {self.dtype!r}): the cuDNN kernel has no float32 path')
 
   def check_backend(self, backend: str) -> None:
     """Start-up check of the choices that depend on the hardware."""

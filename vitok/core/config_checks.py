@@ -38,6 +38,8 @@ class Range:
     return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
   def __str__(self) -> str:
+    if self.low is None and self.high is None:
+      return 'a finite number' + (f' ({self.note})' if self.note else '')
     if self.low is not None and self.high is not None:
       text = (f'in {"(" if self.low_open else "["}{self.low}, {self.high}'
               f'{")" if self.high_open else "]"}')

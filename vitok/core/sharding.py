@@ -41,19 +41,30 @@ def _as_tuple(value, separators: str = ',') -> tuple:
   return tuple(value)
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
-  """Resolves `config.mesh` against a device count: (sizes with -1 filled in, axis names).
-
-  Raises ValueError naming `config.mesh.*` and both numbers when the mesh cannot be built."""
-  axes = tuple(str(a) for a in _as_tuple(mesh_cfg.axes))
-  shape = mesh_cfg.shape
+def parse_mesh_shape(shape) -> tuple[int, ...]:
+  """The one parser of mesh shapes: (2, 4), [2, 4], '2x4', '2,4', ('2x4',) -> (2, 4). Sizes are
+  not checked against devices here (see `mesh_shape`). Raises ValueError naming the value."""
   if isinstance(shape, (tuple, list)) and len(shape) == 1 and isinstance(shape[0], str):
     shape = shape[0]                    # --config.mesh.shape=2x4 arrives as ('2x4',)
   try:
     sizes = tuple(int(s) for s in _as_tuple(shape, ',x'))
   except (TypeError, ValueError):
-    raise ValueError(f'config.mesh.shape={shape!r} is not a mesh shape: expected sizes such as '
-                     f'(2, 4), "2x4" or (-1, 1)') from None
+    raise ValueError(f'{shape!r} is not a mesh shape: expected sizes such as (2, 4), "2x4" or '
+                     f'(-1, 1)') from None
+  if not sizes:
+    raise ValueError(f'{shape!r} is not a mesh shape: it names no size')
+  return sizes
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+  """Resolves `config.mesh` against a device count: (sizes with -1 filled in, axis names).
+
+  Raises ValueError naming `config.mesh.*` and both numbers when the mesh cannot be built."""
+  axes = tuple(str(a) for a in _as_tuple(mesh_cfg.axes))
+  try:
+    sizes = parse_mesh_shape(mesh_cfg.shape)
+  except ValueError as e:
+    raise ValueError(f'config.mesh.shape: {e}') from None
   if len(axes) != len(sizes) or not axes:
     raise ValueError(f'config.mesh.shape={sizes} and config.mesh.axes={axes} must have the same '
                      f'(non-zero) length')
@@ -181,6 +192,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def abstract_placed(tree: Any, mesh: Mesh, rules) -> Any:
+  """`tree` (arrays, ShapeDtypeStructs, or an nnx.State whose Variables carry logical axes) as
+  ShapeDtypeStructs with their shardings on `mesh`: annotated Variables sharded by `rules`, like
+  trained parameters; everything else replicated. Nothing is allocated."""
+  shardings = state_shardings(tree, mesh, rules)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+
+
+def place(tree: Any, abstract: Any) -> Any:
+  """Host arrays (identical on every process) -> global arrays laid out as `abstract` says."""
+  return jax.tree.map(
+      lambda x, a: jax.make_array_from_callback(a.shape, a.sharding,
+                                                lambda idx: np.asarray(x)[idx]),
+      tree, abstract)
+
+
 def data_parallel_size(mesh: Mesh, rules) -> int:
   """How many ways the batch is split (the product of the mesh axes of the 'batch' rule)."""
   spec = logical_to_spec(('batch',), rules, mesh)
@@ -216,15 +244,6 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   mesh, rules = active
   spec = logical_to_spec(logical_axes, rules, mesh, x.shape)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def bytes_per_device(tree: Any) -> dict[int, int]:
-  """Bytes each device holds of the (sharded) arrays in `tree`: device id -> bytes."""
-  out: dict[int, int] = {}
-  for leaf in jax.tree.leaves(tree):
-    for shard in leaf.addressable_shards:
-      out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.size * shard.data.dtype.itemsize
-  return out
 
 
 def abstract_bytes_per_device(abstract: Any, shardings: Any) -> int:

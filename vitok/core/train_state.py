@@ -101,11 +101,6 @@ def make_train_step(graphdef, loss_fn: Callable, tx, schedule, ema_decay: float)
   return train_step
 
 
-def eval_params(state: TrainState):
-  """The parameters to evaluate and export: the EMA when it is on, else the raw parameters."""
-  return state.ema_params if state.ema_params is not None else state.params
-
-
 # ----------------------------------------------------------------------------------------------
 # Sharded creation and compilation.
 # ----------------------------------------------------------------------------------------------
@@ -157,15 +152,17 @@ def compile_train_step(layout: StateLayout, loss_fn: Callable, ema_decay: float,
                        abstract_batch: Any, frozen: Any):
   """Lowers and compiles the train step once, ahead of time, for the layout's shardings.
 
-  The state is donated (updated in place); the batch is split over the data axes; frozen arrays
-  and metrics are replicated. Activations are constrained by the config's rules while tracing.
-  Returns the `jax.stages.Compiled` step: call it as `step(state, batch, frozen)`."""
+  The state is donated (updated in place); the batch is split over the data axes; the frozen
+  arrays keep the shardings they carry (`frozen`: arrays or ShapeDtypeStructs, e.g. a task's
+  `abstract_frozen`); metrics are replicated. Activations are constrained by the config's rules
+  while tracing. Returns the `jax.stages.Compiled` step: call it as `step(state, batch, frozen)`."""
   mesh, rules = layout.mesh, layout.rules
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   step = jax.jit(
       make_train_step(layout.graphdef, loss_fn, layout.tx, layout.schedule, ema_decay),
-      in_shardings=(layout.shardings, batch_sharding, replicated),
+      in_shardings=(layout.shardings, batch_sharding, frozen_shardings),
       out_shardings=(layout.shardings, replicated),
       donate_argnums=0)
   with sharding.activation_sharding(mesh, rules):

