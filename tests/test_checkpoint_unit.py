@@ -1,5 +1,6 @@
 """Checkpointer unit tests (fast, CPU, 8 simulated devices): resharding restores, keep-last plus
-keep-best retention, the data iterator in the checkpoint, params-only restores and exports."""
+keep-best retention, the data iterator in the checkpoint, params-only restores and exports, damage
+detection. The end-to-end resume tests (training runs, signals) are in test_resume_end_to_end.py."""
 
 import json
 import os
