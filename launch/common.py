@@ -14,32 +14,48 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from vitok.core import checkpoint as ckpt_lib
 from launch import tasks
+from vitok.core import checkpoint as ckpt_lib
 from vitok.core import config_checks, trainer
 from vitok.core import task as task_lib
 from vitok.data import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file with an optional argument, e.g. configs/vitok.py:demo. '
-    'Fields can be overridden with --config.<field>=value.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, logs, samples. '
-                                'Multi-host runs need a path on storage shared by all hosts.')
+    'config',
+    None,
+    'Config file with an optional argument, e.g. configs/vitok.py:demo. '
+    'Fields can be overridden with --config.<field>=value.',
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir',
+    None,
+    'Run directory: checkpoints, logs, samples. '
+    'Multi-host runs need a path on storage shared by all hosts.',
+)
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', '', 'host:port of process 0 for a multi-process run started by hand '
-    '(TPU pods and SLURM jobs are detected automatically).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'With --coordinator_address: '
-                                      'the number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'With --coordinator_address: this '
-                                   'process\'s index in [0, num_processes).')
+    'coordinator_address',
+    '',
+    'host:port of process 0 for a multi-process run started by hand '
+    '(TPU pods and SLURM jobs are detected automatically).',
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', 0, 'With --coordinator_address: the number of processes.'
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', -1, "With --coordinator_address: this process's index in [0, num_processes)."
+)
 
 
 _MESH = flags.DEFINE_string(
-    'mesh', '', 'Mesh shape overriding config.mesh.shape, e.g. 16x16 (sizes for config.mesh.axes; '
-    'one may be -1).')
+    'mesh',
+    '',
+    'Mesh shape overriding config.mesh.shape, e.g. 16x16 (sizes for config.mesh.axes; '
+    'one may be -1).',
+)
 
 
-USAGE_EXIT_CODE = 2          # a bad flag or config: nothing was started
+USAGE_EXIT_CODE = 2  # a bad flag or config: nothing was started
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
 
 
@@ -73,8 +89,11 @@ def run(main: Callable, on_interrupt: Callable[[], str] | None = None) -> None:
     except KeyboardInterrupt:
       # os._exit: interpreter teardown while XLA compiles or Orbax writes in other threads can
       # crash (segfault) after the line; there is nothing left to clean up that matters.
-      fail('interrupted (Ctrl-C): ' + (on_interrupt() if on_interrupt else 'stopped'),
-           code=INTERRUPTED_EXIT_CODE, exit_now=True)
+      fail(
+          'interrupted (Ctrl-C): ' + (on_interrupt() if on_interrupt else 'stopped'),
+          code=INTERRUPTED_EXIT_CODE,
+          exit_now=True,
+      )
 
   app.run(guarded, flags_parser=_parse_flags)
 
@@ -91,7 +110,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _config_file_argument(argv: list[str]) -> str | None:
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      return arg[len('--config='):]
+      return arg[len('--config=') :]
     if arg == '--config' and i + 1 < len(argv):
       return argv[i + 1]
   return None
@@ -111,23 +130,27 @@ def _flag_error_message(error: Exception, argv: list[str]) -> str:
   defaults = None
   if argument is not None:
     try:
-      defaults = flags.FLAGS['config'].parser.parse(argument)   # the config without overrides
-      defaults.keys()            # a file that failed to load raises here
+      defaults = flags.FLAGS['config'].parser.parse(argument)  # the config without overrides
+      defaults.keys()  # a file that failed to load raises here
     except Exception as e:  # pylint: disable=broad-except
       return f'bad flag --config={argument}: {_last_line(e)}'
   missing = object()
   overrides = [a for a in argv[1:] if a.startswith('--config.')]
   for arg in overrides:
-    dotted = arg[len('--'):].split('=', 1)[0]
-    if defaults is not None and config_checks.lookup(defaults, dotted[len('config.'):],
-                                                     missing) is missing:
+    dotted = arg[len('--') :].split('=', 1)[0]
+    if (
+        defaults is not None
+        and config_checks.lookup(defaults, dotted[len('config.') :], missing) is missing
+    ):
       return f'bad flag {arg}: {config_checks.unknown_field_message(dotted, defaults)}'
   match = re.match(r'flag (--config\.[\w.]+)=(.*?): ', str(error))
   if match and defaults is not None:
-    dotted = match[1][len('--'):]
-    current = config_checks.lookup(defaults, dotted[len('config.'):])
-    return (f'bad flag {match[1]}={match[2]}: {dotted} takes {type(current).__name__} values, '
-            f'got {match[2]!r}')
+    dotted = match[1][len('--') :]
+    current = config_checks.lookup(defaults, dotted[len('config.') :])
+    return (
+        f'bad flag {match[1]}={match[2]}: {dotted} takes {type(current).__name__} values, '
+        f'got {match[2]!r}'
+    )
   match = re.match(r'flag (--\S+?): (.*)', _last_line(error))
   return f'bad flag {match[1]}: {match[2]}' if match else f'bad flag: {_last_line(error)}'
 
@@ -139,6 +162,7 @@ def mesh_flag() -> str:
 def mesh_sizes(shape: str) -> tuple[int, ...]:
   """'16x16' (or '16,16') -> (16, 16); anything else fails naming --mesh."""
   from vitok.core import sharding
+
   try:
     return sharding.parse_mesh_shape(shape)
   except ValueError:
@@ -149,13 +173,14 @@ def mesh_override(config, default: str = '') -> None:
   """Applies --mesh (or `default` when --mesh is not given) to config.mesh.shape."""
   shape = _MESH.value or default
   if shape:
-    config.mesh.shape = type(config.mesh.shape)(mesh_sizes(shape))   # tuple, or list from json
+    config.mesh.shape = type(config.mesh.shape)(mesh_sizes(shape))  # tuple, or list from json
 
 
 def init_distributed() -> None:
   """jax.distributed for multi-process runs (explicit flags, SLURM or a TPU pod); else nothing.
   Must run before anything touches a device."""
   from vitok.core import distributed
+
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
@@ -163,6 +188,7 @@ def quiet_library_logs() -> None:
   """Orbax and tfds log every step of every save at INFO: show warnings and up unless the user
   asked for a verbosity (--verbosity=0 brings INFO back)."""
   from absl import logging
+
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
 
@@ -173,8 +199,10 @@ def directory_flag(name: str) -> str | None:
   if not value:
     return None
   if '://' in value:
-    fail(f'bad flag --{name}={value}: URLs are not supported; use a path on a shared file '
-         'system (NFS, Lustre, or a bucket mounted with gcsfuse)')
+    fail(
+        f'bad flag --{name}={value}: URLs are not supported; use a path on a shared file '
+        'system (NFS, Lustre, or a bucket mounted with gcsfuse)'
+    )
   path = os.path.abspath(os.path.expanduser(value))
   try:
     trainer.check_workdir(path, flag=f'--{name}')
@@ -193,15 +221,17 @@ def load_config(allow_workdir_config: bool = False) -> ml_collections.ConfigDict
   if config is None:
     saved = os.path.join(workdir() or '', 'config.json')
     if not (allow_workdir_config and os.path.exists(saved)):
-      fail('--config is required (e.g. --config=configs/vitok.py:demo)'
-           + (f'; no {saved} to fall back on' if allow_workdir_config else ''))
+      fail(
+          '--config is required (e.g. --config=configs/vitok.py:demo)'
+          + (f'; no {saved} to fall back on' if allow_workdir_config else '')
+      )
     try:
       with open(saved) as f:
         config = ml_collections.ConfigDict(json.load(f))
     except (OSError, ValueError) as e:
-      fail(f'cannot read the run\'s config {saved}: {type(e).__name__}: {e}; pass --config')
+      fail(f"cannot read the run's config {saved}: {type(e).__name__}: {e}; pass --config")
   try:
-    config.keys()      # a --config file that failed to load raises on first access
+    config.keys()  # a --config file that failed to load raises on first access
   except OSError as e:
     fail(f'bad flag --config={_config_file_argument(sys.argv)}: {_last_line(e)}')
   return config
@@ -223,6 +253,7 @@ def make_task_or_exit(config) -> task_lib.Task:
 def make_mesh_or_exit(config):
   """The config's mesh over all devices; a mesh that does not fit ends the run with its message."""
   from vitok.core import sharding
+
   try:
     return sharding.make_mesh(config.mesh)
   except ValueError as e:
@@ -232,10 +263,10 @@ def make_mesh_or_exit(config):
 class TrainedRun(NamedTuple):
   config: ml_collections.ConfigDict
   task: task_lib.Task
-  layout: Any                  # train_state.StateLayout on this job's mesh
-  params: Any                  # the restored parameters (EMA or raw)
-  step: int                    # the checkpoint step they come from
-  ema: bool                    # whether they are the EMA
+  layout: Any  # train_state.StateLayout on this job's mesh
+  params: Any  # the restored parameters (EMA or raw)
+  step: int  # the checkpoint step they come from
+  ema: bool  # whether they are the EMA
 
 
 def open_trained_run(step: int | None, raw: bool) -> TrainedRun:
@@ -260,6 +291,8 @@ def open_trained_run(step: int | None, raw: bool) -> TrainedRun:
     params = checkpointer.restore_params(layout.abstract.params, step, ema=use_ema)
   except ckpt_lib.CheckpointMismatch as e:
     fields = trainer.config_differences(os.path.join(workdir(), 'config.json'), config)
-    fail(f'bad config: {e}; fields of --config that differ from the run\'s config.json: '
-         f'{"; ".join(fields) or "none"}')
+    fail(
+        f"bad config: {e}; fields of --config that differ from the run's config.json: "
+        f'{"; ".join(fields) or "none"}'
+    )
   return TrainedRun(config, task, layout, params, checkpointer.restored_step, use_ema)

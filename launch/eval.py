@@ -21,8 +21,12 @@ from vitok.core import task as task_lib
 from vitok.core import trainer
 
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
-_RAW = flags.DEFINE_bool('raw', False, 'Evaluate the raw parameters even when the run kept an EMA '
-                        '(by default the EMA is evaluated, as during training).')
+_RAW = flags.DEFINE_bool(
+    'raw',
+    False,
+    'Evaluate the raw parameters even when the run kept an EMA '
+    '(by default the EMA is evaluated, as during training).',
+)
 
 
 def main(argv):
@@ -30,11 +34,16 @@ def main(argv):
   common.quiet_library_logs()
   run = common.open_trained_run(_STEP.value, _RAW.value)
   context = task_lib.EvalContext(
-      graphdef=run.layout.graphdef, params=run.params, frozen=run.task.frozen(run.layout.mesh),
-      sources=trainer.prepare_data(run.task), step=run.step, workdir=common.workdir(),
-      mesh=run.layout.mesh)
+      graphdef=run.layout.graphdef,
+      params=run.params,
+      frozen=run.task.frozen(run.layout.mesh),
+      sources=trainer.prepare_data(run.task),
+      step=run.step,
+      workdir=common.workdir(),
+      mesh=run.layout.mesh,
+  )
   result = {}
-  for evaluator in run.task.evaluators():     # every evaluation the family defines
+  for evaluator in run.task.evaluators():  # every evaluation the family defines
     result.update(evaluator.run(context))
   if jax.process_index() == 0:
     print(json.dumps(result))

@@ -30,7 +30,7 @@ def main(argv):
   run = common.open_trained_run(_STEP.value, _RAW.value)
   ckpt_lib.export_params(run.params, os.path.join(out, 'params'))
   if jax.process_index() == 0:
-    trainer.write_config(run.config, out)      # the config the parameters were restored with
+    trainer.write_config(run.config, out)  # the config the parameters were restored with
     print(f'exported the {"EMA" if run.ema else "raw"} parameters of step {run.step} to {out}')
 
 

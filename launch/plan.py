@@ -22,11 +22,10 @@ import time
 import jax
 
 from launch import common
-from vitok.core import perf, sharding
+from vitok.core import perf, sharding, trainer
 from vitok.core import train_state as ts
-from vitok.core import trainer
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def plan(config) -> dict:
@@ -41,21 +40,26 @@ def compile_plan(config, mesh) -> dict:
   trainer.configure_runtime(config)
   dp = sharding.data_parallel_size(mesh, config.sharding_rules)
   if config.data.batch_size % dp:
-    common.fail(f'bad config: data.batch_size={config.data.batch_size} must be divisible by '
-                f'the {dp} ways the mesh {dict(mesh.shape)} splits a batch')
+    common.fail(
+        f'bad config: data.batch_size={config.data.batch_size} must be divisible by '
+        f'the {dp} ways the mesh {dict(mesh.shape)} splits a batch'
+    )
   layout = trainer.create_layout(task, config, mesh)
-  frozen = task.abstract_frozen(mesh)        # shapes only: nothing is loaded onto the devices
+  frozen = task.abstract_frozen(mesh)  # shapes only: nothing is loaded onto the devices
   started = time.perf_counter()
-  compiled = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                                   task.abstract_batch(), frozen)
+  compiled = ts.compile_train_step(
+      layout, task.loss_fn, config.optim.ema_decay, task.abstract_batch(), frozen
+  )
   compile_s = time.perf_counter() - started
   stats = perf.compiled_stats(compiled)
   frozen_b = sharding.abstract_bytes_per_device(frozen, jax.tree.map(lambda x: x.sharding, frozen))
-  per_device = lambda part: sharding.abstract_bytes_per_device(getattr(layout.abstract, part),
-                                                               getattr(layout.shardings, part))
+  per_device = lambda part: sharding.abstract_bytes_per_device(
+      getattr(layout.abstract, part), getattr(layout.shardings, part)
+  )
   params_b = per_device('params')
-  optimizer_b = per_device('opt_state') + (per_device('ema_params')
-                                           if layout.abstract.ema_params is not None else 0)
+  optimizer_b = per_device('opt_state') + (
+      per_device('ema_params') if layout.abstract.ema_params is not None else 0
+  )
   analytic = task.train_flops_per_clip() * config.data.batch_size / mesh.size
   return {
       'mesh': dict(mesh.shape),
@@ -67,7 +71,8 @@ def compile_plan(config, mesh) -> dict:
       'frozen_GiB_per_device': round(frozen_b / GIB, 4),
       'temp_GiB_per_device': round((stats['temp_bytes'] or 0) / GIB, 4),
       'total_GiB_per_device': round(
-          (params_b + optimizer_b + frozen_b + (stats['temp_bytes'] or 0)) / GIB, 4),
+          (params_b + optimizer_b + frozen_b + (stats['temp_bytes'] or 0)) / GIB, 4
+      ),
       'model_TFLOP_per_step_per_device': round(analytic / 1e12, 4),
       'xla_TFLOP_per_step_per_device': round((stats['flops'] or 0) / 1e12, 4),
       'compile_s': round(compile_s, 1),
@@ -89,7 +94,7 @@ def main(argv):
   config = common.load_config()
   mesh_flag = common.mesh_flag()
   if mesh_flag:
-    simulate_devices(mesh_flag)       # before anything starts the JAX backend
+    simulate_devices(mesh_flag)  # before anything starts the JAX backend
     common.mesh_override(config)
   result = plan(config)
   if mesh_flag:

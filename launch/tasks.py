@@ -15,8 +15,8 @@ from vitok.core import config_checks
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  config_module: str        # the family's config file, as a module
-  task_class: str           # 'module:Class' of its Task
+  config_module: str  # the family's config file, as a module
+  task_class: str  # 'module:Class' of its Task
 
   def base_config(self):
     return importlib.import_module(self.config_module).base_config()
@@ -29,7 +29,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     'vitok': Family('configs.vitok', 'vitok.stage1:TokenizerTask'),
 }
-DEFAULT = 'vitok'           # the family of runs whose config.json predates config.task
+DEFAULT = 'vitok'  # the family of runs whose config.json predates config.task
 
 
 def family_of(config) -> Family:
@@ -37,7 +37,8 @@ def family_of(config) -> Family:
   name = config.get('task', DEFAULT)
   if name not in FAMILIES:
     raise config_checks.ConfigError(
-        f'config.task={name!r} is not a model family; known: {", ".join(FAMILIES)}')
+        f'config.task={name!r} is not a model family; known: {", ".join(FAMILIES)}'
+    )
   return FAMILIES[name]
 
 
@@ -46,12 +47,13 @@ def make_task(config):
   family's own fields, the best-checkpoint metric) and returns its Task. Raises ConfigError (or
   ValueError) naming the field."""
   from vitok.core import trainer
+
   family = family_of(config)
   if 'task' not in config:
     with config.unlocked():
       config.task = DEFAULT
   config_checks.check_known_fields(config, family.base_config())
-  config_checks.check_fields(config, config_checks.TRAINING_FIELDS)   # before the task reads them
+  config_checks.check_fields(config, config_checks.TRAINING_FIELDS)  # before the task reads them
   task = family.task(config)
   trainer.check_best_metric(config, task)
   return task

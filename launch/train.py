@@ -25,25 +25,31 @@ def main(argv):
     common.fail('--workdir is required')
   config = common.load_config()
   common.init_distributed()
-  common.mesh_override(config)                    # --mesh=AxB, if given
+  common.mesh_override(config)  # --mesh=AxB, if given
   task = common.make_task_or_exit(config)
-  mesh = common.make_mesh_or_exit(config)         # a mesh that does not fit fails before any work
+  mesh = common.make_mesh_or_exit(config)  # a mesh that does not fit fails before any work
   try:
     trainer.check_batch_fits(config, mesh)
   except ValueError as e:
     common.fail(f'bad config: {e}')
-  result = trainer.train(config, common.workdir(), task)     # prints each evaluation
-  if result.stopped_by:                           # SIGTERM or Ctrl-C: the step was saved
+  result = trainer.train(config, common.workdir(), task)  # prints each evaluation
+  if result.stopped_by:  # SIGTERM or Ctrl-C: the step was saved
     sys.exit(signals.EXIT_CODES[result.stopped_by])
 
 
 def _interrupted() -> str:
   """What a Ctrl-C outside the training loop (start-up, or a second Ctrl-C) leaves behind."""
   directory = os.path.join(common.workdir() or '', 'checkpoints')
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
-      if os.path.isdir(directory) else []
-  return ('stopped without saving; ' + (f'the newest checkpoint in {directory} is step '
-                                        f'{steps[-1]}' if steps else 'no checkpoint was written'))
+  steps = (
+      sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+      if os.path.isdir(directory)
+      else []
+  )
+  return 'stopped without saving; ' + (
+      f'the newest checkpoint in {directory} is step {steps[-1]}'
+      if steps
+      else 'no checkpoint was written'
+  )
 
 
 if __name__ == '__main__':

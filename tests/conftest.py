@@ -22,10 +22,11 @@ TINY = 'variant=cpu128-cpu128/2x8,channels=4,frames=4,res=32,batch=8'
 
 def _make_videos(folder):
   from vitok.data import video_io
+
   rng = np.random.default_rng(0)
   for i in range(4):
     base = rng.integers(0, 255, (1, 4, 4, 3)).astype(np.float64)
-    frames = np.repeat(np.repeat(base, 8, axis=1), 8, axis=2)            # 32x32 colour blocks
+    frames = np.repeat(np.repeat(base, 8, axis=1), 8, axis=2)  # 32x32 colour blocks
     frames = np.concatenate([np.roll(frames, t, axis=2) for t in range(10)])  # moving right
     video_io.write_mp4(os.path.join(folder, f'clip{i}.mp4'), frames.astype(np.uint8))
 
@@ -34,12 +35,19 @@ def _make_videos(folder):
 def tiny_config(tmp_path_factory):
   """cpu128-cpu128/2x8 on 4 x 32 x 32 clips of four small synthetic mp4s (3 train, 1 held out)."""
   from configs import vitok as vitok_config
+
   videos = tmp_path_factory.mktemp('videos')
   _make_videos(str(videos))
   config = vitok_config.get_config(TINY)
-  config.data.update(name='video_folder', manual_dir=str(videos), holdout_fraction=0.25,
-                     data_dir=str(tmp_path_factory.mktemp('tfds')), clip_frames=8,
-                     store_short_side=32, eval_batch_size=8)
+  config.data.update(
+      name='video_folder',
+      manual_dir=str(videos),
+      holdout_fraction=0.25,
+      data_dir=str(tmp_path_factory.mktemp('tfds')),
+      clip_frames=8,
+      store_short_side=32,
+      eval_batch_size=8,
+  )
   config.loss.lpips_frames = 1
   config.optim.update(lr=1e-3, warmup_steps=1, ema_decay=0.9)
   config.update(log_every=1, ckpt_every=2, eval_every=100, num_eval_videos=1)
@@ -54,19 +62,34 @@ def launch_train(tiny_config):
   def start(workdir, devices=2, overrides=None, flags_=()):
     c = tiny_config
     fields = {
-        'data.name': 'video_folder', 'data.manual_dir': c.data.manual_dir,
-        'data.data_dir': c.data.data_dir, 'data.holdout_fraction': c.data.holdout_fraction,
-        'data.clip_frames': c.data.clip_frames, 'data.store_short_side': c.data.store_short_side,
-        'data.eval_batch_size': c.data.eval_batch_size, 'loss.lpips_frames': 1,
-        'optim.lr': 1e-3, 'optim.warmup_steps': 1, 'optim.ema_decay': 0.9,
+        'data.name': 'video_folder',
+        'data.manual_dir': c.data.manual_dir,
+        'data.data_dir': c.data.data_dir,
+        'data.holdout_fraction': c.data.holdout_fraction,
+        'data.clip_frames': c.data.clip_frames,
+        'data.store_short_side': c.data.store_short_side,
+        'data.eval_batch_size': c.data.eval_batch_size,
+        'loss.lpips_frames': 1,
+        'optim.lr': 1e-3,
+        'optim.warmup_steps': 1,
+        'optim.ema_decay': 0.9,
     }
     fields.update(overrides or {})
-    args = [sys.executable, '-m', 'launch.train', f'--workdir={workdir}',
-            f'--config=configs/vitok.py:{TINY}']
+    args = [
+        sys.executable,
+        '-m',
+        'launch.train',
+        f'--workdir={workdir}',
+        f'--config=configs/vitok.py:{TINY}',
+    ]
     args += [f'--config.{k}={v}' for k, v in fields.items()] + list(flags_)
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-               JAX_PLATFORMS='cpu')
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+        JAX_PLATFORMS='cpu',
+    )
+    return subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
   return start

@@ -14,7 +14,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import manifest
@@ -35,8 +36,7 @@ def _mesh(shape):
 
 def _shardings(tree, mesh):
   """Matrices split over 'fsdp' on their first axis; everything else replicated."""
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, P('fsdp', None) if x.ndim == 2 else P()), tree)
+  return jax.tree.map(lambda x: NamedSharding(mesh, P('fsdp', None) if x.ndim == 2 else P()), tree)
 
 
 def _state(ema=True, seed=0, mesh=None):
@@ -48,7 +48,8 @@ def _state(ema=True, seed=0, mesh=None):
   state = state.replace(
       step=jnp.asarray(7 + seed, jnp.int32),
       opt_state=jax.tree.map(lambda x: x + 0.25 if x.dtype == jnp.float32 else x, state.opt_state),
-      ema_params=None if not ema else jax.tree.map(lambda x: 0.5 * x + 1.0, state.ema_params))
+      ema_params=None if not ema else jax.tree.map(lambda x: 0.5 * x + 1.0, state.ema_params),
+  )
   mesh = mesh or _mesh((2, 4))
   return jax.device_put(state, _shardings(state, mesh))
 
@@ -56,8 +57,9 @@ def _state(ema=True, seed=0, mesh=None):
 def _equal(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert jax.tree.structure(a) == jax.tree.structure(b) and len(la) == len(lb)
-  return all(x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(la, lb))
+  return all(
+      x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
+  )
 
 
 def _assert_shardings(tree, shardings):
@@ -133,7 +135,7 @@ def test_data_iterator_round_trip(tmp_path):
     next(it)
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
   checkpointer.save(3, state, data_iterator=it)
-  expected = [next(it) for _ in range(2)]    # the uninterrupted continuation
+  expected = [next(it) for _ in range(2)]  # the uninterrupted continuation
   checkpointer.close()
 
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
@@ -171,8 +173,8 @@ def test_restore_params_and_ema_onto_another_sharding(tmp_path):
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
   checkpointer.save(2, state)
   other = _shardings(state.params, _mesh((1, 8)))
-  abstract = ckpt_lib.abstract_like(state.params, other)   # no optimizer state needed
-  params = checkpointer.restore_params(abstract)            # waits for the pending save
+  abstract = ckpt_lib.abstract_like(state.params, other)  # no optimizer state needed
+  params = checkpointer.restore_params(abstract)  # waits for the pending save
   assert _equal(params, state.params)
   _assert_shardings(params, other)
   ema = checkpointer.restore_params(abstract, step=2, ema=True)
@@ -192,9 +194,11 @@ def test_restore_params_and_ema_onto_another_sharding(tmp_path):
   # A mismatching target (another model config) names the step, the directory and the arrays.
   replicated = NamedSharding(_mesh((1, 8)), P())
   wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct((3,) + x.shape, x.dtype), abstract)
-  with pytest.raises(ckpt_lib.CheckpointMismatch,
-                     match=r'step 3 in .*checkpoints holds other arrays than this config builds: '
-                           r'down/bias: saved \(8,\) float32, requested \(3, 8\) float32'):
+  with pytest.raises(
+      ckpt_lib.CheckpointMismatch,
+      match=r'step 3 in .*checkpoints holds other arrays than this config builds: '
+      r'down/bias: saved \(8,\) float32, requested \(3, 8\) float32',
+  ):
     checkpointer.restore_params(ckpt_lib.abstract_like(wrong, replicated))
   # A target without shardings is refused (Orbax would silently return the saved shape).
   with pytest.raises(ValueError, match='no target sharding'):
@@ -238,11 +242,12 @@ def test_unreadable_metrics_do_not_prevent_opening(tmp_path):
 # Damage: detected (digests), skipped by restores without a step, moved aside, never deleted.
 # ------------------------------------------------------------------------------------------------
 
+
 def _raw_restore(item_dir, abstract):
   """Orbax alone, without the manifest's checks: what a restore returned before digests."""
   checkpointer = ocp.StandardCheckpointer()
   try:
-    with ckpt_lib._quiet_async_errors():   # pylint: disable=protected-access
+    with ckpt_lib._quiet_async_errors():  # pylint: disable=protected-access
       return checkpointer.restore(item_dir, abstract)
   except Exception:  # pylint: disable=broad-except
     return None
@@ -253,10 +258,16 @@ def _raw_restore(item_dir, abstract):
 def _flip_a_bit_that_orbax_restores_silently(item_dir, abstract, saved):
   """Flips one bit of the array data in the Orbax item `item_dir` such that Orbax still restores
   it, with a wrong value (zstd-compressed data carries no checksum)."""
-  data_files = sorted(      # OCDBT value files; its B-tree nodes (in state/d/) carry a CRC-32C
-      (os.path.join(root, name) for root, _, names in os.walk(item_dir) for name in names
-       if os.path.basename(root) == 'd' and 'ocdbt.process_' in root),
-      key=os.path.getsize, reverse=True)
+  data_files = sorted(  # OCDBT value files; its B-tree nodes (in state/d/) carry a CRC-32C
+      (
+          os.path.join(root, name)
+          for root, _, names in os.walk(item_dir)
+          for name in names
+          if os.path.basename(root) == 'd' and 'ocdbt.process_' in root
+      ),
+      key=os.path.getsize,
+      reverse=True,
+  )
   for path in data_files:
     original = open(path, 'rb').read()
     for offset in range(len(original) // 2, len(original), 97):
@@ -283,17 +294,18 @@ def test_digests_do_not_depend_on_sharding_and_see_any_single_change():
   digests = manifest.digests(state)
   for mesh in (_mesh((1, 8)), _mesh((8, 1))):
     assert manifest.digests(jax.device_put(state, _shardings(state, mesh))) == digests
-  assert manifest.digests(jax.device_get(state)) == digests          # host arrays too
+  assert manifest.digests(jax.device_get(state)) == digests  # host arrays too
   rng = np.random.default_rng(0)
   kernel = np.asarray(state.params['up']['kernel'][...])
-  for _ in range(20):      # one element changed by one bit, anywhere: always a new digest
+  for _ in range(20):  # one element changed by one bit, anywhere: always a new digest
     changed = kernel.copy().reshape(-1)
     i = rng.integers(changed.size)
-    changed[i] = (changed[i:i + 1].view(np.uint32) ^ np.uint32(1 << rng.integers(32))).view(
-        np.float32)[0]
+    changed[i] = (changed[i : i + 1].view(np.uint32) ^ np.uint32(1 << rng.integers(32))).view(
+        np.float32
+    )[0]
     assert manifest.digests([changed.reshape(kernel.shape)]) != manifest.digests([kernel])
   swapped = kernel.copy()
-  swapped[[0, 1]] = swapped[[1, 0]]                                  # two elements trade places
+  swapped[[0, 1]] = swapped[[1, 0]]  # two elements trade places
   assert manifest.digests([swapped]) != manifest.digests([kernel])
   for dtype in (jnp.bfloat16, jnp.int8, jnp.bool_, jnp.uint32):
     x = np.asarray(rng.integers(0, 2, (4, 5))).astype(dtype)
@@ -314,14 +326,17 @@ def test_a_flipped_bit_is_damage_and_restore_falls_back_to_the_previous_checkpoi
   older, newer = _large_state(seed=0), _large_state(seed=1)
   _write(tmp_path, older, newer)
   abstract = ckpt_lib.abstract_like(newer)
-  _flip_a_bit_that_orbax_restores_silently(str(tmp_path / 'checkpoints' / '2' / 'state'),
-                                           abstract, newer)
+  _flip_a_bit_that_orbax_restores_silently(
+      str(tmp_path / 'checkpoints' / '2' / 'state'), abstract, newer
+  )
 
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
-  with pytest.raises(ckpt_lib.CheckpointDamaged,
-                     match=r'step 2 in .* is damaged: array .* does not match the digest'):
+  with pytest.raises(
+      ckpt_lib.CheckpointDamaged,
+      match=r'step 2 in .* is damaged: array .* does not match the digest',
+  ):
     checkpointer.restore(abstract, step=2)
-  assert _equal(checkpointer.restore(abstract), older)              # the newest that restores
+  assert _equal(checkpointer.restore(abstract), older)  # the newest that restores
   assert checkpointer.restored_step == 1
   assert [s for s, _ in checkpointer.skipped] == [2] and 'digest' in checkpointer.skipped[0][1]
   assert _equal(checkpointer.restore_params(abstract.params), older.params)
@@ -342,14 +357,18 @@ def test_a_truncated_file_is_damage_with_the_reason_and_a_missing_step_is_not(tm
   state = _large_state(seed=0)
   _write(tmp_path, state)
   item = tmp_path / 'checkpoints' / '1' / 'state'
-  data = max((p for p in item.rglob('*') if p.parent.name == 'd' and 'ocdbt.process_' in str(p)),
-             key=lambda p: p.stat().st_size)
-  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  data = max(
+      (p for p in item.rglob('*') if p.parent.name == 'd' and 'ocdbt.process_' in str(p)),
+      key=lambda p: p.stat().st_size,
+  )
+  data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
   abstract = ckpt_lib.abstract_like(state)
-  with pytest.raises(ckpt_lib.CheckpointDamaged,
-                     match=r'step 1 in .* is damaged: ValueError: OUT_OF_RANGE: Error reading .*'
-                           r'Requested byte range .* is not valid for value of size'):
+  with pytest.raises(
+      ckpt_lib.CheckpointDamaged,
+      match=r'step 1 in .* is damaged: ValueError: OUT_OF_RANGE: Error reading .*'
+      r'Requested byte range .* is not valid for value of size',
+  ):
     checkpointer.restore(abstract, step=1)
   with pytest.raises(ckpt_lib.CheckpointError, match=r'no checkpoint step 9 in .*; present: 1$'):
     checkpointer.restore(abstract, step=9)
@@ -359,15 +378,16 @@ def test_a_truncated_file_is_damage_with_the_reason_and_a_missing_step_is_not(tm
 def test_every_checkpoint_damaged_is_an_error_listing_each_reason(tmp_path):
   state = _state()
   _write(tmp_path, state, state)
-  os.remove(tmp_path / 'checkpoints' / '1' / 'state' / 'manifest.ocdbt')     # unreadable
-  with open(tmp_path / 'checkpoints' / '2' / 'manifest' / 'metadata') as f:   # edited manifest
+  os.remove(tmp_path / 'checkpoints' / '1' / 'state' / 'manifest.ocdbt')  # unreadable
+  with open(tmp_path / 'checkpoints' / '2' / 'manifest' / 'metadata') as f:  # edited manifest
     text = f.read()
   with open(tmp_path / 'checkpoints' / '2' / 'manifest' / 'metadata', 'w') as f:
     f.write(text.replace('[16, 32]', '[16, 33]'))
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r'no checkpoint in .* can be restored: step 2: its manifest is damaged'
-                           r'.*; step 1: '):
+  with pytest.raises(
+      ckpt_lib.CheckpointError,
+      match=r'no checkpoint in .* can be restored: step 2: its manifest is damaged.*; step 1: ',
+  ):
     checkpointer.restore(ckpt_lib.abstract_like(state))
   checkpointer.close()
 
@@ -378,8 +398,10 @@ def test_other_arrays_are_a_mismatch_not_damage_and_older_steps_are_not_tried(tm
   checkpointer.save(1, state)
   checkpointer.save(2, state)
   no_ema = ckpt_lib.abstract_like(state.replace(ema_params=None))
-  with pytest.raises(ckpt_lib.CheckpointMismatch,
-                     match=r'step 2 .* ema_params/down/bias: saved \(8,\) float32, requested absent'):
+  with pytest.raises(
+      ckpt_lib.CheckpointMismatch,
+      match=r'step 2 .* ema_params/down/bias: saved \(8,\) float32, requested absent',
+  ):
     checkpointer.restore(no_ema)
   assert checkpointer.skipped == []
   checkpointer.close()
@@ -388,7 +410,7 @@ def test_other_arrays_are_a_mismatch_not_damage_and_older_steps_are_not_tried(tm
 def test_checkpoints_without_a_manifest_still_restore(tmp_path):
   state = _state()
   _write(tmp_path, state)
-  shutil.rmtree(tmp_path / 'checkpoints' / '1' / 'manifest')     # as written by older versions
+  shutil.rmtree(tmp_path / 'checkpoints' / '1' / 'manifest')  # as written by older versions
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
   assert _equal(checkpointer.restore(ckpt_lib.abstract_like(state)), state)
   checkpointer.close()
@@ -402,11 +424,17 @@ def test_exported_parameters_are_verified_when_loaded(tmp_path):
   with open(os.path.join(directory, 'manifest', 'metadata')) as f:
     names = [name for name, *_ in json.load(f)['arrays']]
   assert names == ['big', 'down/bias', 'down/kernel', 'up/bias', 'up/kernel']
-  wrong = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2,) + x.shape, x.dtype, sharding=x.sharding),
-                       abstract)
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'not those of this config: big: saved \(64, 256\)'):
+  wrong = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((2,) + x.shape, x.dtype, sharding=x.sharding), abstract
+  )
+  with pytest.raises(
+      ckpt_lib.CheckpointError, match=r'not those of this config: big: saved \(64, 256\)'
+  ):
     ckpt_lib.load_params(directory, wrong)
-  _flip_a_bit_that_orbax_restores_silently(os.path.join(directory, 'params'), abstract,
-                                           state.params)
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'could not load .* does not match the digest'):
+  _flip_a_bit_that_orbax_restores_silently(
+      os.path.join(directory, 'params'), abstract, state.params
+  )
+  with pytest.raises(
+      ckpt_lib.CheckpointError, match=r'could not load .* does not match the digest'
+  ):
     ckpt_lib.load_params(directory, abstract)

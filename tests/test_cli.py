@@ -13,12 +13,15 @@ from launch import plan
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize('arg, params_m, gmacs', [
-    ('variant=S-B/16,frames=1,res=256', 129.0, 34.8),      # 256 tokens
-    ('variant=S-L/16,frames=1,res=256', 426.8, 113.4),
-    ('variant=S-B/16,frames=1,res=512', 129.0, 160.8),     # 1024 tokens
-    ('variant=S-B/4x8,frames=16,res=128', 129.0, 160.8),   # 1024 tokens of video
-])
+@pytest.mark.parametrize(
+    'arg, params_m, gmacs',
+    [
+        ('variant=S-B/16,frames=1,res=256', 129.0, 34.8),  # 256 tokens
+        ('variant=S-L/16,frames=1,res=256', 426.8, 113.4),
+        ('variant=S-B/16,frames=1,res=512', 129.0, 160.8),  # 1024 tokens
+        ('variant=S-B/4x8,frames=16,res=128', 129.0, 160.8),  # 1024 tokens of video
+    ],
+)
 def test_plan_reproduces_the_paper(arg, params_m, gmacs):
   out = plan.plan(vitok_config.get_config(arg))
   assert out['params_total_M'] == pytest.approx(params_m, rel=0.01)
@@ -36,14 +39,23 @@ def test_plan_latent_accounting():
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, '-m', *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, XLA_FLAGS=''))
+  return subprocess.run(
+      [sys.executable, '-m', *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, XLA_FLAGS=''),
+  )
 
 
 @pytest.mark.slow
 def test_plan_command_prints_json_and_rejects_bad_configs():
-  out = _run('launch.plan', '--config=configs/vitok.py:variant=S-L/4x8,res=128,frames=16',
-             '--config.model.channels=8')
+  out = _run(
+      'launch.plan',
+      '--config=configs/vitok.py:variant=S-L/4x8,res=128,frames=16',
+      '--config.model.channels=8',
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout)
   assert result['params_total_M'] == pytest.approx(426.8, rel=0.01) and result['E'] == 8192
@@ -63,10 +75,11 @@ def test_plan_compiles_for_a_mesh_of_simulated_devices():
   assert compiled['devices'] == 16 and compiled['mesh'] == {'data': 4, 'fsdp': 4}
   # fsdp=4: each device holds about a quarter of the 4.25M float32 parameters, and Adam's two
   # moments twice that.
-  params_gib = 4.25e6 * 4 / 2 ** 30
+  params_gib = 4.25e6 * 4 / 2**30
   assert params_gib / 4 <= compiled['params_GiB_per_device'] < 1.2 * params_gib / 4
   assert compiled['optimizer_GiB_per_device'] == pytest.approx(
-      2 * compiled['params_GiB_per_device'], rel=0.01)
+      2 * compiled['params_GiB_per_device'], rel=0.01
+  )
   assert compiled['temp_GiB_per_device'] > 0
   assert compiled['xla_TFLOP_per_step_per_device'] >= compiled['model_TFLOP_per_step_per_device']
 
@@ -74,10 +87,20 @@ def test_plan_compiles_for_a_mesh_of_simulated_devices():
 @pytest.mark.slow
 def test_a_mesh_that_does_not_fit_the_devices_fails_at_start_up_naming_both_numbers(tmp_path):
   out = subprocess.run(
-      [sys.executable, '-m', 'launch.train', '--config=configs/vitok.py:demo',
-       '--config.mesh.shape=(3,3)', f'--workdir={tmp_path}'],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+      [
+          sys.executable,
+          '-m',
+          'launch.train',
+          '--config=configs/vitok.py:demo',
+          '--config.mesh.shape=(3,3)',
+          f'--workdir={tmp_path}',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+  )
   assert out.returncode != 0
   assert 'config.mesh.shape=(3, 3) needs 9 devices but 8 are available' in out.stderr
 
@@ -85,6 +108,7 @@ def test_a_mesh_that_does_not_fit_the_devices_fails_at_start_up_naming_both_numb
 def test_bench_reports_step_time_throughput_and_mfu():
   from launch import bench
   from vitok.core import sharding
+
   config = vitok_config.get_config('variant=cpu128-cpu128/2x8,channels=4,frames=4,res=32,batch=8')
   config.loss.lpips = 0.0
   config.mesh.shape = (2, 4)
@@ -93,6 +117,7 @@ def test_bench_reports_step_time_throughput_and_mfu():
   assert row['clips_per_s_per_device'] == pytest.approx(8 / 8 / row['step_time_s'])
   assert row['tokens_per_s_per_device'] == pytest.approx(32 * row['clips_per_s_per_device'])
   assert row['tflops_per_device'] == pytest.approx(
-      row['model_tflop_per_step_per_device'] / row['step_time_s'])
+      row['model_tflop_per_step_per_device'] / row['step_time_s']
+  )
   assert row['mfu'] == pytest.approx(row['tflops_per_device'] / row['peak_tflops'])
   assert row['peak_source'].startswith('measured matmul') and row['peak_memory_GiB'] > 0

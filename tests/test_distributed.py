@@ -20,7 +20,7 @@ from vitok.core import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import sys
     from vitok.core import distributed
     port, pid = sys.argv[1], int(sys.argv[2])
@@ -41,7 +41,7 @@ WORKER = textwrap.dedent('''
     total, mean = jax.jit(lambda x: (jnp.sum(x), jnp.mean(x, axis=0)),
                           out_shardings=(replicated, replicated))(x)
     print('RESULT', float(total), ' '.join(str(float(v)) for v in np.asarray(mean)), flush=True)
-''')
+""")
 
 
 def _free_port() -> int:
@@ -53,13 +53,24 @@ def _free_port() -> int:
 def test_two_processes_on_localhost_cpu(tmp_path):
   script = tmp_path / 'worker.py'
   script.write_text(WORKER)
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS='--xla_force_host_platform_device_count=2',
+      PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])),
+  )
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, str(script), str(port), str(i)],
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
   outputs = []
   try:
     for p in procs:
@@ -75,11 +86,16 @@ def test_two_processes_on_localhost_cpu(tmp_path):
     result = [line for line in out.splitlines() if line.startswith('RESULT')]
     assert result == ['RESULT 630.0 51.5 52.5 53.5'], out
   assert 'process 0/2, local devices 2, global devices 4' in outputs[0]
-  assert 'distributed (' not in outputs[1]   # only process 0 prints the summary
+  assert 'distributed (' not in outputs[1]  # only process 0 prints the summary
 
 
-SLURM_STEP = {'SLURM_JOB_ID': '123', 'SLURM_STEP_NODELIST': 'node[001-002]', 'SLURM_NTASKS': '16',
-              'SLURM_PROCID': '3', 'SLURM_LOCALID': '3'}
+SLURM_STEP = {
+    'SLURM_JOB_ID': '123',
+    'SLURM_STEP_NODELIST': 'node[001-002]',
+    'SLURM_NTASKS': '16',
+    'SLURM_PROCID': '3',
+    'SLURM_LOCALID': '3',
+}
 
 
 def test_plan_picks_the_launch_mode(monkeypatch):
@@ -98,9 +114,16 @@ def test_plan_picks_the_launch_mode(monkeypatch):
   # ... and on one, a worker list of more than one host means a multi-host pod.
   monkeypatch.setattr(distributed, '_running_in_cloud_tpu_vm', lambda: True)
   assert distributed.plan(env={'TPU_WORKER_HOSTNAMES': 'a,b,c,d'}) == ('tpu', {})
-  assert distributed.plan(env={'TPU_WORKER_HOSTNAMES': 'a', 'TPU_SKIP_MDS_QUERY': '1'}) == ('single', {})
+  assert distributed.plan(env={'TPU_WORKER_HOSTNAMES': 'a', 'TPU_SKIP_MDS_QUERY': '1'}) == (
+      'single',
+      {},
+  )
   assert distributed.plan(env={'MEGASCALE_COORDINATOR_ADDRESS': 'a:1'}) == ('tpu', {})
-  monkeypatch.setattr(distributed, '_gce_metadata', lambda key: 'w0,w1' if key == 'worker-network-endpoints' else None)
+  monkeypatch.setattr(
+      distributed,
+      '_gce_metadata',
+      lambda key: 'w0,w1' if key == 'worker-network-endpoints' else None,
+  )
   assert distributed.plan(env={}) == ('tpu', {})
   monkeypatch.setattr(distributed, '_gce_metadata', lambda key: 'w0')
   assert distributed.plan(env={}) == ('single', {})

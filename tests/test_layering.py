@@ -1,8 +1,8 @@
 """The package's layering, checked on the source (every import, including those inside functions).
 
-    vitok/core, vitok/data     the shared layer: never a model family, never the launch scripts
-    vitok/layers, tokenizer    model code: nothing of hosts, checkpoints or the training loop
-    dit/                       may use the shared layer and the tokenizer; the tokenizer never uses it
+vitok/core, vitok/data     the shared layer: never a model family, never the launch scripts
+vitok/layers, tokenizer    model code: nothing of hosts, checkpoints or the training loop
+dit/                       may use the shared layer and the tokenizer; the tokenizer never uses it
 """
 
 import ast
@@ -13,9 +13,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAMILIES = ('vitok.tokenizer', 'vitok.stage1', 'vitok.lpips', 'dit', 'launch', 'configs')
-HOSTS_AND_CHECKPOINTS = ('vitok.core.checkpoint', 'vitok.core.manifest', 'vitok.core.trainer',
-                         'vitok.core.train_state', 'vitok.core.distributed',
-                         'vitok.core.signals', 'vitok.core.writer', 'orbax', 'launch')
+HOSTS_AND_CHECKPOINTS = (
+    'vitok.core.checkpoint',
+    'vitok.core.manifest',
+    'vitok.core.trainer',
+    'vitok.core.train_state',
+    'vitok.core.distributed',
+    'vitok.core.signals',
+    'vitok.core.writer',
+    'orbax',
+    'launch',
+)
 
 
 def imported_modules(source: str, package: str) -> set[str]:
@@ -28,7 +36,7 @@ def imported_modules(source: str, package: str) -> set[str]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ''
       if node.level:
-        parent = package.split('.')[:len(package.split('.')) - node.level + 1]
+        parent = package.split('.')[: len(package.split('.')) - node.level + 1]
         base = '.'.join(parent + ([base] if base else []))
       found.add(base)
       found.update(f'{base}.{alias.name}' for alias in node.names)
@@ -36,8 +44,11 @@ def imported_modules(source: str, package: str) -> set[str]:
 
 
 def violations(source: str, package: str, forbidden: tuple[str, ...]) -> list[str]:
-  return sorted(m for m in imported_modules(source, package)
-                if any(m == f or m.startswith(f + '.') for f in forbidden))
+  return sorted(
+      m
+      for m in imported_modules(source, package)
+      if any(m == f or m.startswith(f + '.') for f in forbidden)
+  )
 
 
 def python_files(*relative: str):
@@ -80,17 +91,26 @@ def test_the_tokenizer_never_imports_the_dit():
   assert check(paths, ('dit',)) == []
 
 
-@pytest.mark.parametrize('source', [
-    'from vitok import stage1',
-    'import vitok.tokenizer as t',
-    'def f():\n  from dit import model\n',
-    'from ..tokenizer import ViTok',
-    'from configs import vitok',
-])
+@pytest.mark.parametrize(
+    'source',
+    [
+        'from vitok import stage1',
+        'import vitok.tokenizer as t',
+        'def f():\n  from dit import model\n',
+        'from ..tokenizer import ViTok',
+        'from configs import vitok',
+    ],
+)
 def test_the_check_sees_every_kind_of_import(source):
   assert violations(source, 'vitok.core', FAMILIES), source
 
 
 def test_the_check_lets_the_shared_layer_import_itself():
-  assert violations('from vitok.core import sharding\nfrom . import perf\n'
-                    'from vitok.data import pipeline', 'vitok.core', FAMILIES) == []
+  assert (
+      violations(
+          'from vitok.core import sharding\nfrom . import perf\nfrom vitok.data import pipeline',
+          'vitok.core',
+          FAMILIES,
+      )
+      == []
+  )

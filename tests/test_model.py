@@ -11,7 +11,9 @@ from vitok.tokenizer import TokenizerConfig, ViTok
 
 
 def tiny(**kw):
-  return ViTok(TokenizerConfig(**{'variant': 'cpu128-cpu128/2x8', 'channels': 4, **kw}), rngs=nnx.Rngs(0))
+  return ViTok(
+      TokenizerConfig(**{'variant': 'cpu128-cpu128/2x8', 'channels': 4, **kw}), rngs=nnx.Rngs(0)
+  )
 
 
 def test_encode_decode_shapes_and_dtypes():
@@ -42,14 +44,17 @@ def test_bf16_compute_keeps_float32_params():
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   video = jnp.zeros((1, 2, 16, 16, 3))
   assert model.patch_embed(jnp.zeros((1, 2 * 8 * 8 * 3))).dtype == jnp.bfloat16
-  assert model(video)[0].dtype == jnp.float32      # pixels are returned in float32
+  assert model(video)[0].dtype == jnp.float32  # pixels are returned in float32
 
 
-@pytest.mark.parametrize('variant, enc, dec, total', [
-    ('S-B/4x8', 43.3, 85.8, 129.0),
-    ('S-L/4x8', 43.3, 383.7, 426.8),
-    ('S-B/16', 43.3, 85.8, 129.0),
-])
+@pytest.mark.parametrize(
+    'variant, enc, dec, total',
+    [
+        ('S-B/4x8', 43.3, 85.8, 129.0),
+        ('S-L/4x8', 43.3, 383.7, 426.8),
+        ('S-B/16', 43.3, 85.8, 129.0),
+    ],
+)
 def test_parameter_counts_match_the_paper(variant, enc, dec, total):
   counts = tokenizer.count_params(TokenizerConfig(variant=variant, channels=16))
   assert counts['encoder'] / 1e6 == pytest.approx(enc, rel=0.01)
@@ -71,7 +76,9 @@ def test_analytic_macs_agree_with_xla_cost_analysis():
   cfg = TokenizerConfig(variant='cpu128-cpu128/2x8', channels=4)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: ViTok(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   forward = lambda p, v: nnx.merge(graphdef, p)(v)[0]
-  compiled = jax.jit(forward).lower(params, jax.ShapeDtypeStruct((1, 4, 32, 32, 3), jnp.float32)).compile()
+  compiled = (
+      jax.jit(forward).lower(params, jax.ShapeDtypeStruct((1, 4, 32, 32, 3), jnp.float32)).compile()
+  )
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   analytic = tokenizer.forward_macs(cfg, 4, 32)['total']
@@ -79,12 +86,15 @@ def test_analytic_macs_agree_with_xla_cost_analysis():
   assert analytic <= cost['flops'] / 2 <= 1.3 * analytic
 
 
-@pytest.mark.parametrize('variant, message', [
-    ('S-X/4x8', 'unknown decoder size'),
-    ('Q-B/4x8', 'unknown encoder size'),
-    ('S-B-4x8', 'malformed'),
-    ('SB/4x8', 'malformed'),
-])
+@pytest.mark.parametrize(
+    'variant, message',
+    [
+        ('S-X/4x8', 'unknown decoder size'),
+        ('Q-B/4x8', 'unknown encoder size'),
+        ('S-B-4x8', 'malformed'),
+        ('SB/4x8', 'malformed'),
+    ],
+)
 def test_bad_variants_name_the_field(variant, message):
   with pytest.raises(ValueError, match=message) as err:
     tokenizer.parse_variant(variant)
@@ -138,24 +148,35 @@ def test_3d_rope_uses_every_axis():
   assert sum(pairs) == 32 and min(pairs) >= 10
   # Moving one step along w changes only the w-group of angles.
   delta = np.asarray(angles[1] - angles[0])
-  assert np.all(delta[:pairs[0] + pairs[1]] == 0) and np.all(delta[pairs[0] + pairs[1]:] != 0)
+  assert np.all(delta[: pairs[0] + pairs[1]] == 0) and np.all(delta[pairs[0] + pairs[1] :] != 0)
 
 
 def test_kl_matches_numerical_integration():
   mean = jnp.array([[0.3, -1.2], [0.0, 2.0]])
   logvar = jnp.array([[-0.5, 0.7], [0.0, -2.0]])
-  kl = np.asarray(tokenizer.kl_divergence(mean[:, :, None, None, None], logvar[:, :, None, None, None]))
+  kl = np.asarray(
+      tokenizer.kl_divergence(mean[:, :, None, None, None], logvar[:, :, None, None, None])
+  )
   # KL(p || N(0,1)) = integral p log(p/q), by the trapezoid rule on a fine grid.
   x = np.linspace(-20, 20, 400_001)
+
   def numeric(m, lv):
     s = np.exp(0.5 * lv)
     log_p = -0.5 * ((x - m) / s) ** 2 - np.log(s) - 0.5 * np.log(2 * np.pi)
-    log_q = -0.5 * x ** 2 - 0.5 * np.log(2 * np.pi)
+    log_q = -0.5 * x**2 - 0.5 * np.log(2 * np.pi)
     return np.trapezoid(np.exp(log_p) * (log_p - log_q), x)
-  expected = np.array([[numeric(m, lv) for m, lv in zip(row_m, row_l)]
-                       for row_m, row_l in zip(np.asarray(mean), np.asarray(logvar))]).mean(axis=1)
+
+  expected = np.array(
+      [
+          [numeric(m, lv) for m, lv in zip(row_m, row_l)]
+          for row_m, row_l in zip(np.asarray(mean), np.asarray(logvar))
+      ]
+  ).mean(axis=1)
   np.testing.assert_allclose(kl, expected, rtol=1e-5)
-  assert float(tokenizer.kl_divergence(jnp.zeros((1, 2, 2, 2, 4)), jnp.zeros((1, 2, 2, 2, 4)))[0]) == 0.0
+  assert (
+      float(tokenizer.kl_divergence(jnp.zeros((1, 2, 2, 2, 4)), jnp.zeros((1, 2, 2, 2, 4)))[0])
+      == 0.0
+  )
 
 
 def test_logvar_is_clamped():

@@ -11,10 +11,10 @@ import time
 
 import jax
 import pytest
-
 from training_equality import assert_same_training
-from vitok.core import checkpoint as ckpt_lib
+
 from vitok import stage1
+from vitok.core import checkpoint as ckpt_lib
 from vitok.core import sharding, trainer
 
 pytestmark = pytest.mark.slow
@@ -44,21 +44,33 @@ def _final_state(layout, workdir):
   return jax.device_get(state)
 
 
-def test_two_processes_match_one_process_on_the_same_global_batches(tiny_config, launch_train,
-                                                                    tmp_path):
+def test_two_processes_match_one_process_on_the_same_global_batches(
+    tiny_config, launch_train, tmp_path
+):
   # A 2x2 data x fsdp mesh: batch rows and parameter shards both cross the process boundary.
-  overrides = {'total_steps': STEPS, 'ckpt_every': 3, 'log_every': 3, 'eval_every': STEPS,
-               'mesh.shape': '(2,2)', 'num_eval_videos': 1}
+  overrides = {
+      'total_steps': STEPS,
+      'ckpt_every': 3,
+      'log_every': 3,
+      'eval_every': STEPS,
+      'mesh.shape': '(2,2)',
+      'num_eval_videos': 1,
+  }
   single = launch_train(str(tmp_path / 'single'), devices=4, overrides=overrides)
   out, _ = single.communicate(timeout=600)
   assert single.returncode == 0, out[-3000:]
 
   workdir = str(tmp_path / 'multi')
   address = f'localhost:{_free_port()}'
-  processes = [launch_train(workdir, devices=2, overrides=overrides,
-                            flags_=[f'--coordinator_address={address}', '--num_processes=2',
-                                    f'--process_id={i}'])
-               for i in range(2)]
+  processes = [
+      launch_train(
+          workdir,
+          devices=2,
+          overrides=overrides,
+          flags_=[f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'],
+      )
+      for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:]
@@ -72,8 +84,10 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tiny_config,
   # compared by what each run changed; step counters and RNG keys bit for bit.
   assert_same_training(state, reference, initial=layout.init())
   # Both runs evaluated the same held-out clips; only process 0 wrote files.
-  evals = [[json.loads(line) for line in open(os.path.join(d, 'metrics.jsonl'))]
-           for d in (str(tmp_path / 'single'), workdir)]
+  evals = [
+      [json.loads(line) for line in open(os.path.join(d, 'metrics.jsonl'))]
+      for d in (str(tmp_path / 'single'), workdir)
+  ]
   assert len(evals[1]) == 1 and evals[1][0]['clips'] == evals[0][0]['clips']
   assert evals[1][0]['psnr'] == pytest.approx(evals[0][0]['psnr'], abs=1e-3)
   # The data position of each process is in the checkpoint.
@@ -82,19 +96,33 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tiny_config,
 
 
 def test_sigterm_to_one_process_makes_both_save_the_same_step_and_the_run_resumes(
-    tiny_config, launch_train, tmp_path):
+    tiny_config, launch_train, tmp_path
+):
   # A maintenance event or preemption notice may reach a single host: JAX's coordination service
   # propagates it, and both processes save at one agreed step before exiting. That checkpoint is
   # then damaged: both processes skip it together and resume from the one before.
   workdir = str(tmp_path / 'run')
-  overrides = {'total_steps': 200, 'ckpt_every': 10, 'log_every': 10, 'eval_every': 1000,
-               'loss.lpips': 0.0, 'num_eval_videos': 0, 'mesh.shape': '(2,2)'}
+  overrides = {
+      'total_steps': 200,
+      'ckpt_every': 10,
+      'log_every': 10,
+      'eval_every': 1000,
+      'loss.lpips': 0.0,
+      'num_eval_videos': 0,
+      'mesh.shape': '(2,2)',
+  }
 
   def start():
     address = f'localhost:{_free_port()}'
-    return [launch_train(workdir, devices=2, overrides=overrides,
-                         flags_=[f'--coordinator_address={address}', '--num_processes=2',
-                                 f'--process_id={i}']) for i in range(2)]
+    return [
+        launch_train(
+            workdir,
+            devices=2,
+            overrides=overrides,
+            flags_=[f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'],
+        )
+        for i in range(2)
+    ]
 
   processes = start()
   deadline = time.time() + 300

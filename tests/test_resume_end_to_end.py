@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vitok.core import checkpoint as ckpt_lib
 from vitok import stage1
+from vitok.core import checkpoint as ckpt_lib
 from vitok.core import config_checks, sharding, signals, trainer
 from vitok.core import train_state as ts
 
@@ -57,7 +57,8 @@ def _copy(run: str, tmp_path) -> str:
 
 
 def test_resumed_run_continues_with_the_next_batch_and_ends_where_an_uninterrupted_one_does(
-    tiny_config, tmp_path, four_steps):
+    tiny_config, tmp_path, four_steps
+):
   workdir = str(tmp_path / 'resumed')
   state2, result, stopped_by = _train(tiny_config, workdir, 2)
   assert int(state2.step) == 2 and result['step'] == 2 and stopped_by is None
@@ -84,19 +85,21 @@ def _layout(tiny_config, mesh_shape=None):
   if mesh_shape is not None:
     config.mesh.shape = mesh_shape
   task = stage1.TokenizerTask(config)
-  devices = jax.devices()[:int(np.prod(config.mesh.shape))] if mesh_shape else None
+  devices = jax.devices()[: int(np.prod(config.mesh.shape))] if mesh_shape else None
   return config, task, trainer.create_layout(task, config, sharding.make_mesh(config.mesh, devices))
 
 
 def test_state_saved_on_2x4_restores_bit_exact_on_1x8_and_on_one_device(tiny_config, tmp_path):
   config, task, layout = _layout(tiny_config, (2, 4))
   state = layout.init()
-  step = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                               task.abstract_batch(),
-                               task.frozen(layout.mesh))
+  step = ts.compile_train_step(
+      layout, task.loss_fn, config.optim.ema_decay, task.abstract_batch(), task.frozen(layout.mesh)
+  )
   rng = np.random.default_rng(0)
-  batch = {'video': rng.integers(0, 255, (8, 4, 32, 32, 3)).astype(np.uint8),
-           'label': np.zeros(8, np.int32)}
+  batch = {
+      'video': rng.integers(0, 255, (8, 4, 32, 32, 3)).astype(np.uint8),
+      'label': np.zeros(8, np.int32),
+  }
   batch = trainer.global_batch(batch, sharding.batch_sharding(layout.mesh, config.sharding_rules))
   state, _ = step(state, batch, task.frozen(layout.mesh))
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
@@ -112,7 +115,9 @@ def test_state_saved_on_2x4_restores_bit_exact_on_1x8_and_on_one_device(tiny_con
   # Parameters alone (e.g. to feed a trained tokenizer to another job), raw and EMA.
   _, _, single = _layout(tiny_config, (1, 1))
   assert _tree_equal(checkpointer.restore_params(single.abstract.params), saved.params)
-  assert _tree_equal(checkpointer.restore_params(single.abstract.params, ema=True), saved.ema_params)
+  assert _tree_equal(
+      checkpointer.restore_params(single.abstract.params, ema=True), saved.ema_params
+  )
   checkpointer.close()
 
 
@@ -137,7 +142,8 @@ def _damage(step_dir):
 
 
 def test_resume_skips_a_damaged_checkpoint_moves_it_aside_and_checks_the_data_position(
-    tiny_config, tmp_path, four_steps, capsys):
+    tiny_config, tmp_path, four_steps, capsys
+):
   workdir = _copy(four_steps[0], tmp_path)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   _damage(os.path.join(ckpt_dir, '4'))
@@ -151,22 +157,31 @@ def test_resume_skips_a_damaged_checkpoint_moves_it_aside_and_checks_the_data_po
 
   state, _, _ = _train(tiny_config, workdir, 4)
   out = capsys.readouterr().out
-  assert re.search(r'checkpoint step 4 is damaged \(ValueError: .*\); moved to '
-                   rf'{re.escape(workdir)}/damaged_checkpoints/4 for inspection', out)
+  assert re.search(
+      r'checkpoint step 4 is damaged \(ValueError: .*\); moved to '
+      rf'{re.escape(workdir)}/damaged_checkpoints/4 for inspection',
+      out,
+  )
   assert f'resumed from {ckpt_dir}/2' in out
   assert "data-iterator state {'next_index': 7} does not match its step 2" in out
   # Batches 2 and 3 again, from the step: bit for bit the uninterrupted run.
   assert _tree_equal(state, four_steps[1])
-  assert os.listdir(os.path.join(workdir, 'damaged_checkpoints', '4'))        # kept, not deleted
-  assert sorted(os.listdir(ckpt_dir)) == ['2', '4']                           # 4 written again
+  assert os.listdir(os.path.join(workdir, 'damaged_checkpoints', '4'))  # kept, not deleted
+  assert sorted(os.listdir(ckpt_dir)) == ['2', '4']  # 4 written again
 
 
 def test_eval_and_export_skip_a_damaged_newest_checkpoint(tiny_config, tmp_path, four_steps):
   workdir = _copy(four_steps[0], tmp_path)
   _damage(os.path.join(workdir, 'checkpoints', '4'))
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')          # 8 devices trained, 1 reads
-  out = subprocess.run([sys.executable, '-m', 'launch.eval', f'--workdir={workdir}'],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # 8 devices trained, 1 reads
+  out = subprocess.run(
+      [sys.executable, '-m', 'launch.eval', f'--workdir={workdir}'],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert re.search(r'SKIPPED checkpoint step 4 in .* is damaged: ValueError', out.stderr)
   result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -179,24 +194,36 @@ def test_eval_and_export_skip_a_damaged_newest_checkpoint(tiny_config, tmp_path,
   assert len(lines) == 2 and json.loads(lines[-1]) == result
   samples = os.listdir(os.path.join(workdir, 'samples'))
   assert any(f.endswith('.png') for f in samples) and any(f.endswith('.mp4') for f in samples)
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))    # eval moves nothing
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))  # eval moves nothing
   # An explicit --step is never replaced by another one.
-  out = subprocess.run([sys.executable, '-m', 'launch.eval', f'--workdir={workdir}', '--step=4'],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+      [sys.executable, '-m', 'launch.eval', f'--workdir={workdir}', '--step=4'],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert out.returncode == 1
   # One line of ours (a loaded machine may add C++ runtime log lines, e.g. XLA's slow-operation
   # warnings, in glog format: those are not the command's output).
   ours = [line for line in out.stderr.splitlines() if not GLOG_LINE.match(line)]
-  assert len(ours) == 1 and re.fullmatch(r'checkpoint step 4 in .* is damaged: ValueError: .*',
-                                         ours[0]), out.stderr[-3000:]
+  assert len(ours) == 1 and re.fullmatch(
+      r'checkpoint step 4 in .* is damaged: ValueError: .*', ours[0]
+  ), out.stderr[-3000:]
 
 
 def test_export_of_ema_parameters_loads_as_a_tokenizer_on_any_device_count(tmp_path, four_steps):
   out = str(tmp_path / 'export')
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')         # exported on 1 device
-  done = subprocess.run([sys.executable, '-m', 'launch.export', f'--workdir={four_steps[0]}',
-                         f'--out={out}'], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # exported on 1 device
+  done = subprocess.run(
+      [sys.executable, '-m', 'launch.export', f'--workdir={four_steps[0]}', f'--out={out}'],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'exported the EMA parameters of step 4' in done.stdout
   model = stage1.load_tokenizer(out)
@@ -208,13 +235,19 @@ def test_export_of_ema_parameters_loads_as_a_tokenizer_on_any_device_count(tmp_p
 
 def _snapshot(directory):
   """Every path below `directory` with its size and modification time."""
-  return {os.path.join(root, name): (os.path.getsize(os.path.join(root, name)),
-                                     os.path.getmtime(os.path.join(root, name)))
-          for root, _, names in os.walk(directory) for name in names}
+  return {
+      os.path.join(root, name): (
+          os.path.getsize(os.path.join(root, name)),
+          os.path.getmtime(os.path.join(root, name)),
+      )
+      for root, _, names in os.walk(directory)
+      for name in names
+  }
 
 
 def test_a_config_that_does_not_match_the_checkpoints_fails_at_start_up_and_changes_nothing(
-    tiny_config, tmp_path, four_steps):
+    tiny_config, tmp_path, four_steps
+):
   workdir = _copy(four_steps[0], tmp_path)
   before = _snapshot(workdir)
   config = tiny_config.copy_and_resolve_references()
@@ -223,11 +256,14 @@ def test_a_config_that_does_not_match_the_checkpoints_fails_at_start_up_and_chan
   with pytest.raises(config_checks.ConfigError) as failure:
     trainer.train(config, workdir, stage1.TokenizerTask(config))
   message = str(failure.value)
-  assert re.search(r'does not match the checkpoints of the run in .*: checkpoint step 4 .* holds '
-                   r'other arrays than this config builds: params/from_latent/kernel: saved '
-                   r'\(4, 128\) float32, requested \(8, 128\) float32; .* \(12 in all\)', message), message
+  assert re.search(
+      r'does not match the checkpoints of the run in .*: checkpoint step 4 .* holds '
+      r'other arrays than this config builds: params/from_latent/kernel: saved '
+      r'\(4, 128\) float32, requested \(8, 128\) float32; .* \(12 in all\)',
+      message,
+  ), message
   assert "differ from the run's config.json: model.channels: 4 -> 8; total_steps: 4 -> 6" in message
-  assert _snapshot(workdir) == before               # config.json and checkpoints untouched
+  assert _snapshot(workdir) == before  # config.json and checkpoints untouched
 
 
 def test_start_up_failures_leave_no_workdir_behind(tiny_config, tmp_path):
@@ -242,8 +278,9 @@ def test_start_up_failures_leave_no_workdir_behind(tiny_config, tmp_path):
     trainer.train(tiny_config, workdir, stage1.TokenizerTask(tiny_config))
 
 
-def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_step(tiny_config, tmp_path,
-                                                                     monkeypatch, capsys):
+def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_step(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
   # The evaluation gets Ctrl-C while it runs (here: at its start, then it would take 10 minutes).
   def slow_evaluation(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)
@@ -256,19 +293,29 @@ def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_step(tiny_config,
   assert time.time() - started < 300
   assert stopped_by == 'SIGINT' and last_eval is None and int(state.step) == 1
   out = capsys.readouterr().out
-  assert (f'SIGINT: the evaluation of step 1 was abandoned (for it: python -m launch.eval '
-          f'--workdir={workdir} --step=1)') in out
+  assert (
+      f'SIGINT: the evaluation of step 1 was abandoned (for it: python -m launch.eval '
+      f'--workdir={workdir} --step=1)'
+  ) in out
   assert f'SIGINT: saved step 1 to {workdir}/checkpoints' in out
   assert ckpt_lib.Checkpointer(workdir, create=False).latest_step() == 1
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # handlers restored
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_ctrl_c_outside_the_loop_is_one_line():
-  code = ('from launch import common\n'
-          'def main(argv):\n  raise KeyboardInterrupt\n'
-          "common.run(main, on_interrupt=lambda: 'nothing was written')\n")
-  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
+  code = (
+      'from launch import common\n'
+      'def main(argv):\n  raise KeyboardInterrupt\n'
+      "common.run(main, on_interrupt=lambda: 'nothing was written')\n"
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', code],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'),
+  )
   assert out.returncode == signals.EXIT_CODES['SIGINT']
   assert out.stderr == 'interrupted (Ctrl-C): nothing was written\n'
 
@@ -283,9 +330,18 @@ INTERRUPT_STEPS = 100
 def _launch(launch_train, workdir):
   """`python -m launch.train` on 2 simulated devices with the tiny config: 100 steps, a checkpoint
   every 10, LPIPS off (the interruption logic does not depend on the loss)."""
-  return launch_train(workdir, devices=2, overrides={
-      'loss.lpips': 0.0, 'log_every': 10, 'ckpt_every': 10, 'eval_every': 1000,
-      'num_eval_videos': 0, 'total_steps': INTERRUPT_STEPS})
+  return launch_train(
+      workdir,
+      devices=2,
+      overrides={
+          'loss.lpips': 0.0,
+          'log_every': 10,
+          'ckpt_every': 10,
+          'eval_every': 1000,
+          'num_eval_videos': 0,
+          'total_steps': INTERRUPT_STEPS,
+      },
+  )
 
 
 def _finish(process, timeout=600):
@@ -321,7 +377,8 @@ def uninterrupted_params(tiny_config, launch_train, tmp_path_factory):
 
 @pytest.mark.parametrize('name', ['SIGTERM', 'SIGINT'])
 def test_sigterm_or_ctrl_c_saves_the_current_step_and_the_rerun_ends_on_the_same_parameters(
-    tiny_config, launch_train, tmp_path, uninterrupted_params, name):
+    tiny_config, launch_train, tmp_path, uninterrupted_params, name
+):
   workdir = str(tmp_path / 'run')
   process = _launch(launch_train, workdir)
   _wait_for_checkpoint(process, workdir, 10)
@@ -339,11 +396,12 @@ def test_sigterm_or_ctrl_c_saves_the_current_step_and_the_rerun_ends_on_the_same
 
 
 def test_kill_9_between_saves_resumes_from_the_last_complete_checkpoint(
-    tiny_config, launch_train, tmp_path, uninterrupted_params):
+    tiny_config, launch_train, tmp_path, uninterrupted_params
+):
   workdir = str(tmp_path / 'run')
   process = _launch(launch_train, workdir)
   _wait_for_checkpoint(process, workdir, 10)
-  process.kill()                                   # SIGKILL: no handler, no final save
+  process.kill()  # SIGKILL: no handler, no final save
   code, _ = _finish(process)
   assert code == -signal.SIGKILL
   latest = ckpt_lib.Checkpointer(workdir, create=False).latest_step()

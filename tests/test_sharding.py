@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from training_equality import assert_same_training, training_differences
 
 from configs import common as common_config
 from configs import vitok as vitok_config
-from training_equality import assert_same_training, training_differences
 from vitok import layers, stage1, tokenizer
 from vitok.core import perf, sharding, trainer
 from vitok.core import train_state as ts
@@ -50,8 +50,9 @@ def test_mesh_fills_minus_one_and_names_both_numbers_when_it_does_not_fit():
 
 def test_logical_rules_drop_absent_axes_and_axes_that_do_not_divide():
   mesh = sharding.make_mesh(_mesh_cfg((2, 4)))
-  assert sharding.logical_to_spec(('batch', 'act_length', 'act_embed'), RULES, mesh) == \
-      P(('data', 'fsdp'))
+  assert sharding.logical_to_spec(('batch', 'act_length', 'act_embed'), RULES, mesh) == P(
+      ('data', 'fsdp')
+  )
   # 'mlp' -> 'model', which a data x fsdp mesh lacks: replicated.
   assert sharding.logical_to_spec(('embed', 'mlp'), RULES, mesh, (128, 682)) == P('fsdp')
   # 341 is not divisible by fsdp=4: that dimension stays whole rather than padded.
@@ -67,7 +68,7 @@ def test_logical_rules_drop_absent_axes_and_axes_that_do_not_divide():
 
 def _tiny_config(**model):
   config = vitok_config.get_config('variant=cpu128-cpu128/2x8,channels=4,frames=4,res=32,batch=8')
-  config.loss.lpips = 0.0          # LPIPS is tested elsewhere; it only adds compile time here
+  config.loss.lpips = 0.0  # LPIPS is tested elsewhere; it only adds compile time here
   config.optim.update(lr=1e-3, warmup_steps=1, ema_decay=0.9)
   config.model.update(model)
   return config
@@ -75,21 +76,25 @@ def _tiny_config(**model):
 
 def _batch():
   rng = np.random.default_rng(0)
-  return {'video': rng.integers(0, 255, (8, 4, 32, 32, 3)).astype(np.uint8),
-          'label': np.zeros(8, np.int32)}
+  return {
+      'video': rng.integers(0, 255, (8, 4, 32, 32, 3)).astype(np.uint8),
+      'label': np.zeros(8, np.int32),
+  }
 
 
 def _run_steps(config, mesh_shape, axes=('data', 'fsdp'), steps=2, batch=None):
   config = config.copy_and_resolve_references()
   config.mesh.shape, config.mesh.axes = mesh_shape, axes
   task = stage1.TokenizerTask(config)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:int(np.prod(mesh_shape))])
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[: int(np.prod(mesh_shape))])
   layout = trainer.create_layout(task, config, mesh)
   state = layout.init()
-  step = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                               task.abstract_batch(), {})
-  batch = trainer.global_batch(_batch() if batch is None else batch,
-                               sharding.batch_sharding(mesh, config.sharding_rules))
+  step = ts.compile_train_step(
+      layout, task.loss_fn, config.optim.ema_decay, task.abstract_batch(), {}
+  )
+  batch = trainer.global_batch(
+      _batch() if batch is None else batch, sharding.batch_sharding(mesh, config.sharding_rules)
+  )
   for _ in range(steps):
     state, metrics = step(state, batch, {})
   return layout, state, metrics
@@ -101,10 +106,15 @@ def single_device_run():
   return layout, state, metrics, jax.device_get(layout.init())
 
 
-@pytest.mark.parametrize('mesh_shape,axes', [((2, 4), ('data', 'fsdp')),
-                                             ((4, 2), ('data', 'fsdp')),
-                                             ((8, 1), ('data', 'fsdp')),
-                                             ((4, 2), ('data', 'model'))])
+@pytest.mark.parametrize(
+    'mesh_shape,axes',
+    [
+        ((2, 4), ('data', 'fsdp')),
+        ((4, 2), ('data', 'fsdp')),
+        ((8, 1), ('data', 'fsdp')),
+        ((4, 2), ('data', 'model')),
+    ],
+)
 def test_sharded_step_equals_single_device_step(single_device_run, mesh_shape, axes):
   _, reference, ref_metrics, initial = single_device_run
   layout, state, metrics = _run_steps(_tiny_config(), mesh_shape, axes)
@@ -112,7 +122,7 @@ def test_sharded_step_equals_single_device_step(single_device_run, mesh_shape, a
   for leaf, expected in zip(jax.tree.leaves(state), jax.tree.leaves(layout.shardings)):
     assert leaf.sharding.is_equivalent_to(expected, leaf.ndim)
   qkv = state.params['encoder']['blocks'][0]['attn']['qkv']['kernel']
-  if 'model' in axes:   # tensor parallel: each device holds whole heads' q, k and v
+  if 'model' in axes:  # tensor parallel: each device holds whole heads' q, k and v
     assert qkv.sharding.spec == P(None, None, 'model')
     # The 341 MLP units of width 128 do not split in two: reported, and left whole.
     whole = sharding.undivided(layout.abstract.params, layout.mesh, RULES)
@@ -135,7 +145,7 @@ def test_training_comparison_rejects_wrong_rows_and_wrong_shards(single_device_r
   with pytest.raises(AssertionError, match='the runs differ'):
     assert_same_training(wrong_rows, reference, initial)
   # A wrong shard: the two halves of one kernel swapped (e.g. shards placed on the wrong devices).
-  swapped = jax.tree.map(np.array, jax.device_get(reference))     # writable copies
+  swapped = jax.tree.map(np.array, jax.device_get(reference))  # writable copies
   kernel = swapped.params['decoder']['blocks'][1]['mlp']['down']['kernel']
   kernel[...] = np.roll(np.asarray(kernel[...]), kernel.shape[0] // 2, axis=0)
   with pytest.raises(AssertionError, match=r"\['down'\]\['kernel'\]"):
@@ -153,7 +163,7 @@ def test_fsdp_divides_parameter_and_optimizer_memory_by_the_device_count():
     assert leaf.sharding.is_equivalent_to(expected, leaf.ndim)
   kernel = state.params['decoder']['blocks'][0]['attn']['qkv']['kernel']
   assert kernel.sharding.spec == P('fsdp')
-  assert kernel.addressable_shards[0].data.shape == (16, 3, 4, 32)     # (width/8, q|k|v, heads, dim)
+  assert kernel.addressable_shards[0].data.shape == (16, 3, 4, 32)  # (width/8, q|k|v, heads, dim)
 
   heavy = (state.params, state.opt_state, state.ema_params)
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(heavy))
@@ -161,13 +171,15 @@ def test_fsdp_divides_parameter_and_optimizer_memory_by_the_device_count():
   assert len(per_device) == 8
   # 1/8 of the bytes, plus the small LayerNorm / latent-projection arrays kept whole.
   assert max(per_device.values()) <= 1.1 * total / 8
-  assert sharding.abstract_bytes_per_device(layout.abstract, layout.shardings) == \
-      max(bytes_per_device(state).values())
+  assert sharding.abstract_bytes_per_device(layout.abstract, layout.shardings) == max(
+      bytes_per_device(state).values()
+  )
 
-  config.mesh.shape = (8, 1)       # pure data parallelism: every device holds everything
+  config.mesh.shape = (8, 1)  # pure data parallelism: every device holds everything
   replicated = trainer.create_layout(task, config, sharding.make_mesh(config.mesh))
-  assert sharding.abstract_bytes_per_device(replicated.abstract.params, replicated.shardings.params) \
-      == sum(x.size * 4 for x in jax.tree.leaves(replicated.abstract.params))
+  assert sharding.abstract_bytes_per_device(
+      replicated.abstract.params, replicated.shardings.params
+  ) == sum(x.size * 4 for x in jax.tree.leaves(replicated.abstract.params))
 
 
 def test_constrain_is_a_no_op_without_a_mesh_and_shards_inside_one():
@@ -206,8 +218,10 @@ def test_remat_policies_give_the_same_gradients_and_full_remat_saves_memory():
     for a, b in zip(jax.tree.leaves(grads_none), jax.tree.leaves(grads)):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
     if policy == 'full':
-      assert perf.compiled_stats(compiled)['temp_bytes'] < \
-          perf.compiled_stats(compiled_none)['temp_bytes']
+      assert (
+          perf.compiled_stats(compiled)['temp_bytes']
+          < perf.compiled_stats(compiled_none)['temp_bytes']
+      )
 
 
 def test_attention_and_remat_settings_are_checked_at_start_up():
@@ -229,8 +243,9 @@ def test_compiled_flops_match_the_analytic_model_flops():
   config.mesh.shape = (2, 4)
   task = stage1.TokenizerTask(config)
   layout = trainer.create_layout(task, config, sharding.make_mesh(config.mesh))
-  compiled = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                                   task.abstract_batch(), {})
+  compiled = ts.compile_train_step(
+      layout, task.loss_fn, config.optim.ema_decay, task.abstract_batch(), {}
+  )
   report = trainer.compile_report(task, config, layout, compiled)
   assert report['analytic_flops'] == task.train_flops_per_clip() * 8 / 8
   assert 1.0 <= report['flops'] / report['analytic_flops'] < 1.25, report

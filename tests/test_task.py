@@ -19,9 +19,11 @@ WIDTH = 16
 
 
 class Regression(nnx.Module):
+
   def __init__(self, rngs):
-    init = nnx.with_partitioning(nnx.initializers.normal(0.1), ('embed', 'mlp'),
-                                eager_sharding=False)
+    init = nnx.with_partitioning(
+        nnx.initializers.normal(0.1), ('embed', 'mlp'), eager_sharding=False
+    )
     self.w = nnx.Param(init(rngs.params(), (WIDTH, WIDTH)))
 
   def __call__(self, x):
@@ -32,8 +34,9 @@ class Teacher(nnx.Module):
   """A frozen network whose weight carries logical axes: it must be sharded like parameters."""
 
   def __init__(self):
-    init = nnx.with_partitioning(lambda *_: jnp.eye(WIDTH) * 2.0, ('embed', 'mlp'),
-                                eager_sharding=False)
+    init = nnx.with_partitioning(
+        lambda *_: jnp.eye(WIDTH) * 2.0, ('embed', 'mlp'), eager_sharding=False
+    )
     self.w = nnx.Param(init(None, (WIDTH, WIDTH)))
 
 
@@ -58,7 +61,7 @@ class RegressionTask:
   def loss_fn(self, model, batch, rng, frozen):
     target = batch['x'] @ frozen['teacher']['w']
     error = model(batch['x']) - target
-    return jnp.mean(error ** 2), {'abs_error': jnp.mean(jnp.abs(error))}
+    return jnp.mean(error**2), {'abs_error': jnp.mean(jnp.abs(error))}
 
   def train_flops_per_clip(self):
     return 6 * WIDTH * WIDTH
@@ -71,8 +74,11 @@ class RegressionTask:
     return {'train': [_example(i) for i in range(64)]}
 
   def train_iterator(self, sources, start_step, process_index, process_count):
-    ds = (grain.MapDataset.source(sources['train']).repeat()
-          .batch(self.config.data.batch_size, drop_remainder=True))
+    ds = (
+        grain.MapDataset.source(sources['train'])
+        .repeat()
+        .batch(self.config.data.batch_size, drop_remainder=True)
+    )
     iterator = iter(ds.to_iter_dataset())
     if start_step:
       iterator.set_state({'next_index': start_step})
@@ -96,10 +102,15 @@ class RegressionTask:
         value = float(jnp.mean((model(x) - 2.0 * x) ** 2))
         self.errors.append((kind, value))
         return {f'{kind}_error': value}
+
       return run
-    return [task_lib.Evaluator('cheap', every=2, metrics=('raw_error',), run=error('raw'),
-                               use_ema=False),
-            task_lib.Evaluator('expensive', every=4, metrics=('ema_error',), run=error('ema'))]
+
+    return [
+        task_lib.Evaluator(
+            'cheap', every=2, metrics=('raw_error',), run=error('raw'), use_ema=False
+        ),
+        task_lib.Evaluator('expensive', every=4, metrics=('ema_error',), run=error('ema')),
+    ]
 
   def describe(self):
     return {'task': self.name, 'width': WIDTH}
@@ -107,8 +118,14 @@ class RegressionTask:
 
 def _config(steps=6):
   config = common_config.training_config('regression')
-  config.update(total_steps=steps, log_every=1, ckpt_every=3, keep_best=1,
-                best_metric='raw_error', best_mode='min')
+  config.update(
+      total_steps=steps,
+      log_every=1,
+      ckpt_every=3,
+      keep_best=1,
+      best_metric='raw_error',
+      best_mode='min',
+  )
   config.data.batch_size = 8
   config.mesh.shape = (2, 4)
   config.optim.update(lr=0.2, warmup_steps=0, ema_decay=0.5, weight_decay=0.0)
@@ -125,14 +142,19 @@ def test_another_family_trains_through_the_same_loop(tmp_path):
   result = trainer.train(task.config, str(tmp_path / 'run'), task)
   # Cadences: the cheap evaluator every 2 steps, the expensive one every 4; both at the end.
   assert [(kind, step) for kind, step, _ in task.calls] == [
-      ('raw', 2), ('raw', 4), ('ema', 4), ('raw', 6), ('ema', 6)]
+      ('raw', 2),
+      ('raw', 4),
+      ('ema', 4),
+      ('raw', 6),
+      ('ema', 6),
+  ]
   final = {kind: params for kind, step, params in task.calls if step == 6}
   assert jax.tree.all(jax.tree.map(np.array_equal, final['raw'], result.state.params))
   assert jax.tree.all(jax.tree.map(np.array_equal, final['ema'], result.state.ema_params))
   assert not np.array_equal(result.state.params['w'][...], result.state.ema_params['w'][...])
   assert set(result.last_eval) == {'raw_error', 'ema_error'}
   raw = [value for kind, value in task.errors if kind == 'raw']
-  assert raw == sorted(raw, reverse=True) and raw[-1] < 0.9 * raw[0], raw   # it learns
+  assert raw == sorted(raw, reverse=True) and raw[-1] < 0.9 * raw[0], raw  # it learns
   # The frozen teacher was sharded by the rules like a parameter ('embed' over fsdp = 4 ways).
   frozen = task.frozen(sharding.make_mesh(task.config.mesh))
   assert frozen['teacher']['w'].sharding.shard_shape((WIDTH, WIDTH)) == (WIDTH // 4, WIDTH)
@@ -144,7 +166,10 @@ def test_another_family_trains_through_the_same_loop(tmp_path):
 def test_a_best_metric_no_evaluator_reports_fails_at_start_up(tmp_path):
   config = _config()
   config.best_metric = 'psnr'
-  with pytest.raises(ValueError, match=r"best_metric='psnr' is not a metric of the regression "
-                                       r'evaluation \(raw_error, ema_error\)'):
+  with pytest.raises(
+      ValueError,
+      match=r"best_metric='psnr' is not a metric of the regression "
+      r'evaluation \(raw_error, ema_error\)',
+  ):
     trainer.train(config, str(tmp_path / 'run'), RegressionTask(config))
   assert not (tmp_path / 'run').exists()

@@ -19,13 +19,15 @@ an array's values outright. `tests/test_sharding.py` checks that this comparison
 import jax
 import numpy as np
 
-ARRAY_RTOL = 2e-2     # per array: |change_a - change_b| <= ARRAY_RTOL * |change_a|
-TOTAL_RTOL = 1e-3     # all float arrays together
+ARRAY_RTOL = 2e-2  # per array: |change_a - change_b| <= ARRAY_RTOL * |change_a|
+TOTAL_RTOL = 1e-3  # all float arrays together
 
 
 def _named_leaves(tree):
-  return [(jax.tree_util.keystr(path), np.asarray(leaf))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]]
+  return [
+      (jax.tree_util.keystr(path), np.asarray(leaf))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+  ]
 
 
 def training_differences(state, reference, initial) -> tuple[list[tuple[str, float]], float]:
@@ -34,8 +36,9 @@ def training_differences(state, reference, initial) -> tuple[list[tuple[str, flo
   arrays (step counters, RNG keys) must be equal: a difference raises AssertionError."""
   named = _named_leaves(reference)
   leaves = [named, _named_leaves(state), _named_leaves(initial)]
-  assert [n for n, _ in leaves[0]] == [n for n, _ in leaves[1]] == [n for n, _ in leaves[2]], \
-      'the two states have different structures'
+  assert (
+      [n for n, _ in leaves[0]] == [n for n, _ in leaves[1]] == [n for n, _ in leaves[2]]
+  ), 'the two states have different structures'
   per_array, total_diff, total_ref = [], 0.0, 0.0
   for (name, ref), (_, other), (_, init) in zip(*leaves):
     assert ref.shape == other.shape, f'{name}: shape {other.shape} != {ref.shape}'
@@ -44,7 +47,7 @@ def training_differences(state, reference, initial) -> tuple[list[tuple[str, flo
       continue
     change_ref = ref.astype(np.float64) - init.astype(np.float64)
     change_other = other.astype(np.float64) - init.astype(np.float64)
-    diff, size = np.sum((change_other - change_ref) ** 2), np.sum(change_ref ** 2)
+    diff, size = np.sum((change_other - change_ref) ** 2), np.sum(change_ref**2)
     total_diff, total_ref = total_diff + diff, total_ref + size
     per_array.append((name, float(np.sqrt(diff / size)) if size else float(np.sqrt(diff))))
   return per_array, float(np.sqrt(total_diff / total_ref))
@@ -57,4 +60,6 @@ def assert_same_training(state, reference, initial):
   worst = sorted(per_array, key=lambda item: -item[1])[:3]
   assert total <= TOTAL_RTOL and worst[0][1] <= ARRAY_RTOL, (
       f'the runs differ by {total:.2e} of their total change (limit {TOTAL_RTOL}); worst arrays: '
-      + ', '.join(f'{name} {value:.2e}' for name, value in worst) + f' (limit {ARRAY_RTOL})')
+      + ', '.join(f'{name} {value:.2e}' for name, value in worst)
+      + f' (limit {ARRAY_RTOL})'
+  )

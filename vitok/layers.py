@@ -26,6 +26,7 @@ from vitok.core.sharding import constrain
 @dataclasses.dataclass(frozen=True)
 class ViTSize:
   """Width / number of blocks / attention heads of one ViT stack."""
+
   width: int
   depth: int
   heads: int
@@ -42,6 +43,7 @@ def mlp_hidden(width: int) -> int:
 # Rotary position embeddings.
 # ----------------------------------------------------------------------------------------------
 
+
 def _axis_pairs(num_pairs: int, num_axes: int) -> list[int]:
   """Splits the head's rotary pairs over the axes as evenly as possible (remainder goes to t)."""
   base = num_pairs // num_axes
@@ -50,8 +52,9 @@ def _axis_pairs(num_pairs: int, num_axes: int) -> list[int]:
   return pairs
 
 
-def rope_angles(grid: tuple[int, int, int], head_dim: int, kind: str = '3d',
-                theta: float = 10000.0) -> jax.Array:
+def rope_angles(
+    grid: tuple[int, int, int], head_dim: int, kind: str = '3d', theta: float = 10000.0
+) -> jax.Array:
   """Rotation angles `(L, head_dim // 2)` for tokens on a `(t, h, w)` grid in raster order.
 
   kind='3d': axial RoPE. The head_dim/2 rotary pairs are split between the t, h and w axes and
@@ -64,17 +67,20 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, kind: str = '3d',
   num_pairs = head_dim // 2
   t, h, w = grid
   if kind == '1d':
-    positions = jnp.arange(t * h * w, dtype=jnp.float32)[:, None]           # (L, 1)
+    positions = jnp.arange(t * h * w, dtype=jnp.float32)[:, None]  # (L, 1)
     freqs = theta ** (-jnp.arange(num_pairs, dtype=jnp.float32) / num_pairs)
     return positions * freqs[None, :]
   if kind != '3d':
     raise ValueError(f"model.rope must be '3d' or '1d', got {kind!r}")
-  coords = jnp.stack(jnp.meshgrid(jnp.arange(t), jnp.arange(h), jnp.arange(w), indexing='ij'),
-                     axis=-1).reshape(-1, 3).astype(jnp.float32)               # (L, 3)
+  coords = (
+      jnp.stack(jnp.meshgrid(jnp.arange(t), jnp.arange(h), jnp.arange(w), indexing='ij'), axis=-1)
+      .reshape(-1, 3)
+      .astype(jnp.float32)
+  )  # (L, 3)
   angles = []
   for axis, n in enumerate(_axis_pairs(num_pairs, 3)):
     freqs = theta ** (-jnp.arange(n, dtype=jnp.float32) / max(n, 1))
-    angles.append(coords[:, axis:axis + 1] * freqs[None, :])
+    angles.append(coords[:, axis : axis + 1] * freqs[None, :])
   return jnp.concatenate(angles, axis=-1)
 
 
@@ -92,41 +98,73 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
 # Parameters with logical axes.
 # ----------------------------------------------------------------------------------------------
 
-def dense(in_features: int, out_features: int, axes: tuple[str, str], *, use_bias: bool = True,
-          dtype, rngs: nnx.Rngs) -> nnx.Linear:
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str, str],
+    *,
+    use_bias: bool = True,
+    dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
   """nnx.Linear (LeCun-normal kernel, zero bias) whose kernel carries logical `axes` and whose
   bias carries the output axis. eager_sharding=False: the train step's jit places parameters by
   their names (born sharded via out_shardings), so creating a model needs no mesh context."""
   kernel_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), axes, eager_sharding=False)
   bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:], eager_sharding=False)
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
-                    kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+  return nnx.Linear(
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      dtype=dtype,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      rngs=rngs,
+  )
 
 
-def fused_dense(in_features: int, out_shape: tuple[int, ...], axes: tuple[str | None, ...], *,
-                use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Einsum:
+def fused_dense(
+    in_features: int,
+    out_shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    *,
+    use_bias: bool,
+    dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Einsum:
   """Several projections of the same input in one matmul, with the kernel kept as
   (in, parts, ...) instead of (in, parts * ...): e.g. q/k/v as (width, 3, heads, head_dim). A
   'model' axis then splits heads (or MLP units) *within* each part, so every device holds its own
   heads' q, k and v and the attention needs no re-shuffle. The values equal those of the 2-D
   kernel an nnx.Linear would draw (same key, same element order, fan-in = in_features)."""
   out_dims = tuple(range(1, 1 + len(out_shape)))
-  letters = 'abcefgh'[:len(out_shape)]
+  letters = 'abcefgh'[: len(out_shape)]
   kernel_init = nnx.with_partitioning(
-      nnx.initializers.lecun_normal(in_axis=0, out_axis=out_dims), axes, eager_sharding=False)
+      nnx.initializers.lecun_normal(in_axis=0, out_axis=out_dims), axes, eager_sharding=False
+  )
   bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:], eager_sharding=False)
-  return nnx.Einsum(f'...d,d{letters}->...{letters}', (in_features, *out_shape),
-                    out_shape if use_bias else None, dtype=dtype, kernel_init=kernel_init,
-                    bias_init=bias_init, rngs=rngs)
+  return nnx.Einsum(
+      f'...d,d{letters}->...{letters}',
+      (in_features, *out_shape),
+      out_shape if use_bias else None,
+      dtype=dtype,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      rngs=rngs,
+  )
 
 
 def layer_norm(width: int, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   """LayerNorm whose scale and bias carry the logical axis 'norm' (replicated by default)."""
   names = ('norm',)
   return nnx.LayerNorm(
-      width, dtype=dtype, rngs=rngs,
+      width,
+      dtype=dtype,
+      rngs=rngs,
       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), names, eager_sharding=False),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names, eager_sharding=False))
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names, eager_sharding=False),
+  )
 
 
 # Activation layouts at the points where the partitioner should not have to guess.
@@ -136,8 +174,8 @@ HIDDEN = ('batch', 'act_length', 'act_mlp')
 
 # Rematerialisation: which activations of a block the backward pass keeps instead of recomputing.
 REMAT_POLICIES = {
-    'none': None,                                                      # keep everything
-    'full': jax.checkpoint_policies.nothing_saveable,                  # recompute the whole block
+    'none': None,  # keep everything
+    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     'save_matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
 
@@ -152,26 +190,41 @@ GATED_ACTIVATIONS = {'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
 # Blocks.
 # ----------------------------------------------------------------------------------------------
 
+
 class Attention(nnx.Module):
   """Multi-head self-attention: q/k/v fused into one matmul (without bias unless `qkv_bias`, as
   the original DiT has it), output projection with bias; RoPE when angles are given."""
 
-  def __init__(self, width: int, heads: int, *, attention: str = 'xla', qkv_bias: bool = False,
-               dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      width: int,
+      heads: int,
+      *,
+      attention: str = 'xla',
+      qkv_bias: bool = False,
+      dtype,
+      rngs: nnx.Rngs,
+  ):
     if width % heads:
       raise ValueError(f'width {width} is not divisible by heads {heads}')
     if attention not in ATTENTION_IMPLS:
-      raise ValueError(f"model.attention must be one of {list(ATTENTION_IMPLS)}, got {attention!r}")
+      raise ValueError(f'model.attention must be one of {list(ATTENTION_IMPLS)}, got {attention!r}')
     self.heads = heads
     self.implementation = ATTENTION_IMPLS[attention]
     # q/k/v fused into one (width, 3, heads, head_dim) projection; see fused_dense.
-    self.qkv = fused_dense(width, (3, heads, width // heads), ('embed', None, 'heads', None),
-                           use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.qkv = fused_dense(
+        width,
+        (3, heads, width // heads),
+        ('embed', None, 'heads', None),
+        use_bias=qkv_bias,
+        dtype=dtype,
+        rngs=rngs,
+    )
     self.out = dense(width, width, ('heads', 'embed'), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, angles: jax.Array | None) -> jax.Array:
     b, l, d = x.shape
-    qkv = self.qkv(x)                                           # (B, L, 3, heads, head_dim)
+    qkv = self.qkv(x)  # (B, L, 3, heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if angles is not None:
       q, k = apply_rope(q, angles), apply_rope(k, angles)
@@ -189,12 +242,13 @@ class GatedMLP(nnx.Module):
     self.act = GATED_ACTIVATIONS[kind]
     # Gate and up projections fused into one (width, 2, hidden) matmul (same parameters as two
     # Linears); see fused_dense.
-    self.gate_up = fused_dense(width, (2, hidden), ('embed', None, 'mlp'), use_bias=True,
-                               dtype=dtype, rngs=rngs)
+    self.gate_up = fused_dense(
+        width, (2, hidden), ('embed', None, 'mlp'), use_bias=True, dtype=dtype, rngs=rngs
+    )
     self.down = dense(hidden, width, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate_up = self.gate_up(x)                                   # (B, L, 2, hidden)
+    gate_up = self.gate_up(x)  # (B, L, 2, hidden)
     hidden = self.act(gate_up[..., 0, :]) * gate_up[..., 1, :]
     return self.down(constrain(hidden, HIDDEN))
 
@@ -213,8 +267,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-LayerNorm transformer block."""
 
-  def __init__(self, width: int, heads: int, mlp: str, *, attention: str = 'xla', dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+      self, width: int, heads: int, mlp: str, *, attention: str = 'xla', dtype, rngs: nnx.Rngs
+  ):
     self.norm1 = layer_norm(width, dtype=dtype, rngs=rngs)
     self.attn = Attention(width, heads, attention=attention, dtype=dtype, rngs=rngs)
     self.norm2 = layer_norm(width, dtype=dtype, rngs=rngs)
@@ -228,14 +283,26 @@ class Block(nnx.Module):
 class ViT(nnx.Module):
   """A stack of blocks plus the final LayerNorm. Tokens in, tokens out: (B, L, width)."""
 
-  def __init__(self, size: ViTSize, mlp: str = 'swiglu', *, remat: str = 'none',
-               attention: str = 'xla', dtype, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      size: ViTSize,
+      mlp: str = 'swiglu',
+      *,
+      remat: str = 'none',
+      attention: str = 'xla',
+      dtype,
+      rngs: nnx.Rngs,
+  ):
     if remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat must be one of {list(REMAT_POLICIES)}, got {remat!r}')
     self.size = size
     self.remat = remat
-    self.blocks = nnx.List([Block(size.width, size.heads, mlp, attention=attention, dtype=dtype,
-                                  rngs=rngs) for _ in range(size.depth)])
+    self.blocks = nnx.List(
+        [
+            Block(size.width, size.heads, mlp, attention=attention, dtype=dtype, rngs=rngs)
+            for _ in range(size.depth)
+        ]
+    )
     self.norm = layer_norm(size.width, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
@@ -245,8 +312,9 @@ class ViT(nnx.Module):
         x = block(x, angles)
       else:
         # The backward pass recomputes what the policy does not save, block by block.
-        x = nnx.remat(lambda blk, h, a: blk(h, a), policy=REMAT_POLICIES[self.remat],
-                      prevent_cse=True)(block, x, angles)
+        x = nnx.remat(
+            lambda blk, h, a: blk(h, a), policy=REMAT_POLICIES[self.remat], prevent_cse=True
+        )(block, x, angles)
     return self.norm(x)
 
 

@@ -17,11 +17,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from vitok.core import config_checks
 from vitok import lpips as lpips_lib
-from vitok import metrics
-from vitok.core import sharding
-from vitok import tokenizer
+from vitok import metrics, tokenizer
+from vitok.core import config_checks, sharding
 from vitok.core import task as task_lib
 from vitok.data import builders, pipeline, video_io
 
@@ -39,12 +37,17 @@ def stage1_loss(model: tokenizer.ViTok, batch, rng, frozen, loss_cfg):
   }
   if loss_cfg.lpips > 0:
     frames = loss_cfg.lpips_frames or None
-    terms['lpips'] = jnp.mean(lpips_lib.video_lpips(frozen['lpips'], recon, video,
-                                                    num_frames=frames, key=lpips_key))
+    terms['lpips'] = jnp.mean(
+        lpips_lib.video_lpips(frozen['lpips'], recon, video, num_frames=frames, key=lpips_key)
+    )
   else:
     terms['lpips'] = jnp.zeros(())
-  loss = (loss_cfg.l2 * terms['l2'] + loss_cfg.l1 * terms['l1'] + loss_cfg.kl * terms['kl']
-          + loss_cfg.lpips * terms['lpips'])
+  loss = (
+      loss_cfg.l2 * terms['l2']
+      + loss_cfg.l1 * terms['l1']
+      + loss_cfg.kl * terms['kl']
+      + loss_cfg.lpips * terms['lpips']
+  )
   terms['train_psnr'] = 10.0 * jnp.log10(4.0 / jnp.maximum(terms['l2'], 1e-10))
   return loss, terms
 
@@ -73,12 +76,13 @@ class TokenizerTask:
     if config.loss.lpips_frames > config.data.frames:
       raise config_checks.ConfigError(
           f'config.loss.lpips_frames={config.loss.lpips_frames} is more than the '
-          f'data.frames={config.data.frames} frames of a clip')
+          f'data.frames={config.data.frames} frames of a clip'
+      )
     self.model_cfg = tokenizer.TokenizerConfig.from_config(config.model)
     # Fails at start-up (naming data.frames / data.res) when the clip does not tile into tubelets.
     self.grid = self.model_cfg.latent_grid(config.data.frames, config.data.res)
     self.tokens_per_clip = int(np.prod(self.grid))
-    self.latent_floats = self.tokens_per_clip * self.model_cfg.channels      # E
+    self.latent_floats = self.tokens_per_clip * self.model_cfg.channels  # E
     self.model_cfg.check_backend(jax.default_backend())
 
   # --- the model and its objective ---
@@ -92,24 +96,35 @@ class TokenizerTask:
   def train_flops_per_clip(self) -> int:
     """Model FLOPs of one training clip: forward + backward = 3 x forward, 2 FLOPs per MAC (the
     usual MFU convention; LPIPS and elementwise work are not model FLOPs)."""
-    return 6 * tokenizer.forward_macs(self.model_cfg, self.config.data.frames,
-                                      self.config.data.res)['total']
+    return (
+        6
+        * tokenizer.forward_macs(self.model_cfg, self.config.data.frames, self.config.data.res)[
+            'total'
+        ]
+    )
 
   # --- input ---
 
   def abstract_batch(self) -> dict:
     d = self.config.data
-    return {'video': jax.ShapeDtypeStruct((d.batch_size, d.frames, d.res, d.res, 3), np.uint8),
-            'label': jax.ShapeDtypeStruct((d.batch_size,), np.int32)}
+    return {
+        'video': jax.ShapeDtypeStruct((d.batch_size, d.frames, d.res, d.res, 3), np.uint8),
+        'label': jax.ShapeDtypeStruct((d.batch_size,), np.int32),
+    }
 
   def prepare_data(self) -> dict:
     return builders.prepare(self.config.data)
 
   def train_iterator(self, sources, start_step: int, process_index: int, process_count: int):
     d = self.config.data
-    return pipeline.train_iterator(d, seed=d.seed, start_step=start_step,
-                                   process_index=process_index, process_count=process_count,
-                                   source=sources[d.train_split])
+    return pipeline.train_iterator(
+        d,
+        seed=d.seed,
+        start_step=start_step,
+        process_index=process_index,
+        process_count=process_count,
+        source=sources[d.train_split],
+    )
 
   # --- frozen networks: VGG16 LPIPS (no logical axes: replicated) ---
 
@@ -122,12 +137,23 @@ class TokenizerTask:
   # --- evaluation and reports ---
 
   def evaluators(self) -> list[task_lib.Evaluator]:
-    return [task_lib.Evaluator(
-        name='reconstruction', every=self.config.eval_every,
-        metrics=('psnr', 'ssim', 'lpips', 'baseline_psnr'),
-        run=lambda c: evaluate(self, c.graphdef, c.params, c.frozen,
-                               c.sources[self.config.data.eval_split], c.step, c.workdir,
-                               c.mesh))]
+    return [
+        task_lib.Evaluator(
+            name='reconstruction',
+            every=self.config.eval_every,
+            metrics=('psnr', 'ssim', 'lpips', 'baseline_psnr'),
+            run=lambda c: evaluate(
+                self,
+                c.graphdef,
+                c.params,
+                c.frozen,
+                c.sources[self.config.data.eval_split],
+                c.step,
+                c.workdir,
+                c.mesh,
+            ),
+        )
+    ]
 
   def describe(self) -> dict:
     """Parameter counts, tokens, E, pixels per latent float and forward GMACs per clip."""
@@ -166,7 +192,7 @@ def _eval_fn(graphdef, baseline_pairs, mesh, batch_sharding):
   @functools.partial(jax.jit, out_shardings=(replicated, replicated, batch_sharding))
   def run(params, video_uint8, mask, frozen):
     video = tokenizer.to_unit_range(video_uint8)
-    recon, _, _ = nnx.merge(graphdef, params)(video)        # posterior mean at evaluation
+    recon, _, _ = nnx.merge(graphdef, params)(video)  # posterior mean at evaluation
     recon = jnp.clip(recon, -1.0, 1.0)
     out = {
         'psnr': metrics.psnr(recon, video),
@@ -180,8 +206,9 @@ def _eval_fn(graphdef, baseline_pairs, mesh, batch_sharding):
   return run
 
 
-def evaluate(task: TokenizerTask, graphdef, params, frozen, eval_source, step: int,
-             workdir: str, mesh=None) -> dict:
+def evaluate(
+    task: TokenizerTask, graphdef, params, frozen, eval_source, step: int, workdir: str, mesh=None
+) -> dict:
   """PSNR / SSIM / LPIPS of the mean reconstruction over the whole held-out split, the honesty
   baseline at no more floats than E, sample images/videos, and one line in metrics.jsonl.
 
@@ -201,28 +228,37 @@ def evaluate(task: TokenizerTask, graphdef, params, frozen, eval_source, step: i
   pairs = metrics.baseline_factors(T, res, res, task.latent_floats)
   run = _eval_fn(graphdef, tuple(map(tuple, pairs)), mesh, batch_sharding)
   accumulator, samples = metrics.MetricAccumulator(), []
-  for batch in pipeline.eval_batches(data_cfg, eval_source, jax.process_index(),
-                                     jax.process_count()):
-    video, mask = (jax.make_array_from_process_local_data(batch_sharding, batch[k])
-                   for k in ('video', 'mask'))
-    with sharding.activation_sharding(mesh, cfg.sharding_rules):   # traced on the first batch
+  for batch in pipeline.eval_batches(
+      data_cfg, eval_source, jax.process_index(), jax.process_count()
+  ):
+    video, mask = (
+        jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in ('video', 'mask')
+    )
+    with sharding.activation_sharding(mesh, cfg.sharding_rules):  # traced on the first batch
       per_clip, mask, recon = run(params, video, mask, frozen)
-    per_clip, mask = jax.device_get((per_clip, mask))     # the whole batch's, on every process
+    per_clip, mask = jax.device_get((per_clip, mask))  # the whole batch's, on every process
     accumulator.update(per_clip, mask)
-    if len(samples) < cfg.num_eval_videos:   # the same decision on every process (global mask)
+    if len(samples) < cfg.num_eval_videos:  # the same decision on every process (global mask)
       video, recon = multihost_utils.process_allgather((video, recon), tiled=True)
       real = np.flatnonzero(mask)[: cfg.num_eval_videos - len(samples)]
       samples += [(video[i], recon[i]) for i in real]
   count = accumulator.count('psnr')
   if count == 0:
-    raise ValueError(f'data.eval_split={cfg.data.eval_split!r} of data.name={cfg.data.name!r} '
-                     'has no clips to evaluate')
+    raise ValueError(
+        f'data.eval_split={cfg.data.eval_split!r} of data.name={cfg.data.name!r} '
+        'has no clips to evaluate'
+    )
   means = accumulator.result()
-  st, s = metrics.best_baseline_pair({(a, b): means[f'baseline_{a}x{b}'] for a, b in pairs},
-                                     T, res, res)
+  st, s = metrics.best_baseline_pair(
+      {(a, b): means[f'baseline_{a}x{b}'] for a, b in pairs}, T, res, res
+  )
   result = {
-      'step': int(step), 'split': cfg.data.eval_split, 'clips': int(count),
-      'psnr': means['psnr'], 'ssim': means['ssim'], 'lpips': means['lpips'],
+      'step': int(step),
+      'split': cfg.data.eval_split,
+      'clips': int(count),
+      'psnr': means['psnr'],
+      'ssim': means['ssim'],
+      'lpips': means['lpips'],
       'baseline_psnr': means[f'baseline_{st}x{s}'],
       'baseline_floats': metrics.baseline_floats(T, res, res, st, s),
       'baseline_pool': [st, s, s],
@@ -242,8 +278,9 @@ def write_samples(samples, directory: str, step: int) -> None:
     return
   os.makedirs(directory, exist_ok=True)
   for i, (real, recon) in enumerate(samples):
-    grid = np.concatenate([np.concatenate(list(real), axis=1),
-                           np.concatenate(list(recon), axis=1)], axis=0)
+    grid = np.concatenate(
+        [np.concatenate(list(real), axis=1), np.concatenate(list(recon), axis=1)], axis=0
+    )
     video_io.write_png(os.path.join(directory, f'step{step:07d}_clip{i}.png'), grid)
     if real.shape[0] > 1:
       side_by_side = np.concatenate([real, recon], axis=2)
@@ -256,6 +293,7 @@ def load_tokenizer(directory: str, mesh=None) -> tokenizer.ViTok:
   sharding rules on `mesh` (default: every device, data-parallel, i.e. replicated)."""
   # Imported here: checkpoint I/O is not needed by the rest of this module.
   import ml_collections
+
   from vitok.core import checkpoint as ckpt_lib
   from vitok.core import train_state as ts
 

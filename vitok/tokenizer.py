@@ -36,15 +36,15 @@ SIZES: dict[str, layers.ViTSize] = {
     'B': layers.ViTSize(width=768, depth=12, heads=12),
     'L': layers.ViTSize(width=1152, depth=24, heads=16),
 }
-RENAMED_SIZES = {'Ti': 'cpu128', 'STi': 'cpu256'}   # names before the DiT shared the project
+RENAMED_SIZES = {'Ti': 'cpu128', 'STi': 'cpu256'}  # names before the DiT shared the project
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
   encoder: str
   decoder: str
-  q: int   # temporal tubelet size
-  p: int   # spatial tubelet size
+  q: int  # temporal tubelet size
+  p: int  # spatial tubelet size
 
 
 _VARIANT_RE = re.compile(r'^(?P<enc>[A-Za-z]\w*)-(?P<dec>[A-Za-z]\w*)/(?:(?P<q>\d+)x)?(?P<p>\d+)$')
@@ -54,15 +54,21 @@ def parse_variant(variant: str) -> Variant:
   """'S-B/4x8' -> Variant('S', 'B', q=4, p=8); 'S-L/16' -> q=1, p=16."""
   m = _VARIANT_RE.match(str(variant))
   if not m:
-    raise ValueError(f'model.variant={variant!r} is malformed: expected "<Enc>-<Dec>/<q>x<p>" '
-                     f'such as "S-B/4x8", or "<Enc>-<Dec>/<p>" for images such as "S-B/16"')
+    raise ValueError(
+        f'model.variant={variant!r} is malformed: expected "<Enc>-<Dec>/<q>x<p>" '
+        f'such as "S-B/4x8", or "<Enc>-<Dec>/<p>" for images such as "S-B/16"'
+    )
   for role in ('enc', 'dec'):
     if m[role] in RENAMED_SIZES:
-      raise ValueError(f'model.variant={variant!r}: the {role}oder size {m[role]!r} is now called '
-                       f'{RENAMED_SIZES[m[role]]!r} (a CPU size, not ViT-Ti)')
+      raise ValueError(
+          f'model.variant={variant!r}: the {role}oder size {m[role]!r} is now called '
+          f'{RENAMED_SIZES[m[role]]!r} (a CPU size, not ViT-Ti)'
+      )
     if m[role] not in SIZES:
-      raise ValueError(f'model.variant={variant!r}: unknown {role}oder size {m[role]!r}; '
-                       f'known sizes: {", ".join(SIZES)}')
+      raise ValueError(
+          f'model.variant={variant!r}: unknown {role}oder size {m[role]!r}; '
+          f'known sizes: {", ".join(SIZES)}'
+      )
   q, p = int(m['q'] or 1), int(m['p'])
   if q < 1 or p < 1:
     raise ValueError(f'model.variant={variant!r}: tubelet sizes must be positive')
@@ -86,16 +92,17 @@ MODEL_FIELDS = {
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
   """Everything that determines the network (a typed view of `config.model`)."""
+
   variant: str = 'S-B/4x8'
-  channels: int = 16                     # c: latent channels per token
-  mlp: str = 'swiglu'                    # 'swiglu' | 'geglu'
-  rope: str = '3d'                       # '3d' axial over (t, h, w) | '1d' raster index
+  channels: int = 16  # c: latent channels per token
+  mlp: str = 'swiglu'  # 'swiglu' | 'geglu'
+  rope: str = '3d'  # '3d' axial over (t, h, w) | '1d' raster index
   rope_theta: float = 10000.0
   logvar_min: float = -30.0
   logvar_max: float = 20.0
-  dtype: str = 'float32'                 # compute dtype; parameters are always float32
-  remat: str = 'none'                    # 'none' | 'full' | 'save_matmuls' (per block)
-  attention: str = 'xla'                 # 'xla' | 'cudnn' (fused flash attention, NVIDIA GPUs)
+  dtype: str = 'float32'  # compute dtype; parameters are always float32
+  remat: str = 'none'  # 'none' | 'full' | 'save_matmuls' (per block)
+  attention: str = 'xla'  # 'xla' | 'cudnn' (fused flash attention, NVIDIA GPUs)
 
   @classmethod
   def from_config(cls, model_cfg) -> 'TokenizerConfig':
@@ -106,18 +113,22 @@ class TokenizerConfig:
     parse_variant(self.variant)
     config_checks.check_fields({'model': dataclasses.asdict(self)}, MODEL_FIELDS)
     if not self.logvar_min < self.logvar_max:
-      raise config_checks.ConfigError(f'model.logvar_min={self.logvar_min} must be below '
-                                      f'model.logvar_max={self.logvar_max}')
+      raise config_checks.ConfigError(
+          f'model.logvar_min={self.logvar_min} must be below model.logvar_max={self.logvar_max}'
+      )
     if self.attention == 'cudnn' and self.dtype != 'bfloat16':
       raise config_checks.ConfigError(
           "model.attention='cudnn' needs model.dtype='bfloat16' "
-          f'(got {self.dtype!r}): the cuDNN kernel has no float32 path')
+          f'(got {self.dtype!r}): the cuDNN kernel has no float32 path'
+      )
 
   def check_backend(self, backend: str) -> None:
     """Start-up check of the choices that depend on the hardware."""
     if self.attention == 'cudnn' and backend != 'gpu':
-      raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU; this run's backend is "
-                       f"{backend!r} (use model.attention='xla')")
+      raise ValueError(
+          f"model.attention='cudnn' needs an NVIDIA GPU; this run's backend is "
+          f"{backend!r} (use model.attention='xla')"
+      )
 
   @property
   def parsed(self) -> Variant:
@@ -127,11 +138,15 @@ class TokenizerConfig:
     """(t, h, w) token grid of a frames x res x res clip; raises naming the bad setting."""
     v = self.parsed
     if frames % v.q:
-      raise ValueError(f'data.frames={frames} is not divisible by the temporal tubelet size '
-                       f'q={v.q} of model.variant={self.variant!r}')
+      raise ValueError(
+          f'data.frames={frames} is not divisible by the temporal tubelet size '
+          f'q={v.q} of model.variant={self.variant!r}'
+      )
     if res % v.p:
-      raise ValueError(f'data.res={res} is not divisible by the spatial tubelet size '
-                       f'p={v.p} of model.variant={self.variant!r}')
+      raise ValueError(
+          f'data.res={res} is not divisible by the spatial tubelet size '
+          f'p={v.p} of model.variant={self.variant!r}'
+      )
     return frames // v.q, res // v.p, res // v.p
 
 
@@ -148,12 +163,16 @@ class ViTok(nnx.Module):
     tubelet = v.q * v.p * v.p * 3
     # Kernel = stride = (q, p, p): a 3-D convolution that is exactly one linear map per tubelet.
     vit = dict(remat=cfg.remat, attention=cfg.attention, dtype=dtype, rngs=rngs)
-    self.patch_embed = layers.dense(tubelet, enc.width, ('tubelet', 'embed'), dtype=dtype, rngs=rngs)
+    self.patch_embed = layers.dense(
+        tubelet, enc.width, ('tubelet', 'embed'), dtype=dtype, rngs=rngs
+    )
     self.encoder = layers.ViT(enc, cfg.mlp, **vit)
-    self.to_moments = layers.dense(enc.width, 2 * cfg.channels, ('embed', 'latent'), dtype=dtype,
-                                   rngs=rngs)
-    self.from_latent = layers.dense(cfg.channels, dec.width, ('latent', 'embed'), dtype=dtype,
-                                    rngs=rngs)
+    self.to_moments = layers.dense(
+        enc.width, 2 * cfg.channels, ('embed', 'latent'), dtype=dtype, rngs=rngs
+    )
+    self.from_latent = layers.dense(
+        cfg.channels, dec.width, ('latent', 'embed'), dtype=dtype, rngs=rngs
+    )
     self.decoder = layers.ViT(dec, cfg.mlp, **vit)
     self.to_pixels = layers.dense(dec.width, tubelet, ('embed', 'tubelet'), dtype=dtype, rngs=rngs)
 
@@ -161,8 +180,9 @@ class ViTok(nnx.Module):
     """video (B, T, H, W, 3) float in [-1, 1] -> (mean, logvar), each float32 (B, t, h, w, c)."""
     b, T, H, W, _ = video.shape
     grid = (T // self.q, H // self.p, W // self.p)
-    tubelets = rearrange(video, 'b (t q) (h p) (w k) c -> b (t h w) (q p k c)',
-                         q=self.q, p=self.p, k=self.p)
+    tubelets = rearrange(
+        video, 'b (t q) (h p) (w k) c -> b (t h w) (q p k c)', q=self.q, p=self.p, k=self.p
+    )
     x = self.patch_embed(tubelets)
     x = self.encoder(x, rope_for(self.cfg, grid, self.encoder.size))
     mean, logvar = jnp.split(self.to_moments(x).astype(jnp.float32), 2, axis=-1)
@@ -182,8 +202,16 @@ class ViTok(nnx.Module):
     x = self.from_latent(z.reshape(b, t * h * w, -1))
     x = self.decoder(x, rope_for(self.cfg, (t, h, w), self.decoder.size))
     pixels = self.to_pixels(x).astype(jnp.float32)
-    return rearrange(pixels, 'b (t h w) (q p k c) -> b (t q) (h p) (w k) c',
-                     t=t, h=h, w=w, q=self.q, p=self.p, k=self.p)
+    return rearrange(
+        pixels,
+        'b (t h w) (q p k c) -> b (t q) (h p) (w k) c',
+        t=t,
+        h=h,
+        w=w,
+        q=self.q,
+        p=self.p,
+        k=self.p,
+    )
 
   def __call__(self, video: jax.Array, key: jax.Array | None = None):
     """Full autoencoder pass: returns (reconstruction, mean, logvar). Samples z when `key` is
@@ -223,6 +251,7 @@ def to_uint8(video: jax.Array) -> jax.Array:
 # Sizes and costs, from abstract shapes only (no weights are allocated).
 # ----------------------------------------------------------------------------------------------
 
+
 def count_params(cfg: TokenizerConfig) -> dict[str, int]:
   """Encoder-side, decoder-side and total parameter counts via `nnx.eval_shape`.
 
@@ -242,8 +271,14 @@ def forward_macs(cfg: TokenizerConfig, frames: int, res: int) -> dict[str, int]:
   tokens = t * h * w
   tubelet = v.q * v.p * v.p * 3
   enc, dec = SIZES[v.encoder], SIZES[v.decoder]
-  enc_macs = tokens * tubelet * enc.width + layers.vit_macs(enc, tokens) \
+  enc_macs = (
+      tokens * tubelet * enc.width
+      + layers.vit_macs(enc, tokens)
       + tokens * enc.width * 2 * cfg.channels
-  dec_macs = tokens * cfg.channels * dec.width + layers.vit_macs(dec, tokens) \
+  )
+  dec_macs = (
+      tokens * cfg.channels * dec.width
+      + layers.vit_macs(dec, tokens)
       + tokens * dec.width * tubelet
+  )
   return {'encoder': enc_macs, 'decoder': dec_macs, 'total': enc_macs + dec_macs}

@@ -61,7 +61,7 @@ from vitok.core import manifest
 _STATE = 'state'
 _DATA = 'data'
 _MANIFEST = 'manifest'
-DAMAGED_DIR = 'damaged_checkpoints'   # beside `checkpoints/`: where `quarantine` moves them
+DAMAGED_DIR = 'damaged_checkpoints'  # beside `checkpoints/`: where `quarantine` moves them
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,13 @@ class CheckpointMismatch(CheckpointError):
     self.step, self.differences = step, differences
     # The parameters first: the EMA and optimizer moments repeat their differences.
     first = sorted(differences, key=lambda d: not d.startswith('params/'))
-    shown = '; '.join(first[:4]) + (f'; ... ({len(differences)} in all)'
-                                    if len(differences) > 4 else '')
-    super().__init__(f'checkpoint step {step} in {directory} holds other arrays than this config '
-                     f'builds: {shown}')
+    shown = '; '.join(first[:4]) + (
+        f'; ... ({len(differences)} in all)' if len(differences) > 4 else ''
+    )
+    super().__init__(
+        f'checkpoint step {step} in {directory} holds other arrays than this config '
+        f'builds: {shown}'
+    )
 
 
 class _NoMetricsWarningFilter(logging.Filter):
@@ -112,8 +115,12 @@ class _Manager(ocp.CheckpointManager):
       return super()._get_metrics(step)
     except Exception as e:  # pylint: disable=broad-except
       log.warning(
-          'ignoring the unreadable metrics of checkpoint step %s in %s: %s: %s', step,
-          self.directory, type(e).__name__, e)
+          'ignoring the unreadable metrics of checkpoint step %s in %s: %s: %s',
+          step,
+          self.directory,
+          type(e).__name__,
+          e,
+      )
       return None
 
 
@@ -125,7 +132,8 @@ def _check_target(abstract: Any, what: str) -> None:
     if getattr(leaf, 'sharding', None) is None:
       raise ValueError(
           f'{what}: leaf {jax.tree_util.keystr(path)} ({type(leaf).__name__}) has no target '
-          f'sharding; build the target with abstract_like(tree, shardings).')
+          f'sharding; build the target with abstract_like(tree, shardings).'
+      )
 
 
 def _numeric(value: Any) -> float | None:
@@ -157,17 +165,24 @@ class Checkpointer:
   readable by this process (False: saved without an iterator, or by a different process count).
   """
 
-  def __init__(self, workdir: str, keep: int = 3, keep_best: int = 0,
-               best_metric: str = 'psnr', best_mode: str = 'max', create: bool = True):
+  def __init__(
+      self,
+      workdir: str,
+      keep: int = 3,
+      keep_best: int = 0,
+      best_metric: str = 'psnr',
+      best_mode: str = 'max',
+      create: bool = True,
+  ):
     if best_mode not in ('max', 'min'):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     self.directory = os.path.join(_absolute(workdir), 'checkpoints')
     self.best_metric, self.best_mode = best_metric, best_mode
     self.last_restore_had_data = False
-    self.restored_step: int | None = None           # the step the last restore read
-    self.skipped: list[tuple[int, str]] = []        # damaged steps it skipped, newest first
+    self.restored_step: int | None = None  # the step the last restore read
+    self.skipped: list[tuple[int, str]] = []  # damaged steps it skipped, newest first
     self._pending_step: int | None = None
-    self._metrics: dict[int, dict | None] = {}   # step -> ranked metrics (read once from disk)
+    self._metrics: dict[int, dict | None] = {}  # step -> ranked metrics (read once from disk)
     worst = -math.inf if best_mode == 'max' else math.inf
 
     def score(metrics) -> float:
@@ -177,19 +192,28 @@ class Checkpointer:
     policies = [ocp.checkpoint_managers.LatestN(n=max(int(keep), 1))]
     if keep_best > 0:
       # BestN keeps the last n after an ascending sort: the largest for 'max', smallest for 'min'.
-      policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=score, reverse=best_mode == 'min', n=int(keep_best),
-          keep_checkpoints_without_metrics=False))
+      policies.append(
+          ocp.checkpoint_managers.BestN(
+              get_metric_fn=score,
+              reverse=best_mode == 'min',
+              n=int(keep_best),
+              keep_checkpoints_without_metrics=False,
+          )
+      )
     options = ocp.CheckpointManagerOptions(
-        create=create, enable_async_checkpointing=True,
+        create=create,
+        enable_async_checkpointing=True,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         # best_fn makes the manager write each save's metrics (and read them back on start-up).
-        best_fn=score, best_mode=best_mode)
+        best_fn=score,
+        best_mode=best_mode,
+    )
     try:
       self._manager = _Manager(self.directory, options=options)
     except Exception as e:  # e.g. an unreadable metrics file of an existing checkpoint
-      raise CheckpointError(f'could not open the checkpoints in {self.directory}: '
-                            f'{type(e).__name__}: {e}') from e
+      raise CheckpointError(
+          f'could not open the checkpoints in {self.directory}: {type(e).__name__}: {e}'
+      ) from e
 
   # --- Listing -----------------------------------------------------------------------------------
 
@@ -197,8 +221,11 @@ class Checkpointer:
     """Steps of the complete checkpoints, ascending (an asynchronous save still being written by
     this process is not listed until it is committed)."""
     steps = sorted(self._manager.all_steps())
-    if (self._pending_step is not None and self._pending_step in steps
-        and self._manager.is_saving_in_progress()):
+    if (
+        self._pending_step is not None
+        and self._pending_step in steps
+        and self._manager.is_saving_in_progress()
+    ):
       steps.remove(self._pending_step)
     return steps
 
@@ -218,21 +245,25 @@ class Checkpointer:
       value = _numeric(metrics.get(self.best_metric)) if isinstance(metrics, dict) else None
       if value is None:
         continue
-      if best_value is None or (value > best_value if self.best_mode == 'max'
-                                else value < best_value):
+      if best_value is None or (
+          value > best_value if self.best_mode == 'max' else value < best_value
+      ):
         best, best_value = step, value
     return best
 
   # --- Saving ------------------------------------------------------------------------------------
 
-  def save(self, step: int, state: Any, data_iterator: Any = None,
-           metrics: dict | None = None) -> None:
+  def save(
+      self, step: int, state: Any, data_iterator: Any = None, metrics: dict | None = None
+  ) -> None:
     """Starts an asynchronous save of `state` (and of `data_iterator`'s position, captured now).
 
     `metrics` (e.g. the evaluation result) ranks the checkpoint for keep-best; it is recorded only
     when it holds a finite `metrics[best_metric]`. A step that already exists is an error."""
-    items = {_STATE: ocp.args.StandardSave(state),
-             _MANIFEST: ocp.args.JsonSave(manifest.make(state))}
+    items = {
+        _STATE: ocp.args.StandardSave(state),
+        _MANIFEST: ocp.args.JsonSave(manifest.make(state)),
+    }
     if data_iterator is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     ranked = None
@@ -260,7 +291,8 @@ class Checkpointer:
     if not (epath.Path(self._step_dir(step)) / _MANIFEST).exists():
       return None
     saved = self._manager.restore(
-        step, args=ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()}))[_MANIFEST]
+        step, args=ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()})
+    )[_MANIFEST]
     return manifest.entries(saved, prefix)
 
   def _restore_step(self, step: int, abstract: Any, prefix: str, read) -> Any:
@@ -284,11 +316,15 @@ class Checkpointer:
     if code == _DAMAGED:
       raise CheckpointDamaged(self.directory, step, detail)
     if recorded is None:
-      log.warning('checkpoint step %d in %s has no manifest (written by an older version): its '
-                  'arrays were restored without verifying them', step, self.directory)
+      log.warning(
+          'checkpoint step %d in %s has no manifest (written by an older version): its '
+          'arrays were restored without verifying them',
+          step,
+          self.directory,
+      )
       return result
     try:
-      manifest.verify(recorded, result)          # a collective: every process gets here
+      manifest.verify(recorded, result)  # a collective: every process gets here
     except manifest.Damaged as e:
       raise CheckpointDamaged(self.directory, step, str(e)) from None
     return result
@@ -297,14 +333,16 @@ class Checkpointer:
     """`restore_one(step)`; without a step, that of the newest checkpoint that is not damaged,
     logging every damaged one it skips. A mismatch is never skipped (all checkpoints of a run hold
     the same arrays, so an older one would not match either)."""
-    self._manager.wait_until_finished()   # a restore of a step being written sees it complete
+    self._manager.wait_until_finished()  # a restore of a step being written sees it complete
     self.skipped, self.restored_step = [], None
     present = self.all_steps()
     if not present:
       raise CheckpointError(f'no checkpoint found in {self.directory}')
     if step is not None and int(step) not in present:
-      raise CheckpointError(f'no checkpoint step {step} in {self.directory}; present: '
-                            f'{", ".join(map(str, present))}')
+      raise CheckpointError(
+          f'no checkpoint step {step} in {self.directory}; present: '
+          f'{", ".join(map(str, present))}'
+      )
     candidates = [int(step)] if step is not None else present[::-1]
     for candidate in candidates:
       try:
@@ -317,14 +355,19 @@ class Checkpointer:
         continue
       self.restored_step = candidate
       if self.skipped:
-        log.warning('restored checkpoint step %d of %s instead of the damaged step(s) %s',
-                    candidate, self.directory, ', '.join(str(s) for s, _ in self.skipped))
+        log.warning(
+            'restored checkpoint step %d of %s instead of the damaged step(s) %s',
+            candidate,
+            self.directory,
+            ', '.join(str(s) for s, _ in self.skipped),
+        )
       return result
-    raise CheckpointError(f'no checkpoint in {self.directory} can be restored: ' + '; '.join(
-        f'step {s}: {reason}' for s, reason in self.skipped))
+    raise CheckpointError(
+        f'no checkpoint in {self.directory} can be restored: '
+        + '; '.join(f'step {s}: {reason}' for s, reason in self.skipped)
+    )
 
-  def restore(self, abstract_state: Any, step: int | None = None,
-              data_iterator: Any = None) -> Any:
+  def restore(self, abstract_state: Any, step: int | None = None, data_iterator: Any = None) -> Any:
     """Restores `step` (default: the newest checkpoint that is not damaged) into the structure of
     `abstract_state`, a pytree of `jax.ShapeDtypeStruct` carrying the target shardings (see
     `abstract_like`).
@@ -337,26 +380,32 @@ class Checkpointer:
     checkpoint restores)."""
     self.last_restore_had_data = False
     _check_target(abstract_state, 'restore target')
-    read = lambda step: self._manager.restore(step, args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
+    read = lambda step: self._manager.restore(
+        step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)})
+    )[_STATE]
     state = self._restore_newest(
-        step, lambda s: self._restore_step(s, abstract_state, '', lambda: read(s)))
+        step, lambda s: self._restore_step(s, abstract_state, '', lambda: read(s))
+    )
     step = self.restored_step
     if data_iterator is not None and self._has_data(step):
       try:
         self._manager.restore(
-            step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(
-                data_iterator)}))
+            step,
+            args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(data_iterator)}),
+        )
       except Exception as e:  # e.g. saved with another data.num_workers: not a reason to stop
-        log.warning('could not restore the data iterator of checkpoint step %d (%s: %s); the '
-                    'caller re-positions the input stream from the step', step,
-                    type(e).__name__, e)
+        log.warning(
+            'could not restore the data iterator of checkpoint step %d (%s: %s); the '
+            'caller re-positions the input stream from the step',
+            step,
+            type(e).__name__,
+            e,
+        )
         return state
       self.last_restore_had_data = True
     return state
 
-  def restore_params(self, abstract_params: Any, step: int | None = None,
-                     ema: bool = False) -> Any:
+  def restore_params(self, abstract_params: Any, step: int | None = None, ema: bool = False) -> Any:
     """Restores only `params` (or `ema_params` when `ema`) of checkpoint `step` (default: the
     newest that is not damaged) into `abstract_params` (ShapeDtypeStructs with the target
     shardings, e.g. `abstract_like(nnx.state(model, nnx.Param), shardings)`). The optimizer state
@@ -370,8 +419,9 @@ class Checkpointer:
       if not _holds(path, key):
         what = 'EMA parameters (the run had EMA off)' if ema else 'parameters'
         raise CheckpointMismatch(self.directory, step, [f'{key}: absent; it holds no {what}'])
-      return self._restore_step(step, abstract_params, f'{key}/',
-                                lambda: _restore_subtree(path, key, abstract_params))
+      return self._restore_step(
+          step, abstract_params, f'{key}/', lambda: _restore_subtree(path, key, abstract_params)
+      )
 
     return self._restore_newest(step, restore_one)
 
@@ -417,8 +467,11 @@ def _agree(code: int, detail: Any) -> tuple[int, Any]:
     return code, detail
   worst = int(np.max(multihost_utils.process_allgather(np.array([code], np.int32))))
   if worst != code:
-    detail = 'another process of this job could not read it' if worst == _DAMAGED else [
-        'another process of this job found other arrays']
+    detail = (
+        'another process of this job could not read it'
+        if worst == _DAMAGED
+        else ['another process of this job found other arrays']
+    )
   return worst, detail
 
 
@@ -443,8 +496,10 @@ def _drop_closed_loop_reports() -> None:
     return
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == 'Event loop is closed'):
+    if not (
+        isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == 'Event loop is closed'
+    ):
       previous(unraisable)
 
   hook.drops_closed_loop_reports = True
@@ -467,7 +522,7 @@ def _quiet_async_errors():
   try:
     yield
   finally:
-    gc.collect()      # the abandoned coroutines report now, not later
+    gc.collect()  # the abandoned coroutines report now, not later
     sys.unraisablehook, sys.excepthook = hooks
     asyncio_log.setLevel(level)
 
@@ -503,9 +558,15 @@ def _restore_subtree(path: epath.Path, key: str, abstract: Any) -> Any:
   """Partial restore of `tree[key]` from the PyTree checkpoint at `path` into `abstract`: the other
   leaves are skipped (`partial_restore=True`), so their structure need not be known."""
   target = {key: abstract}
-  restored = _restore_with(ocp.PyTreeCheckpointHandler(), path, ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True))
+  restored = _restore_with(
+      ocp.PyTreeCheckpointHandler(),
+      path,
+      ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+      ),
+  )
   return restored[key]
 
 
@@ -518,11 +579,13 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
   if shardings is None:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
-        tree)
+        tree,
+    )
   if isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 def export_params(params: Any, directory: str) -> None:
@@ -533,9 +596,16 @@ def export_params(params: Any, directory: str) -> None:
   directory = epath.Path(_absolute(directory))
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   try:
-    checkpointer.save(directory, args=ocp.args.Composite(**{
-        'params': ocp.args.StandardSave(params),
-        _MANIFEST: ocp.args.JsonSave(manifest.make(params))}), force=True)
+    checkpointer.save(
+        directory,
+        args=ocp.args.Composite(
+            **{
+                'params': ocp.args.StandardSave(params),
+                _MANIFEST: ocp.args.JsonSave(manifest.make(params)),
+            }
+        ),
+        force=True,
+    )
   finally:
     checkpointer.close()
 
@@ -546,26 +616,39 @@ def load_params(directory: str, abstract_params: Any) -> Any:
   the directory (other arrays than `abstract_params`, or damage)."""
   _check_target(abstract_params, 'load_params target')
   directory = _absolute(directory)
-  if not (epath.Path(directory) / _MANIFEST).exists():      # an export without a manifest
-    log.warning('%s has no manifest (exported by an older version): its parameters are loaded '
-                'without verifying them', directory)
-    read = lambda: _restore_with(ocp.StandardCheckpointHandler(), epath.Path(directory),
-                                 ocp.args.StandardRestore(abstract_params))
+  if not (epath.Path(directory) / _MANIFEST).exists():  # an export without a manifest
+    log.warning(
+        '%s has no manifest (exported by an older version): its parameters are loaded '
+        'without verifying them',
+        directory,
+    )
+    read = lambda: _restore_with(
+        ocp.StandardCheckpointHandler(),
+        epath.Path(directory),
+        ocp.args.StandardRestore(abstract_params),
+    )
     recorded = None
   else:
     try:
-      saved = _restore_with(ocp.CompositeCheckpointHandler(), epath.Path(directory),
-                            ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()}))[_MANIFEST]
+      saved = _restore_with(
+          ocp.CompositeCheckpointHandler(),
+          epath.Path(directory),
+          ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()}),
+      )[_MANIFEST]
       recorded = manifest.entries(saved)
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f'the parameters in {directory} are damaged: {_describe(e)}') from e
     differences = manifest.compare(recorded, abstract_params)
     if differences:
-      raise CheckpointError(f'the parameters in {directory} are not those of this config: '
-                            + '; '.join(differences[:4]))
-    read = lambda: _restore_with(ocp.CompositeCheckpointHandler(), epath.Path(directory),
-                                 ocp.args.Composite(params=ocp.args.StandardRestore(
-                                     abstract_params)))['params']
+      raise CheckpointError(
+          f'the parameters in {directory} are not those of this config: '
+          + '; '.join(differences[:4])
+      )
+    read = lambda: _restore_with(
+        ocp.CompositeCheckpointHandler(),
+        epath.Path(directory),
+        ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)),
+    )['params']
   try:
     with _quiet_async_errors():
       params = read()

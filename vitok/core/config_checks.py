@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 class Range:
   """Numbers in [low, high] (either bound optional; an `open` end excludes the bound). Floats must
   be finite; `note` says what special values mean."""
+
   low: float | None = None
   high: float | None = None
   low_open: bool = False
@@ -41,8 +42,10 @@ class Range:
     if self.low is None and self.high is None:
       return 'a finite number' + (f' ({self.note})' if self.note else '')
     if self.low is not None and self.high is not None:
-      text = (f'in {"(" if self.low_open else "["}{self.low}, {self.high}'
-              f'{")" if self.high_open else "]"}')
+      text = (
+          f'in {"(" if self.low_open else "["}{self.low}, {self.high}'
+          f'{")" if self.high_open else "]"}'
+      )
     elif self.low is not None:
       text = f'{">" if self.low_open else ">="} {self.low}'
     else:

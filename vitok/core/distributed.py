@@ -25,8 +25,13 @@ import warnings
 
 import jax
 
-_SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
-               'SLURM_LOCALID')
+_SLURM_VARS = (
+    'SLURM_JOB_ID',
+    'SLURM_STEP_NODELIST',
+    'SLURM_NTASKS',
+    'SLURM_PROCID',
+    'SLURM_LOCALID',
+)
 _done = False
 
 
@@ -34,10 +39,12 @@ def _running_in_cloud_tpu_vm() -> bool:
   """What JAX decided when it was imported (libtpu present and TPU chips on the PCI bus)."""
   try:
     from jax._src import cloud_tpu_init
+
     return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
-  except Exception:   # private module moved: fall back to JAX's hardware probe
+  except Exception:  # private module moved: fall back to JAX's hardware probe
     try:
       from jax._src import hardware_utils
+
       return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
     except Exception:
       return False
@@ -47,7 +54,8 @@ def _gce_metadata(key: str, timeout: float = 5.0) -> str | None:
   host = os.environ.get('GCE_METADATA_IP', 'metadata.google.internal')
   request = urllib.request.Request(
       f'http://{host}/computeMetadata/v1/instance/attributes/{key}',
-      headers={'Metadata-Flavor': 'Google'})
+      headers={'Metadata-Flavor': 'Google'},
+  )
   try:
     with urllib.request.urlopen(request, timeout=timeout) as response:
       return response.read().decode()
@@ -60,30 +68,35 @@ def _tpu_worker_count(env) -> int:
   if not _running_in_cloud_tpu_vm():
     return 1
   if env.get('MEGASCALE_COORDINATOR_ADDRESS') or int(env.get('MEGASCALE_NUM_SLICES', '1') or 1) > 1:
-    return 2   # multi-slice: always a multi-process job
-  for var in ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES'):   # GKE
+    return 2  # multi-slice: always a multi-process job
+  for var in ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES'):  # GKE
     if env.get(var):
       return len([h for h in env[var].split(',') if h.strip()])
   if env.get('TPU_SKIP_MDS_QUERY') is not None:
     return 1
-  endpoints = _gce_metadata('worker-network-endpoints')   # GCE TPU VM (gcloud tpu-vm create)
+  endpoints = _gce_metadata('worker-network-endpoints')  # GCE TPU VM (gcloud tpu-vm create)
   return len([w for w in endpoints.split(',') if w.strip()]) if endpoints else 1
 
 
-def plan(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1,
-         env=None) -> tuple[str, dict]:
+def plan(
+    coordinator_address: str = '', num_processes: int = 0, process_id: int = -1, env=None
+) -> tuple[str, dict]:
   """(how, kwargs for jax.distributed.initialize): how is 'explicit', 'slurm', 'tpu' or 'single'."""
   env = os.environ if env is None else env
   if coordinator_address:
-    return 'explicit', {'coordinator_address': coordinator_address,
-                        'num_processes': num_processes if num_processes > 0 else None,
-                        'process_id': process_id if process_id >= 0 else None}
+    return 'explicit', {
+        'coordinator_address': coordinator_address,
+        'num_processes': num_processes if num_processes > 0 else None,
+        'process_id': process_id if process_id >= 0 else None,
+    }
   ntasks = int(env.get('SLURM_NTASKS', '1') or 1) if 'SLURM_JOB_ID' in env else 1
   if ntasks > 1:
     if all(var in env for var in _SLURM_VARS):
       return 'slurm', {}
-    warnings.warn(f'SLURM_NTASKS={ntasks} but no SLURM step variables: start the job with `srun` '
-                  'to run one process per task; continuing as a single process.')
+    warnings.warn(
+        f'SLURM_NTASKS={ntasks} but no SLURM step variables: start the job with `srun` '
+        'to run one process per task; continuing as a single process.'
+    )
   if _tpu_worker_count(env) > 1:
     return 'tpu', {}
   return 'single', {}
@@ -98,17 +111,19 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
     return
   how, kwargs = plan(coordinator_address, num_processes, process_id)
   if how != 'single' and not jax.distributed.is_initialized():
-    try:   # older jax defaulted to no CPU collectives: multi-process CPU jits would then fail
+    try:  # older jax defaulted to no CPU collectives: multi-process CPU jits would then fail
       if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     except AttributeError:
       pass
-    jax.distributed.initialize(**kwargs)   # raises if the backend is already initialised
+    jax.distributed.initialize(**kwargs)  # raises if the backend is already initialised
   _done = True
   if is_main_process():
-    print(f'distributed ({how}): process {jax.process_index()}/{jax.process_count()}, '
-          f'local devices {jax.local_device_count()}, global devices {jax.device_count()}',
-          flush=True)
+    print(
+        f'distributed ({how}): process {jax.process_index()}/{jax.process_count()}, '
+        f'local devices {jax.local_device_count()}, global devices {jax.device_count()}',
+        flush=True,
+    )
 
 
 def is_main_process() -> bool:

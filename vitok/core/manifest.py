@@ -67,7 +67,7 @@ def _digest(x: jax.Array) -> jax.Array:
   bits = _bits(x)
   index, stride = jnp.zeros(bits.shape, jnp.uint32), 1
   for axis in reversed(range(bits.ndim)):
-    index += lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2 ** 32)
+    index += lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
     stride *= bits.shape[axis]
   weight = ((index * jnp.uint32(_GOLDEN)) << 1) | jnp.uint32(1)
   return jnp.sum(bits * weight, dtype=jnp.uint32)
@@ -75,14 +75,16 @@ def _digest(x: jax.Array) -> jax.Array:
 
 @jax.jit
 def _digests(leaves: list) -> jax.Array:
-  return jnp.stack([_digest(jnp.asarray(x)) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
+  return (
+      jnp.stack([_digest(jnp.asarray(x)) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
+  )
 
 
 def digests(tree) -> list[int]:
   """The digest of every leaf of `tree` (arrays on any devices, sharded any way; host arrays), in
   `named_leaves` order. Every process of a multi-host run must call it (collectives)."""
   leaves = [leaf for _, leaf in named_leaves(tree)]
-  groups = {}     # one computation per set of devices the arrays live on (usually one mesh)
+  groups = {}  # one computation per set of devices the arrays live on (usually one mesh)
   for i, leaf in enumerate(leaves):
     devices = leaf.sharding.device_set if isinstance(leaf, jax.Array) else set()
     groups.setdefault(frozenset(d.id for d in devices), []).append(i)
@@ -102,8 +104,10 @@ def _checksum(arrays: list) -> str:
 
 def make(tree) -> dict:
   """The manifest of `tree` (a JSON-serialisable dict)."""
-  arrays = [[name, list(np.shape(leaf)), str(np.dtype(leaf.dtype)), digest]
-            for (name, leaf), digest in zip(named_leaves(tree), digests(tree))]
+  arrays = [
+      [name, list(np.shape(leaf)), str(np.dtype(leaf.dtype)), digest]
+      for (name, leaf), digest in zip(named_leaves(tree), digests(tree))
+  ]
   return {'format': FORMAT, 'arrays': arrays, 'checksum': _checksum(arrays)}
 
 
@@ -114,19 +118,26 @@ class Damaged(ValueError):
 def entries(manifest: Any, prefix: str = '') -> dict[str, tuple[tuple, str, int]]:
   """{path: (shape, dtype, digest)} of the manifest's arrays under `prefix` ('params/'; paths are
   returned without it). Raises Damaged if the manifest is not intact."""
-  if not (isinstance(manifest, dict) and manifest.get('format') == FORMAT
-          and isinstance(manifest.get('arrays'), list)
-          and manifest.get('checksum') == _checksum(manifest['arrays'])):
+  if not (
+      isinstance(manifest, dict)
+      and manifest.get('format') == FORMAT
+      and isinstance(manifest.get('arrays'), list)
+      and manifest.get('checksum') == _checksum(manifest['arrays'])
+  ):
     raise Damaged('its manifest is damaged (format or checksum)')
-  return {name[len(prefix):]: (tuple(shape), dtype, digest)
-          for name, shape, dtype, digest in manifest['arrays'] if name.startswith(prefix)}
+  return {
+      name[len(prefix) :]: (tuple(shape), dtype, digest)
+      for name, shape, dtype, digest in manifest['arrays']
+      if name.startswith(prefix)
+  }
 
 
 def compare(recorded: dict, target) -> list[str]:
   """What differs between the recorded arrays and the abstract `target` tree (shapes and dtypes):
   ['decoder/to_pixels/kernel: saved (128, 384) float32, requested (128, 192) float32', ...]."""
-  wanted = {name: (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
-            for name, leaf in named_leaves(target)}
+  wanted = {
+      name: (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for name, leaf in named_leaves(target)
+  }
   differences = []
   for name in sorted(set(recorded) | set(wanted)):
     saved = recorded[name][:2] if name in recorded else None
@@ -141,5 +152,7 @@ def verify(recorded: dict, restored) -> None:
   """Raises Damaged naming the first array of `restored` whose digest is not the recorded one."""
   for (name, _), digest in zip(named_leaves(restored), digests(restored)):
     if digest != recorded[name][2]:
-      raise Damaged(f'array {name} does not match the digest written at save '
-                    f'({digest:#010x} != {recorded[name][2]:#010x}): its bytes changed on disk')
+      raise Damaged(
+          f'array {name} does not match the digest written at save '
+          f'({digest:#010x} != {recorded[name][2]:#010x}): its bytes changed on disk'
+      )

@@ -70,8 +70,9 @@ def table_peak_tflops(device_kind: str) -> float | None:
 _MATMUL_CACHE: dict[tuple, float] = {}
 
 
-def measure_matmul_flops(n: int | None = None, dtype=jnp.float32, seconds: float = 0.3,
-                         device: jax.Device | None = None) -> float:
+def measure_matmul_flops(
+    n: int | None = None, dtype=jnp.float32, seconds: float = 0.3, device: jax.Device | None = None
+) -> float:
   """Measured dense-matmul FLOP/s of one device (default: this host's first local device).
 
   A jitted n x n matmul, one warm-up call, then timed calls (block_until_ready) until `seconds`
@@ -91,19 +92,20 @@ def measure_matmul_flops(n: int | None = None, dtype=jnp.float32, seconds: float
   a = jax.device_put(jnp.ones((n, n), dtype), device)
   b = jax.device_put(jnp.full((n, n), 0.5, dtype), device)
   matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, b).block_until_ready()   # compile + warm-up
+  matmul(a, b).block_until_ready()  # compile + warm-up
   times, start = [], time.perf_counter()
   while len(times) < 3 or (len(times) < 50 and time.perf_counter() - start < seconds):
     t = time.perf_counter()
     matmul(a, b).block_until_ready()
     times.append(time.perf_counter() - t)
-  rate = 2.0 * n ** 3 / float(np.median(times))
+  rate = 2.0 * n**3 / float(np.median(times))
   _MATMUL_CACHE[key] = rate
   return rate
 
 
-def peak_flops_per_device(device: jax.Device | None = None,
-                          override_tflops: float = 0.0) -> tuple[float, str]:
+def peak_flops_per_device(
+    device: jax.Device | None = None, override_tflops: float = 0.0
+) -> tuple[float, str]:
   """(peak FLOP/s of one device, where the number came from).
 
   `override_tflops` > 0 wins ('config'); else the PEAK_TFLOPS table ('table: <device_kind>');
@@ -120,22 +122,25 @@ def peak_flops_per_device(device: jax.Device | None = None,
   if getattr(device, 'platform', '') == 'cpu':
     rate = measure_matmul_flops(dtype=jnp.float32, device=device)
     shared = max(1, len(jax.local_devices(backend='cpu')))
-    return rate / shared, (f'measured matmul (f32 host rate / {shared} local CPU devices)'
-                           if shared > 1 else 'measured matmul (f32)')
+    return rate / shared, (
+        f'measured matmul (f32 host rate / {shared} local CPU devices)'
+        if shared > 1
+        else 'measured matmul (f32)'
+    )
   return measure_matmul_flops(dtype=jnp.bfloat16, device=device), 'measured matmul (bf16)'
 
 
 def _cost_flops(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
-  except Exception:   # some backends / versions do not implement it
+  except Exception:  # some backends / versions do not implement it
     return None
   if cost is None:
     return None
   if isinstance(cost, dict):
     cost = [cost]
   total, found = 0.0, False
-  for entry in cost:   # older jax: a list with one dict per program
+  for entry in cost:  # older jax: a list with one dict per program
     if entry and entry.get('flops') is not None:
       total += float(entry['flops'])
       found = True
@@ -153,15 +158,20 @@ def compiled_stats(compiled) -> dict[str, Any]:
     mem = compiled.memory_analysis()
   except Exception:
     mem = None
-  fields = {'argument_bytes': 'argument_size_in_bytes', 'output_bytes': 'output_size_in_bytes',
-            'temp_bytes': 'temp_size_in_bytes', 'alias_bytes': 'alias_size_in_bytes',
-            'generated_code_bytes': 'generated_code_size_in_bytes'}
+  fields = {
+      'argument_bytes': 'argument_size_in_bytes',
+      'output_bytes': 'output_size_in_bytes',
+      'temp_bytes': 'temp_size_in_bytes',
+      'alias_bytes': 'alias_size_in_bytes',
+      'generated_code_bytes': 'generated_code_size_in_bytes',
+  }
   for name, attr in fields.items():
     value = getattr(mem, attr, None) if mem is not None else None
     stats[name] = int(value) if value is not None else None
   parts = [stats['argument_bytes'], stats['output_bytes'], stats['temp_bytes']]
-  stats['peak_bytes_estimate'] = (None if any(p is None for p in parts)
-                                  else sum(parts) - (stats['alias_bytes'] or 0))
+  stats['peak_bytes_estimate'] = (
+      None if any(p is None for p in parts) else sum(parts) - (stats['alias_bytes'] or 0)
+  )
   return stats
 
 
@@ -233,22 +243,34 @@ class StepTimer:
     """The interval's totals since the last lap/reset, then starts a new interval."""
     seconds = max(self._clock() - self._start - self._excluded, 0.0)
     steps = self._steps
-    out = {'steps': steps, 'seconds': seconds, 'data_wait_s': self._wait,
-           'step_time_s': seconds / steps if steps else float('nan'),
-           'data_wait_fraction': self._wait / seconds if seconds > 0 else 0.0}
+    out = {
+        'steps': steps,
+        'seconds': seconds,
+        'data_wait_s': self._wait,
+        'step_time_s': seconds / steps if steps else float('nan'),
+        'data_wait_fraction': self._wait / seconds if seconds > 0 else 0.0,
+    }
     self.reset()
     return out
 
 
-def throughput(step_seconds: float, global_batch: int, tokens_per_clip: int,
-               flops_per_step_per_device: float | None, peak_flops: float | None,
-               num_devices: int) -> dict[str, float]:
+def throughput(
+    step_seconds: float,
+    global_batch: int,
+    tokens_per_clip: int,
+    flops_per_step_per_device: float | None,
+    peak_flops: float | None,
+    num_devices: int,
+) -> dict[str, float]:
   """Per-device rates of one training step. `flops_per_step_per_device` as compiled_stats reports it
   (the per-device program), `peak_flops` in FLOP/s per device (peak_flops_per_device). Values that
   cannot be computed (no flops, no peak) are NaN."""
   clips = global_batch / step_seconds / num_devices
-  achieved = (flops_per_step_per_device / step_seconds
-              if flops_per_step_per_device is not None else float('nan'))
+  achieved = (
+      flops_per_step_per_device / step_seconds
+      if flops_per_step_per_device is not None
+      else float('nan')
+  )
   return {
       'step_time_s': step_seconds,
       'clips_per_s_per_device': clips,
@@ -285,13 +307,16 @@ def format_table(rows: Sequence[dict], columns: Iterable) -> str:
       key, header, *fmt = col
       specs.append((key, header, fmt[0] if fmt else None))
   cells = [[_cell(row.get(key), fmt) for key, _, fmt in specs] for row in rows]
-  numeric = [all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in rows)
-             for key, _, _ in specs]
+  numeric = [
+      all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in rows)
+      for key, _, _ in specs
+  ]
   widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, (_, h, _) in enumerate(specs)]
 
   def line(values):
-    return '  '.join(v.rjust(w) if num else v.ljust(w)
-                     for v, w, num in zip(values, widths, numeric)).rstrip()
+    return '  '.join(
+        v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
+    ).rstrip()
 
   out = [line([h for _, h, _ in specs]), '  '.join('-' * w for w in widths)]
   out += [line(r) for r in cells]

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 LogicalAxes = Sequence[str | None]
 
@@ -45,12 +46,13 @@ def parse_mesh_shape(shape) -> tuple[int, ...]:
   """The one parser of mesh shapes: (2, 4), [2, 4], '2x4', '2,4', ('2x4',) -> (2, 4). Sizes are
   not checked against devices here (see `mesh_shape`). Raises ValueError naming the value."""
   if isinstance(shape, (tuple, list)) and len(shape) == 1 and isinstance(shape[0], str):
-    shape = shape[0]                    # --config.mesh.shape=2x4 arrives as ('2x4',)
+    shape = shape[0]  # --config.mesh.shape=2x4 arrives as ('2x4',)
   try:
     sizes = tuple(int(s) for s in _as_tuple(shape, ',x'))
   except (TypeError, ValueError):
-    raise ValueError(f'{shape!r} is not a mesh shape: expected sizes such as (2, 4), "2x4" or '
-                     f'(-1, 1)') from None
+    raise ValueError(
+        f'{shape!r} is not a mesh shape: expected sizes such as (2, 4), "2x4" or (-1, 1)'
+    ) from None
   if not sizes:
     raise ValueError(f'{shape!r} is not a mesh shape: it names no size')
   return sizes
@@ -66,8 +68,10 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[str, 
   except ValueError as e:
     raise ValueError(f'config.mesh.shape: {e}') from None
   if len(axes) != len(sizes) or not axes:
-    raise ValueError(f'config.mesh.shape={sizes} and config.mesh.axes={axes} must have the same '
-                     f'(non-zero) length')
+    raise ValueError(
+        f'config.mesh.shape={sizes} and config.mesh.axes={axes} must have the same '
+        f'(non-zero) length'
+    )
   if len(set(axes)) != len(axes):
     raise ValueError(f'config.mesh.axes={axes} repeats an axis name')
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -75,12 +79,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[str, 
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f'config.mesh.shape={sizes} cannot fill {num_devices} devices: '
-                       f'{num_devices} is not divisible by {known}')
+      raise ValueError(
+          f'config.mesh.shape={sizes} cannot fill {num_devices} devices: '
+          f'{num_devices} is not divisible by {known}'
+      )
     sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'config.mesh.shape={sizes} needs {math.prod(sizes)} devices but '
-                     f'{num_devices} are available (use -1 for one axis to fill them)')
+    raise ValueError(
+        f'config.mesh.shape={sizes} needs {math.prod(sizes)} devices but '
+        f'{num_devices} are available (use -1 for one axis to fill them)'
+    )
   return sizes, axes
 
 
@@ -95,19 +103,23 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
 # Logical names -> PartitionSpec.
 # ----------------------------------------------------------------------------------------------
 
+
 def rules_dict(rules) -> dict[str, tuple[str, ...]]:
   """`(('embed', 'fsdp'), ('batch', ('data', 'fsdp')), ('length', None))` -> name -> mesh axes."""
   out = {}
   for rule in rules:
     if len(rule) != 2:
-      raise ValueError(f'config.sharding_rules: each rule is (logical_name, mesh_axes), got {rule!r}')
+      raise ValueError(
+          f'config.sharding_rules: each rule is (logical_name, mesh_axes), got {rule!r}'
+      )
     name, axes = rule
     out[str(name)] = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
   return out
 
 
-def logical_to_spec(logical_axes: LogicalAxes, rules, mesh: Mesh,
-                    shape: Sequence[int] | None = None) -> P:
+def logical_to_spec(
+    logical_axes: LogicalAxes, rules, mesh: Mesh, shape: Sequence[int] | None = None
+) -> P:
   """PartitionSpec for an array whose dimensions carry `logical_axes`.
 
   Mesh axes the mesh lacks are dropped, a mesh axis is used by at most one dimension, and (when
@@ -185,7 +197,8 @@ def check_process_rows(batch_sharding: NamedSharding, global_batch: int, field: 
     raise ValueError(
         f'{field}={global_batch}: process {index} of {count} holds batch rows {sorted(rows)[:8]}... '
         f'on mesh {dict(batch_sharding.mesh.shape)}, not its own contiguous block of '
-        f'{per_process}; put the batch (data) axes outermost so they span the hosts')
+        f'{per_process}; put the batch (data) axes outermost so they span the hosts'
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -198,15 +211,19 @@ def abstract_placed(tree: Any, mesh: Mesh, rules) -> Any:
   trained parameters; everything else replicated. Nothing is allocated."""
   shardings = state_shardings(tree, mesh, rules)
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+      lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings
+  )
 
 
 def place(tree: Any, abstract: Any) -> Any:
   """Host arrays (identical on every process) -> global arrays laid out as `abstract` says."""
   return jax.tree.map(
-      lambda x, a: jax.make_array_from_callback(a.shape, a.sharding,
-                                                lambda idx: np.asarray(x)[idx]),
-      tree, abstract)
+      lambda x, a: jax.make_array_from_callback(
+          a.shape, a.sharding, lambda idx: np.asarray(x)[idx]
+      ),
+      tree,
+      abstract,
+  )
 
 
 def data_parallel_size(mesh: Mesh, rules) -> int:
@@ -237,7 +254,8 @@ def activation_sharding(mesh: Mesh, rules):
 
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   """Pins the sharding of activation `x` by its logical axes (e.g. ('batch', 'act_length',
-  'act_embed')). A no-op outside `activation_sharding`, so the model runs unchanged on one device."""
+  'act_embed')). A no-op outside `activation_sharding`, so the model runs unchanged on one device.
+  """
   active = _ACTIVE.get()
   if active is None:
     return x

@@ -23,7 +23,7 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
-EXIT_CODES = {'SIGTERM': 143, 'SIGINT': 130}   # 128 + the signal number: "stopped early, resume me"
+EXIT_CODES = {'SIGTERM': 143, 'SIGINT': 130}  # 128 + the signal number: "stopped early, resume me"
 
 
 class EvaluationInterrupted(Exception):
@@ -34,7 +34,7 @@ class StopSignals:
   """Installs the handlers (main thread only); `close()` restores the previous ones."""
 
   def __init__(self):
-    self.received: str | None = None          # 'SIGTERM' or 'SIGINT', once one reached this process
+    self.received: str | None = None  # 'SIGTERM' or 'SIGINT', once one reached this process
     self._multi_process = jax.process_count() > 1
     self._in_evaluation = False
     self._previous = {}
@@ -49,9 +49,9 @@ class StopSignals:
     name = signal.Signals(number).name
     self.received = self.received or name
     if number == signal.SIGINT:
-      signal.signal(signal.SIGINT, signal.default_int_handler)   # a second Ctrl-C stops at once
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
       if self._multi_process:
-        os.kill(os.getpid(), signal.SIGTERM)      # to JAX's preemption notice: one agreed step
+        os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notice: one agreed step
     if self._in_evaluation:
       raise EvaluationInterrupted(name)
 

@@ -22,6 +22,7 @@ class EvalContext:
   """What an evaluator is given: the model's structure and parameters, the frozen arrays, the
   prepared data splits, the step being evaluated, the run directory (where process 0 writes
   samples and metrics.jsonl) and the mesh."""
+
   graphdef: Any
   params: Any
   frozen: Any
@@ -39,11 +40,12 @@ class Evaluator:
   TensorBoard under eval/ and may rank checkpoints (`config.best_metric`). Cheap evaluators (a
   loss at fixed timesteps) run often; expensive ones (sampling, decoding, feature networks)
   rarely. Every evaluator also runs at the last step."""
+
   name: str
-  every: int                                  # steps between runs
-  metrics: tuple[str, ...]                    # the metrics `run` reports
+  every: int  # steps between runs
+  metrics: tuple[str, ...]  # the metrics `run` reports
   run: Callable[[EvalContext], dict]
-  use_ema: bool = True                        # the EMA parameters when the run keeps them
+  use_ema: bool = True  # the EMA parameters when the run keeps them
 
   def due(self, step: int, total_steps: int) -> bool:
     return step % self.every == 0 or step == total_steps
@@ -53,15 +55,16 @@ class Evaluator:
 class Task(Protocol):
   """A model family as the shared infrastructure sees it (see the module docstring)."""
 
-  name: str                                   # the family, as in config.task
-  tokens_per_clip: int                        # sequence length of one clip, for tokens/s
-  progress_metrics: tuple[str, ...]           # train metrics shown beside the loss while training
+  name: str  # the family, as in config.task
+  tokens_per_clip: int  # sequence length of one clip, for tokens/s
+  progress_metrics: tuple[str, ...]  # train metrics shown beside the loss while training
 
   def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
     """The model to train, its parameters annotated with logical axis names."""
 
-  def loss_fn(self, model: nnx.Module, batch: dict, rng: jax.Array,
-              frozen: Any) -> tuple[jax.Array, dict]:
+  def loss_fn(
+      self, model: nnx.Module, batch: dict, rng: jax.Array, frozen: Any
+  ) -> tuple[jax.Array, dict]:
     """(scalar loss, dict of scalar metrics) of one global batch; traced inside the train step."""
 
   def train_flops_per_clip(self) -> int:
@@ -74,8 +77,9 @@ class Task(Protocol):
     """Split name -> random-access source, built on disk first when needed (the trainer calls it
     on process 0 before the others, so processes never build the same files at once)."""
 
-  def train_iterator(self, sources: Mapping[str, Any], start_step: int, process_index: int,
-                     process_count: int) -> Iterator[dict]:
+  def train_iterator(
+      self, sources: Mapping[str, Any], start_step: int, process_index: int, process_count: int
+  ) -> Iterator[dict]:
     """This process's rows of global training batches `start_step`, `start_step + 1`, ...: a grain
     DatasetIterator (get_state / set_state), a pure function of the step."""
 

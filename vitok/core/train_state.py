@@ -27,11 +27,11 @@ from vitok.core import sharding
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array              # int32 scalar: number of optimizer updates applied
-  params: Any                  # nnx.State of nnx.Param
-  opt_state: Any               # optax state (moments follow their parameters' structure)
-  ema_params: Any              # same structure as params, or None when EMA is off
-  rng: jax.Array               # uint32[2] base key; step keys are fold_in(rng, step)
+  step: jax.Array  # int32 scalar: number of optimizer updates applied
+  params: Any  # nnx.State of nnx.Param
+  opt_state: Any  # optax state (moments follow their parameters' structure)
+  ema_params: Any  # same structure as params, or None when EMA is off
+  rng: jax.Array  # uint32[2] base key; step keys are fold_in(rng, step)
 
 
 def peak_learning_rate(optim_cfg, batch_size: int) -> float:
@@ -44,8 +44,12 @@ def learning_rate_schedule(optim_cfg, batch_size: int, total_steps: int) -> opta
   peak = peak_learning_rate(optim_cfg, batch_size)
   warmup = min(int(optim_cfg.warmup_steps), max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=peak * optim_cfg.end_lr_fraction)
+      init_value=0.0,
+      peak_value=peak,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=peak * optim_cfg.end_lr_fraction,
+  )
 
 
 def _decay_mask(params):
@@ -56,8 +60,13 @@ def _decay_mask(params):
 def make_optimizer(optim_cfg, batch_size: int, total_steps: int):
   """AdamW(b1, b2) with global-norm clipping applied to the gradients first. Returns (tx, schedule)."""
   schedule = learning_rate_schedule(optim_cfg, batch_size, total_steps)
-  adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                      weight_decay=optim_cfg.weight_decay, mask=_decay_mask)
+  adamw = optax.adamw(
+      schedule,
+      b1=optim_cfg.b1,
+      b2=optim_cfg.b2,
+      weight_decay=optim_cfg.weight_decay,
+      mask=_decay_mask,
+  )
   if optim_cfg.clip_norm > 0:
     # Clipping is a gradient transformation, so it acts on the gradients of this step, after the
     # backward pass (the released code clipped before backward, which never clipped anything).
@@ -68,8 +77,13 @@ def make_optimizer(optim_cfg, batch_size: int, total_steps: int):
 def init_train_state(model: nnx.Module, tx, rng: jax.Array, ema: bool) -> tuple[Any, TrainState]:
   """Splits the model into (graphdef, state). Returns the graphdef and a step-0 TrainState."""
   graphdef, params = nnx.split(model, nnx.Param)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     ema_params=jax.tree.map(jnp.copy, params) if ema else None, rng=rng)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+      rng=rng,
+  )
   return graphdef, state
 
 
@@ -90,12 +104,13 @@ def make_train_step(graphdef, loss_fn: Callable, tx, schedule, ema_decay: float)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if ema_params is not None:
-      ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                                ema_params, params)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   lr=schedule(state.step))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema_params)
+      ema_params = jax.tree.map(
+          lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params
+      )
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
+    )
     return new_state, metrics
 
   return train_step
@@ -105,19 +120,21 @@ def make_train_step(graphdef, loss_fn: Callable, tx, schedule, ema_decay: float)
 # Sharded creation and compilation.
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class StateLayout:
   """Where every array of the TrainState lives on a mesh, and how to create it there.
 
   `abstract` is the state as `jax.ShapeDtypeStruct`s carrying their target shardings: the restore
   target for Orbax, and the input spec for ahead-of-time compilation."""
+
   graphdef: Any
   tx: Any
   schedule: Any
   mesh: jax.sharding.Mesh
   rules: Any
-  shardings: Any          # TrainState of NamedSharding
-  abstract: Any           # TrainState of ShapeDtypeStruct(sharding=...)
+  shardings: Any  # TrainState of NamedSharding
+  abstract: Any  # TrainState of ShapeDtypeStruct(sharding=...)
   _init: Callable[[], TrainState]
 
   def init(self) -> TrainState:
@@ -125,8 +142,9 @@ class StateLayout:
     return self._init()
 
 
-def state_layout(create_model: Callable[[nnx.Rngs], nnx.Module], config, mesh,
-                 total_steps: int) -> StateLayout:
+def state_layout(
+    create_model: Callable[[nnx.Rngs], nnx.Module], config, mesh, total_steps: int
+) -> StateLayout:
   """The TrainState layout of a model family on `mesh` under `config.sharding_rules`.
 
   Parameters are sharded by their logical axis names; optimizer moments and the EMA keep their
@@ -141,15 +159,24 @@ def state_layout(create_model: Callable[[nnx.Rngs], nnx.Module], config, mesh,
   graphdef = nnx.split(nnx.eval_shape(lambda: create_model(nnx.Rngs(params=0))), nnx.Param)[0]
   shapes = jax.eval_shape(init)
   shardings = sharding.state_shardings(shapes, mesh, config.sharding_rules)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          shapes, shardings)
-  return StateLayout(graphdef=graphdef, tx=tx, schedule=schedule, mesh=mesh,
-                     rules=config.sharding_rules, shardings=shardings, abstract=abstract,
-                     _init=jax.jit(init, out_shardings=shardings))
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+  return StateLayout(
+      graphdef=graphdef,
+      tx=tx,
+      schedule=schedule,
+      mesh=mesh,
+      rules=config.sharding_rules,
+      shardings=shardings,
+      abstract=abstract,
+      _init=jax.jit(init, out_shardings=shardings),
+  )
 
 
-def compile_train_step(layout: StateLayout, loss_fn: Callable, ema_decay: float,
-                       abstract_batch: Any, frozen: Any):
+def compile_train_step(
+    layout: StateLayout, loss_fn: Callable, ema_decay: float, abstract_batch: Any, frozen: Any
+):
   """Lowers and compiles the train step once, ahead of time, for the layout's shardings.
 
   The state is donated (updated in place); the batch is split over the data axes; the frozen
@@ -164,7 +191,8 @@ def compile_train_step(layout: StateLayout, loss_fn: Callable, ema_decay: float,
       make_train_step(layout.graphdef, loss_fn, layout.tx, layout.schedule, ema_decay),
       in_shardings=(layout.shardings, batch_sharding, frozen_shardings),
       out_shardings=(layout.shardings, replicated),
-      donate_argnums=0)
+      donate_argnums=0,
+  )
   with sharding.activation_sharding(mesh, rules):
     lowered = step.lower(layout.abstract, abstract_batch, frozen)
   return lowered.compile()

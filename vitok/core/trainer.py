@@ -30,9 +30,9 @@ PREEMPTED_EXIT_CODE = signals.EXIT_CODES['SIGTERM']
 
 
 class TrainResult(NamedTuple):
-  state: Any                # the final TrainState
-  last_eval: dict | None    # metrics of the last evaluation
-  stopped_by: str | None    # 'SIGTERM' / 'SIGINT' when a signal stopped the run early (step saved)
+  state: Any  # the final TrainState
+  last_eval: dict | None  # metrics of the last evaluation
+  stopped_by: str | None  # 'SIGTERM' / 'SIGINT' when a signal stopped the run early (step saved)
 
 
 def check_config(config, task) -> None:
@@ -50,7 +50,8 @@ def check_best_metric(config, task) -> None:
     raise config_checks.ConfigError(
         f'config.best_metric={config.best_metric!r} is not a metric of the {task.name} '
         f'evaluation ({", ".join(metrics)}), so keep_best={config.keep_best} would keep '
-        f'nothing')
+        f'nothing'
+    )
 
 
 def write_config(config, workdir: str) -> None:
@@ -79,9 +80,12 @@ def config_differences(saved_path: str, config) -> list[str]:
         out[prefix + key] = value
     return out
 
-  old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))   # tuples as lists
-  return [f'{k}: {old.get(k, "(absent)")} -> {new.get(k, "(absent)")}'
-          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))  # tuples as lists
+  return [
+      f'{k}: {old.get(k, "(absent)")} -> {new.get(k, "(absent)")}'
+      for k in sorted(set(old) | set(new))
+      if old.get(k) != new.get(k)
+  ]
 
 
 def check_workdir(workdir: str, flag: str = '--workdir') -> None:
@@ -113,17 +117,21 @@ def check_batch_fits(config, mesh) -> None:
   dp = sharding.data_parallel_size(mesh, config.sharding_rules)
   size = config.data.batch_size
   if size % dp or size % jax.process_count():
-    raise ValueError(f'data.batch_size={size} must be divisible by the {dp} ways the mesh '
-                     f'{dict(mesh.shape)} splits a batch and by the {jax.process_count()} '
-                     f'process(es)')
-  sharding.check_process_rows(sharding.batch_sharding(mesh, config.sharding_rules), size,
-                              'data.batch_size')
+    raise ValueError(
+        f'data.batch_size={size} must be divisible by the {dp} ways the mesh '
+        f'{dict(mesh.shape)} splits a batch and by the {jax.process_count()} '
+        f'process(es)'
+    )
+  sharding.check_process_rows(
+      sharding.batch_sharding(mesh, config.sharding_rules), size, 'data.batch_size'
+  )
 
 
 def global_batch(local_batch: dict, batch_sharding) -> dict:
   """This process's rows of a batch -> one global array per field, split over the data axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-          for k, v in local_batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local_batch.items()
+  }
 
 
 def prepare_data(task) -> dict:
@@ -152,7 +160,8 @@ def restore_or_init(layout, checkpointer, train_iter, config, workdir: str):
     raise config_checks.ConfigError(
         f'this config does not match the checkpoints of the run in {workdir}: {e}. Fields that '
         f"differ from the run's config.json: {'; '.join(fields) or 'none (no config.json)'}. "
-        f"Resume with the run's own config, or start this one in another --workdir") from None
+        f"Resume with the run's own config, or start this one in another --workdir"
+    ) from None
   return state, checkpointer.restored_step, checkpointer.last_restore_had_data
 
 
@@ -170,17 +179,22 @@ def positioned_iterator(task, sources, train_iter, start: int, restored: bool, p
   if restored and train_iter.get_state() == at_step.get_state():
     _close(at_step)
     return train_iter
-  _log("the checkpoint's data-iterator state " + (
-      f'{train_iter.get_state()} does not match its step {start} (damaged?)' if restored else
-      'is not there for this process (e.g. saved with another process count)') +
-      f'; positioning the input stream at step {start}')
+  _log(
+      "the checkpoint's data-iterator state "
+      + (
+          f'{train_iter.get_state()} does not match its step {start} (damaged?)'
+          if restored
+          else 'is not there for this process (e.g. saved with another process count)'
+      )
+      + f'; positioning the input stream at step {start}'
+  )
   _close(train_iter)
   return at_step
 
 
 def _close(iterator) -> None:
   if hasattr(iterator, 'close'):
-    iterator.close()          # stops its worker processes, if any
+    iterator.close()  # stops its worker processes, if any
 
 
 def _log(message: str) -> None:
@@ -193,25 +207,32 @@ def compile_report(task, config, layout, compiled) -> dict:
   stats = perf.compiled_stats(compiled)
   num_devices = layout.mesh.size
   analytic = task.train_flops_per_clip() * config.data.batch_size / num_devices
-  return dict(stats, analytic_flops=analytic, num_devices=num_devices,
-              state_bytes=sharding.abstract_bytes_per_device(layout.abstract, layout.shardings))
+  return dict(
+      stats,
+      analytic_flops=analytic,
+      num_devices=num_devices,
+      state_bytes=sharding.abstract_bytes_per_device(layout.abstract, layout.shardings),
+  )
 
 
 def format_compile_report(report: dict, mesh) -> str:
-  gib = 2 ** 30
+  gib = 2**30
   xla = report.get('flops') or 0.0
   ratio = f' (XLA/analytic {xla / report["analytic_flops"]:.2f})' if xla else ''
-  return (f'compiled train step on mesh {dict(mesh.shape)}: per device '
-          f'state {report["state_bytes"] / gib:.3f} GiB, '
-          f'arguments {report.get("argument_bytes", 0) / gib:.3f} GiB, '
-          f'temporaries {report.get("temp_bytes", 0) / gib:.3f} GiB; '
-          f'{report["analytic_flops"] / 1e12:.4f} model TFLOP per step per device, '
-          f'XLA counts {xla / 1e12:.4f}{ratio}')
+  return (
+      f'compiled train step on mesh {dict(mesh.shape)}: per device '
+      f'state {report["state_bytes"] / gib:.3f} GiB, '
+      f'arguments {report.get("argument_bytes", 0) / gib:.3f} GiB, '
+      f'temporaries {report.get("temp_bytes", 0) / gib:.3f} GiB; '
+      f'{report["analytic_flops"] / 1e12:.4f} model TFLOP per step per device, '
+      f'XLA counts {xla / 1e12:.4f}{ratio}'
+  )
 
 
 @dataclasses.dataclass
 class Run:
   """A run that started: everything the loop needs, built and checked by `start_run`."""
+
   config: Any
   task: Any
   workdir: str
@@ -236,18 +257,24 @@ def start_run(config, workdir: str, task) -> Run:
   configure_runtime(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   check_workdir(workdir)
-  mesh = sharding.make_mesh(config.mesh)      # a mesh that does not fit the devices fails here
+  mesh = sharding.make_mesh(config.mesh)  # a mesh that does not fit the devices fails here
   check_batch_fits(config, mesh)
 
   sources = prepare_data(task)
   layout = create_layout(task, config, mesh)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                       keep_best=config.keep_best, best_metric=config.best_metric,
-                                       best_mode=config.best_mode, create=False)
+  checkpointer = ckpt_lib.Checkpointer(
+      workdir,
+      keep=config.keep_checkpoints,
+      keep_best=config.keep_best,
+      best_metric=config.best_metric,
+      best_mode=config.best_mode,
+      create=False,
+  )
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = task.train_iterator(sources, 0, **process)
-  state, resumed, iterator_restored = restore_or_init(layout, checkpointer, train_iter, config,
-                                                      workdir)
+  state, resumed, iterator_restored = restore_or_init(
+      layout, checkpointer, train_iter, config, workdir
+  )
   start = int(state.step)
   if resumed is not None:
     train_iter = positioned_iterator(task, sources, train_iter, start, iterator_restored, process)
@@ -255,8 +282,9 @@ def start_run(config, workdir: str, task) -> Run:
   abstract_frozen = task.abstract_frozen(mesh)
   frozen = task.frozen(mesh)
   started = time.perf_counter()
-  step_fn = ts.compile_train_step(layout, task.loss_fn, config.optim.ema_decay,
-                                  task.abstract_batch(), abstract_frozen)
+  step_fn = ts.compile_train_step(
+      layout, task.loss_fn, config.optim.ema_decay, task.abstract_batch(), abstract_frozen
+  )
   report = compile_report(task, config, layout, step_fn)
   report['compile_s'] = time.perf_counter() - started
 
@@ -271,17 +299,32 @@ def start_run(config, workdir: str, task) -> Run:
     os.makedirs(workdir, exist_ok=True)
     write_config(config, workdir)
   n_params = sum(x.size for x in jax.tree.leaves(layout.abstract.params))
-  _log(f'{task.name}: {n_params / 1e6:.2f}M parameters, steps {start} -> {config.total_steps}, '
-       f'{jax.process_count()} process(es), {mesh.size} devices, workdir {workdir}')
+  _log(
+      f'{task.name}: {n_params / 1e6:.2f}M parameters, steps {start} -> {config.total_steps}, '
+      f'{jax.process_count()} process(es), {mesh.size} devices, workdir {workdir}'
+  )
   _log(format_compile_report(report, mesh) + f'; compile {report["compile_s"]:.1f} s')
   whole = sharding.undivided(layout.abstract.params, mesh, config.sharding_rules)
   if whole:
-    _log(f'{len(whole)} parameter dimensions stay whole because their mesh axis does not divide '
-         f'them, e.g. {"; ".join(whole[:3])}')
-  return Run(config=config, task=task, workdir=workdir, mesh=mesh, layout=layout,
-             checkpointer=checkpointer, sources=sources, train_iter=train_iter, state=state,
-             frozen=frozen, step_fn=step_fn, compile_report=report,
-             evaluators=list(task.evaluators()))
+    _log(
+        f'{len(whole)} parameter dimensions stay whole because their mesh axis does not divide '
+        f'them, e.g. {"; ".join(whole[:3])}'
+    )
+  return Run(
+      config=config,
+      task=task,
+      workdir=workdir,
+      mesh=mesh,
+      layout=layout,
+      checkpointer=checkpointer,
+      sources=sources,
+      train_iter=train_iter,
+      state=state,
+      frozen=frozen,
+      step_fn=step_fn,
+      compile_report=report,
+      evaluators=list(task.evaluators()),
+  )
 
 
 def evaluate(run: Run, evaluators, step: int, state) -> dict:
@@ -291,8 +334,14 @@ def evaluate(run: Run, evaluators, step: int, state) -> dict:
   for evaluator in evaluators:
     use_ema = evaluator.use_ema and state.ema_params is not None
     context = task_lib.EvalContext(
-        graphdef=run.layout.graphdef, params=state.ema_params if use_ema else state.params,
-        frozen=run.frozen, sources=run.sources, step=step, workdir=run.workdir, mesh=run.mesh)
+        graphdef=run.layout.graphdef,
+        params=state.ema_params if use_ema else state.params,
+        frozen=run.frozen,
+        sources=run.sources,
+        step=step,
+        workdir=run.workdir,
+        mesh=run.mesh,
+    )
     results.update(evaluator.run(context))
   return results
 
@@ -310,12 +359,19 @@ def run_loop(run: Run, writer: MetricWriter | None = None) -> TrainResult:
   stop = signals.StopSignals()
   pending, last_eval, stopped_by = [], None, None
   timer = perf.StepTimer()
-  progress = tqdm(range(start, config.total_steps), initial=start, total=config.total_steps,
-                  desc=task.name, dynamic_ncols=True, mininterval=2.0, disable=not is_main)
+  progress = tqdm(
+      range(start, config.total_steps),
+      initial=start,
+      total=config.total_steps,
+      desc=task.name,
+      dynamic_ncols=True,
+      mininterval=2.0,
+      disable=not is_main,
+  )
   for step in progress:
     with timer.data_wait():
       batch = global_batch(next(train_iter), batch_sharding)
-    state, metrics = run.step_fn(state, batch, run.frozen)   # async: returns before the device
+    state, metrics = run.step_fn(state, batch, run.frozen)  # async: returns before the device
     timer.step()
     pending.append(metrics)
     done = step + 1
@@ -334,8 +390,8 @@ def run_loop(run: Run, writer: MetricWriter | None = None) -> TrainResult:
     save_now = done % config.ckpt_every == 0 or done == config.total_steps or stopping
     evaluated = False
     if due or save_now:
-      jax.block_until_ready(state)   # steps still queued on the device count as training time
-      with timer.excluded():         # evaluation and saving do not
+      jax.block_until_ready(state)  # steps still queued on the device count as training time
+      with timer.excluded():  # evaluation and saving do not
         if due:
           try:
             with stop.interruptible():
@@ -343,22 +399,29 @@ def run_loop(run: Run, writer: MetricWriter | None = None) -> TrainResult:
               evaluated = True
             _report_eval(done, last_eval, writer, progress if is_main else None)
           except signals.EvaluationInterrupted as e:
-            _log(f'{e}: the evaluation of step {done} was abandoned (for it: python -m '
-                 f'launch.eval --workdir={run.workdir} --step={done})')
+            _log(
+                f'{e}: the evaluation of step {done} was abandoned (for it: python -m '
+                f'launch.eval --workdir={run.workdir} --step={done})'
+            )
             stopping, save_now = True, True
         if save_now:
-          checkpointer.save(done, state, data_iterator=train_iter,
-                            metrics=last_eval if evaluated else None)
+          checkpointer.save(
+              done, state, data_iterator=train_iter, metrics=last_eval if evaluated else None
+          )
     if stopping:
-      stopped_by = stop.received or 'SIGTERM'       # another process's signal: JAX's SIGTERM
-      _log(f'{stopped_by}: saved step {done} to {checkpointer.directory}; '
-           f'rerun the same command to resume')
+      stopped_by = stop.received or 'SIGTERM'  # another process's signal: JAX's SIGTERM
+      _log(
+          f'{stopped_by}: saved step {done} to {checkpointer.directory}; '
+          f'rerun the same command to resume'
+      )
       break
   progress.close()
   _log(f'peak FLOP/s per device for MFU: {peak_flops / 1e12:.2f} TFLOP/s ({peak_source})')
   if start >= config.total_steps:
-    _log(f'nothing to train: checkpoint step {start} already reached total_steps='
-         f'{config.total_steps} (raise --config.total_steps to continue)')
+    _log(
+        f'nothing to train: checkpoint step {start} already reached total_steps='
+        f'{config.total_steps} (raise --config.total_steps to continue)'
+    )
   stop.close()
   return TrainResult(state, last_eval, stopped_by)
 
@@ -366,11 +429,16 @@ def run_loop(run: Run, writer: MetricWriter | None = None) -> TrainResult:
 def _interval_metrics(run: Run, interval: list[dict], lap: dict, peak_flops: float) -> dict:
   """Means of the train metrics over a logging interval, with throughput and MFU."""
   values = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
-  values.update(perf.throughput(
-      step_seconds=lap['step_time_s'], global_batch=run.config.data.batch_size,
-      tokens_per_clip=run.task.tokens_per_clip,
-      flops_per_step_per_device=run.compile_report['analytic_flops'], peak_flops=peak_flops,
-      num_devices=run.mesh.size))
+  values.update(
+      perf.throughput(
+          step_seconds=lap['step_time_s'],
+          global_batch=run.config.data.batch_size,
+          tokens_per_clip=run.task.tokens_per_clip,
+          flops_per_step_per_device=run.compile_report['analytic_flops'],
+          peak_flops=peak_flops,
+          num_devices=run.mesh.size,
+      )
+  )
   values['data_wait_fraction'] = lap['data_wait_fraction']
   return values
 
@@ -379,8 +447,9 @@ def _report_eval(step: int, result: dict, writer, progress) -> None:
   if writer:
     writer.scalars(step, {k: v for k, v in result.items() if isinstance(v, float)}, 'eval/')
   if progress is not None:
-    progress.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                               for k, v in result.items()}))
+    progress.write(
+        json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    )
 
 
 def train(config, workdir: str, task) -> TrainResult:
@@ -389,7 +458,7 @@ def train(config, workdir: str, task) -> TrainResult:
   run = start_run(config, workdir, task)
   writer = MetricWriter(run.workdir) if jax.process_index() == 0 else None
   result = run_loop(run, writer)
-  run.checkpointer.close()        # waits for the last asynchronous save to be committed
+  run.checkpointer.close()  # waits for the last asynchronous save to be committed
   if writer:
     writer.close()
   return result

@@ -22,8 +22,9 @@ class MetricWriter:
   def log(self, step: int, values: dict, prefix: str = '') -> None:
     """Scalars to TensorBoard plus one readable line in the log."""
     self.scalars(step, values, prefix)
-    line = ', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
-                     for k, v in values.items())
+    line = ', '.join(
+        f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in values.items()
+    )
     logging.info('[%d] %s%s', step, prefix, line)
 
   def close(self) -> None:

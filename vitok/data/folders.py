@@ -60,9 +60,10 @@ def short_hash(*parts) -> str:
 @dataclasses.dataclass
 class Scan:
   """What is below one split's folder."""
-  files: list[str]                      # relative paths of the media files used, sorted
-  class_names: list[str] | None         # sorted sub-folder names that hold media; None: unlabelled
-  skipped: list[tuple[str, str]]        # (relative path, reason) of every other path
+
+  files: list[str]  # relative paths of the media files used, sorted
+  class_names: list[str] | None  # sorted sub-folder names that hold media; None: unlabelled
+  skipped: list[tuple[str, str]]  # (relative path, reason) of every other path
 
 
 class _Walker:
@@ -146,7 +147,8 @@ def scan_folder(root, extensions, kind: str = 'media') -> Scan:
     raise DataError(
         f'{root} holds {kind} files both directly ({len(top_level)}, e.g. {top_level[0].name}) '
         f'and in sub-folders ({", ".join(sorted(labelled)[:5])}), which would be classes: move '
-        f'them all into class sub-folders, or out of the sub-folders (see data.manual_dir)')
+        f'them all into class sub-folders, or out of the sub-folders (see data.manual_dir)'
+    )
   files = sorted(walker.rel(p) for found in labelled.values() for p in found)
   return Scan(files, sorted(labelled), walker.skipped)
 
@@ -192,15 +194,22 @@ def folder_splits(root, extensions, holdout_fraction: float, kind: str = 'media'
     scans = {split: scan_folder(root / split, extensions, kind) for split in ('train', 'test')}
     labelled = {split: scan.class_names is not None for split, scan in scans.items()}
     if labelled['train'] != labelled['test']:
-      raise DataError(f'{root}: train/ and test/ must both use class sub-folders '
-                       'or both hold files directly.')
+      raise DataError(
+          f'{root}: train/ and test/ must both use class sub-folders '
+          'or both hold files directly.'
+      )
     class_names = None
     if labelled['train']:
       class_names = sorted({n for scan in scans.values() for n in scan.class_names})
-    splits = {split: _labelled(scan.files, class_names, prefix=f'{split}/')
-              for split, scan in scans.items()}
-    skipped = [(f'{split}/{path}', reason) for split, scan in scans.items()
-               for path, reason in scan.skipped]
+    splits = {
+        split: _labelled(scan.files, class_names, prefix=f'{split}/')
+        for split, scan in scans.items()
+    }
+    skipped = [
+        (f'{split}/{path}', reason)
+        for split, scan in scans.items()
+        for path, reason in scan.skipped
+    ]
     others = [e for e in sorted(os.listdir(root)) if e not in ('train', 'test')]
     skipped += [(e, 'outside train/ and test/') for e in others]
     return splits, class_names, skipped
@@ -224,7 +233,8 @@ def _require(path: Path, what: str) -> Path:
         f'UCF-101: expected {what} at {path}. Unpack UCF101.rar and '
         'UCF101TrainTestSplits-RecognitionTask.zip into data.manual_dir so '
         f'that it holds {UCF_VIDEO_DIR}/<Class>/v_*.avi and '
-        f'{UCF_LIST_DIR}/{{classInd,trainlist0N,testlist0N}}.txt.')
+        f'{UCF_LIST_DIR}/{{classInd,trainlist0N,testlist0N}}.txt.'
+    )
   return path
 
 
@@ -251,10 +261,11 @@ def ucf_split_files(manual_dir, fold: int) -> dict[str, list[str]]:
   _require(manual_dir / UCF_VIDEO_DIR, 'the video folder')
   splits = {}
   for split, stem in (('train', 'trainlist'), ('test', 'testlist')):
-    path = _require(manual_dir / UCF_LIST_DIR / f'{stem}{fold:02d}.txt',
-                    f'the official {split} list of fold {fold}')
-    splits[split] = [line.split()[0] for line in path.read_text().splitlines()
-                     if line.strip()]
+    path = _require(
+        manual_dir / UCF_LIST_DIR / f'{stem}{fold:02d}.txt',
+        f'the official {split} list of fold {fold}',
+    )
+    splits[split] = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
   return splits
 
 

@@ -25,6 +25,7 @@ _SPLIT_IDS = {'train': 0, 'test': 1}
 def digit_images() -> tuple[np.ndarray, np.ndarray]:
   """All sklearn digits: images uint8 (N, 8, 8) in [0, 255], labels int (N,)."""
   from sklearn.datasets import load_digits  # local: sklearn is slow to import
+
   digits = load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
   return images, digits.target.astype(np.int64)
@@ -40,8 +41,9 @@ def split_image_indices(num_images: int, split: str) -> np.ndarray:
   return np.sort(chosen)
 
 
-def render_moving_digit(digit: np.ndarray, num_frames: int, canvas: int,
-                        rng: np.random.Generator) -> np.ndarray:
+def render_moving_digit(
+    digit: np.ndarray, num_frames: int, canvas: int, rng: np.random.Generator
+) -> np.ndarray:
   """One bouncing-digit video.
 
   Args:
@@ -65,7 +67,7 @@ def render_moving_digit(digit: np.ndarray, num_frames: int, canvas: int,
   video = np.zeros((num_frames, canvas, canvas), np.uint8)
   for t in range(num_frames):
     y, x = np.round(pos).astype(int)
-    video[t, y:y + size, x:x + size] = glyph
+    video[t, y : y + size, x : x + size] = glyph
     pos = pos + vel
     # Bounce: reflect the position back inside [0, limit] and flip velocity.
     for axis in range(2):
@@ -76,8 +78,7 @@ def render_moving_digit(digit: np.ndarray, num_frames: int, canvas: int,
   return np.repeat(video[..., None], 3, axis=-1)
 
 
-def moving_digit_videos(split: str, num_videos: int, num_frames: int, canvas: int,
-                        seed: int):
+def moving_digit_videos(split: str, num_videos: int, num_frames: int, canvas: int, seed: int):
   """Yields (index, video uint8 (T, canvas, canvas, 3), label int, image_index).
 
   Deterministic: video i of a split depends only on (seed, split, i).

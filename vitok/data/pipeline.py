@@ -51,18 +51,22 @@ def check_clip_length(example, frames: int, frame_stride: int) -> None:
         f'Stored clip {_as_str(example.get("source", "?"))!r} has {stored} frames, but '
         f'data.frames={frames} with data.frame_stride={frame_stride} needs '
         f'{required_frames(frames, frame_stride)}. Lower data.frames / data.frame_stride '
-        f'or rebuild with a larger data.clip_frames.')
+        f'or rebuild with a larger data.clip_frames.'
+    )
 
 
 def crop_resize(video: np.ndarray, top: int, left: int, side: int, res: int) -> np.ndarray:
   """Crops the square [top:top+side, left:left+side] of every frame and resizes
   it to res x res (PIL bilinear, antialiased when shrinking). uint8 in and out."""
-  window = video[:, top:top + side, left:left + side]
+  window = video[:, top : top + side, left : left + side]
   if side == res:
     return np.ascontiguousarray(window)
-  return np.stack([
-      np.asarray(Image.fromarray(frame).resize((res, res), Image.Resampling.BILINEAR))
-      for frame in window])
+  return np.stack(
+      [
+          np.asarray(Image.fromarray(frame).resize((res, res), Image.Resampling.BILINEAR))
+          for frame in window
+      ]
+  )
 
 
 def _label(example) -> np.int32:
@@ -77,6 +81,7 @@ class RandomClip(grain.transforms.RandomMap):
   uniform fraction in [crop_min_scale, 1] of the shorter side, uniform
   position), resize to res, and a coin-flip mirror when hflip.
   """
+
   frames: int
   frame_stride: int
   res: int
@@ -88,7 +93,7 @@ class RandomClip(grain.transforms.RandomMap):
     video = element['video']
     span = required_frames(self.frames, self.frame_stride)
     start = rng.integers(0, video.shape[0] - span + 1)
-    video = video[start:start + span:self.frame_stride]
+    video = video[start : start + span : self.frame_stride]
     height, width = video.shape[1:3]
     short = min(height, width)
     side = max(1, round(short * rng.uniform(self.crop_min_scale, 1.0)))
@@ -104,13 +109,14 @@ class RandomClip(grain.transforms.RandomMap):
 class CenterClip(grain.transforms.Map):
   """Deterministic eval view: the first `frames` frames `frame_stride` apart,
   the centred square of side = shorter side, resized to res; no flip."""
+
   frames: int
   frame_stride: int
   res: int
 
   def map(self, element):
     check_clip_length(element, self.frames, self.frame_stride)
-    video = element['video'][:required_frames(self.frames, self.frame_stride):self.frame_stride]
+    video = element['video'][: required_frames(self.frames, self.frame_stride) : self.frame_stride]
     height, width = video.shape[1:3]
     side = min(height, width)
     video = crop_resize(video, (height - side) // 2, (width - side) // 2, side, self.res)
@@ -134,12 +140,20 @@ class ProcessRows(grain.MapDataset):
 
   _MUTATES_ELEMENT_SPEC = False  # only selects elements (read by grain's statistics)
 
-  def __init__(self, parent: grain.MapDataset, global_batch_size: int, process_index: int,
-               process_count: int, padding=None):
+  def __init__(
+      self,
+      parent: grain.MapDataset,
+      global_batch_size: int,
+      process_index: int,
+      process_count: int,
+      padding=None,
+  ):
     super().__init__(parent)
     if global_batch_size % process_count or not 0 <= process_index < process_count:
-      raise ValueError(f'Process {process_index} of {process_count} cannot take an equal '
-                       f'share of global batches of {global_batch_size}.')
+      raise ValueError(
+          f'Process {process_index} of {process_count} cannot take an equal '
+          f'share of global batches of {global_batch_size}.'
+      )
     self._global_batch_size = global_batch_size
     self._rows = global_batch_size // process_count
     self._first_row = process_index * self._rows
@@ -165,8 +179,10 @@ class ProcessRows(grain.MapDataset):
     return self._parent[parent_index]
 
   def __str__(self) -> str:
-    return (f'ProcessRows(global_batch_size={self._global_batch_size}, '
-            f'rows=[{self._first_row}, {self._first_row + self._rows}))')
+    return (
+        f'ProcessRows(global_batch_size={self._global_batch_size}, '
+        f'rows=[{self._first_row}, {self._first_row + self._rows}))'
+    )
 
 
 def _read_options() -> grain.ReadOptions:
@@ -177,26 +193,34 @@ def _read_options() -> grain.ReadOptions:
 
 def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in [0, process_count='
-                     f'{process_count}).')
+    raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count}).')
 
 
 def global_train_examples(data_cfg, seed: int, source) -> grain.MapDataset:
   """The endless stream of augmented training examples, the same on every
   process: element i is a pure function of (seed, i)."""
-  return (grain.MapDataset.source(source)
-          .seed(seed)
-          .shuffle()        # a fresh permutation every epoch
-          .repeat()         # endless
-          # random_map seeds each element's generator with its index here, the
-          # global position, so crops and flips do not depend on the process count.
-          .random_map(RandomClip(frames=data_cfg.frames, frame_stride=data_cfg.frame_stride,
-                                 res=data_cfg.res, crop_min_scale=data_cfg.crop_min_scale,
-                                 hflip=data_cfg.hflip)))
+  return (
+      grain.MapDataset.source(source)
+      .seed(seed)
+      .shuffle()  # a fresh permutation every epoch
+      .repeat()  # endless
+      # random_map seeds each element's generator with its index here, the
+      # global position, so crops and flips do not depend on the process count.
+      .random_map(
+          RandomClip(
+              frames=data_cfg.frames,
+              frame_stride=data_cfg.frame_stride,
+              res=data_cfg.res,
+              crop_min_scale=data_cfg.crop_min_scale,
+              hflip=data_cfg.hflip,
+          )
+      )
+  )
 
 
-def train_dataset(data_cfg, seed: int, process_index: int = 0, process_count: int = 1,
-                  source=None) -> grain.IterDataset:
+def train_dataset(
+    data_cfg, seed: int, process_index: int = 0, process_count: int = 1, source=None
+) -> grain.IterDataset:
   """Endless, shuffled, augmented training batches: this process's rows of the
   global batches.
 
@@ -222,8 +246,10 @@ def train_dataset(data_cfg, seed: int, process_index: int = 0, process_count: in
     any global step.
   """
   if data_cfg.batch_size % process_count:
-    raise ValueError(f'data.batch_size={data_cfg.batch_size} is not divisible by the '
-                     f'process count {process_count}.')
+    raise ValueError(
+        f'data.batch_size={data_cfg.batch_size} is not divisible by the '
+        f'process count {process_count}.'
+    )
   _check_process(process_index, process_count)
   if source is None:
     source = builders.prepare(data_cfg)[data_cfg.train_split]
@@ -232,13 +258,19 @@ def train_dataset(data_cfg, seed: int, process_index: int = 0, process_count: in
   # Fail at start-up (not later inside a worker) when clips are too short.
   check_clip_length(source[0], data_cfg.frames, data_cfg.frame_stride)
 
-  rows = ProcessRows(global_train_examples(data_cfg, seed, source), data_cfg.batch_size,
-                     process_index, process_count)
+  rows = ProcessRows(
+      global_train_examples(data_cfg, seed, source),
+      data_cfg.batch_size,
+      process_index,
+      process_count,
+  )
   ds = rows.batch(data_cfg.batch_size // process_count, drop_remainder=True)
   ds = ds.to_iter_dataset(_read_options())
   if data_cfg.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers),
-                        worker_init_fn=leave_ctrl_c_to_the_parent)
+    ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=data_cfg.num_workers),
+        worker_init_fn=leave_ctrl_c_to_the_parent,
+    )
   return ds
 
 
@@ -259,21 +291,31 @@ def _state_after(fresh_state: dict, step: int, num_workers: int) -> dict:
   # mp_prefetch: an interleave of one iterator per worker; worker w reads
   # batches w, w + W, w + 2W, ... and the interleave takes them in turn.
   expected = [{'next_index': 0}] * num_workers
-  if (fresh_state.get('iterators_in_use_indices') != list(range(num_workers))
-      or fresh_state.get('iterators_in_use_states') != expected):
+  if (
+      fresh_state.get('iterators_in_use_indices') != list(range(num_workers))
+      or fresh_state.get('iterators_in_use_states') != expected
+  ):
     raise NotImplementedError(
-        f'train_iterator does not know this grain version\'s iterator state {fresh_state!r}; '
-        f'use data.num_workers=0 or restore a saved iterator state.')
+        f"train_iterator does not know this grain version's iterator state {fresh_state!r}; "
+        f'use data.num_workers=0 or restore a saved iterator state.'
+    )
   state = copy.deepcopy(fresh_state)
   state['next_index_in_cycle'] = step % num_workers
   # Worker w has returned the batches below `step` congruent to w: ceil((step - w) / W).
-  state['iterators_in_use_states'] = [{'next_index': -(-(step - worker) // num_workers)}
-                                      for worker in range(num_workers)]
+  state['iterators_in_use_states'] = [
+      {'next_index': -(-(step - worker) // num_workers)} for worker in range(num_workers)
+  ]
   return state
 
 
-def train_iterator(data_cfg, seed: int, start_step: int = 0, process_index: int = 0,
-                   process_count: int = 1, source=None) -> grain.DatasetIterator:
+def train_iterator(
+    data_cfg,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    source=None,
+) -> grain.DatasetIterator:
   """iter(train_dataset(...)) positioned so that its first batch is (this
   process's share of) global batch `start_step`.
 
@@ -307,18 +349,22 @@ def eval_batches(data_cfg, source, process_index: int = 0, process_count: int = 
   """
   batch_size = data_cfg.eval_batch_size
   if batch_size % process_count:
-    raise ValueError(f'data.eval_batch_size={batch_size} is not divisible by the '
-                     f'process count {process_count}.')
+    raise ValueError(
+        f'data.eval_batch_size={batch_size} is not divisible by the '
+        f'process count {process_count}.'
+    )
   _check_process(process_index, process_count)
   if len(source) == 0:
     raise DataError('the evaluation split (data.eval_split) is empty.')
   check_clip_length(source[0], data_cfg.frames, data_cfg.frame_stride)
   rows = batch_size // process_count
-  padding = {'video': np.zeros((data_cfg.frames, data_cfg.res, data_cfg.res, 3), np.uint8),
-             'label': np.int32(0)}
-  examples = (grain.MapDataset.source(source)
-              .map(CenterClip(frames=data_cfg.frames, frame_stride=data_cfg.frame_stride,
-                              res=data_cfg.res)))
+  padding = {
+      'video': np.zeros((data_cfg.frames, data_cfg.res, data_cfg.res, 3), np.uint8),
+      'label': np.int32(0),
+  }
+  examples = grain.MapDataset.source(source).map(
+      CenterClip(frames=data_cfg.frames, frame_stride=data_cfg.frame_stride, res=data_cfg.res)
+  )
   process_rows = ProcessRows(examples, batch_size, process_index, process_count, padding)
   batches = process_rows.batch(rows, drop_remainder=True).to_iter_dataset(_read_options())
   for global_batch, batch in enumerate(batches):

@@ -53,8 +53,7 @@ def _resize(image: Image.Image, short_side: int | None) -> np.ndarray:
   return np.asarray(image.convert('RGB'), dtype=np.uint8)
 
 
-def read_video(path, max_frames: int | None = None,
-               short_side: int | None = None) -> np.ndarray:
+def read_video(path, max_frames: int | None = None, short_side: int | None = None) -> np.ndarray:
   """Decodes the first video stream of `path`.
 
   Args:
@@ -115,8 +114,10 @@ def write_mp4(path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> None:
   """
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-    raise ValueError('write_mp4 expects uint8 frames of shape (T, H, W, 3), '
-                     f'got {frames.dtype} {frames.shape}')
+    raise ValueError(
+        'write_mp4 expects uint8 frames of shape (T, H, W, 3), '
+        f'got {frames.dtype} {frames.shape}'
+    )
   _, height, width, _ = frames.shape
   pad_h, pad_w = height % 2, width % 2
   if pad_h or pad_w:
@@ -136,7 +137,8 @@ def write_png(path, image: np.ndarray) -> None:
   """Writes an (H, W, 3) uint8 RGB image as PNG."""
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise ValueError('write_png expects a uint8 image of shape (H, W, 3), '
-                     f'got {image.dtype} {image.shape}')
+    raise ValueError(
+        f'write_png expects a uint8 image of shape (H, W, 3), got {image.dtype} {image.shape}'
+    )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   Image.fromarray(image).save(path, format='PNG')
