@@ -1,0 +1,313 @@
+"""DiT (Peebles & Xie, 2023): a class-conditional diffusion transformer over ViTok latents.
+
+    latents (B, t, h, w, c) -> patches (1 x p x p latent tokens) -> linear c*p*p -> width
+    timestep -> sinusoid (256) -> MLP -> width;   class -> embedding (num_classes + a null class)
+    cond = silu(t_emb + y_emb)
+    depth x adaLN-Zero block(tokens, cond) -> adaLN final layer -> linear -> out channels per patch
+
+Every block starts as the identity: the modulation that scales and gates each residual branch
+is zero-initialised, and so is the final projection, so the untrained network outputs zeros.
+
+Recipes (`DiTConfig.recipe`):
+  'vitok'    what ViTok used downstream: gated MLP (SwiGLU, hidden int(2.67 w)), q/k/v without
+             bias, 3-D RoPE over the latent (t, h, w) grid, one DiT token per latent token (p = 1).
+  'classic'  the original DiT: GELU-tanh MLP of ratio 4, q/k/v with bias, fixed sin-cos positions,
+             patch embedding (p = 2 for the paper's models).
+
+Sizes (width / blocks / heads) are the DiT paper's S, B, L, XL and this project's CPU sizes,
+named by the family and the width so that nobody takes them for ViTok sizes: variants read
+`DiT-<size>/<p>`, e.g. 'DiT-L/1', 'DiT-XL/2', 'DiT-cpu128/1'. Model code only: no hosts, no
+checkpoints, no objective (see dit/diffusion.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import nnx
+
+from vitok import layers
+from vitok.core import config_checks
+from vitok.core.sharding import constrain
+
+SIZES: dict[str, layers.ViTSize] = {
+    'cpu64': layers.ViTSize(width=64, depth=2, heads=2),
+    'cpu128': layers.ViTSize(width=128, depth=4, heads=4),
+    'cpu256': layers.ViTSize(width=256, depth=6, heads=4),
+    'S': layers.ViTSize(width=384, depth=12, heads=6),
+    'B': layers.ViTSize(width=768, depth=12, heads=12),
+    'L': layers.ViTSize(width=1024, depth=24, heads=16),
+    'XL': layers.ViTSize(width=1152, depth=28, heads=16),
+}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+FREQUENCY_DIM = 256  # sinusoidal timestep features before the timestep MLP
+
+_VARIANT_RE = re.compile(r'^DiT-(?P<size>\w+)/(?P<p>\d+)$')
+
+MODEL_FIELDS = {
+    'model.recipe': config_checks.OneOf(('vitok', 'classic')),
+    'model.dtype': config_checks.OneOf(tuple(DTYPES)),
+    'model.remat': config_checks.OneOf(tuple(layers.REMAT_POLICIES)),
+    'model.attention': config_checks.OneOf(tuple(layers.ATTENTION_IMPLS)),
+    'model.rope_theta': config_checks.POSITIVE,
+}
+
+
+def parse_variant(variant: str) -> tuple[layers.ViTSize, int]:
+  """'DiT-L/1' -> (the L size, patch 1)."""
+  m = _VARIANT_RE.match(str(variant))
+  if not m:
+    raise config_checks.ConfigError(
+        f'model.variant={variant!r} is malformed: expected "DiT-<size>/<patch>" such as '
+        f'"DiT-L/1" or "DiT-XL/2"; sizes {", ".join(SIZES)}'
+    )
+  if m['size'] not in SIZES:
+    raise config_checks.ConfigError(
+        f'model.variant={variant!r}: unknown DiT size {m["size"]!r}; known: {", ".join(SIZES)}'
+    )
+  if int(m['p']) < 1:
+    raise config_checks.ConfigError(f'model.variant={variant!r}: the patch size must be >= 1')
+  return SIZES[m['size']], int(m['p'])
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Everything that determines the network."""
+
+  variant: str = 'DiT-L/1'
+  recipe: str = 'vitok'  # 'vitok' | 'classic'
+  grid: tuple[int, int, int] = (4, 16, 16)  # latent (t, h, w)
+  channels: int = 16  # latent channels c
+  learn_sigma: bool = True  # output 2c channels: noise and the variance interpolation
+  num_classes: int = 101
+  rope_theta: float = 10000.0
+  dtype: str = 'float32'  # compute dtype; parameters stay float32
+  remat: str = 'none'
+  attention: str = 'xla'
+
+  def __post_init__(self):
+    _, p = parse_variant(self.variant)
+    config_checks.check_fields({'model': dataclasses.asdict(self)}, MODEL_FIELDS)
+    t, h, w = self.grid
+    if h % p or w % p:
+      raise config_checks.ConfigError(
+          f'model.variant={self.variant!r}: the patch size {p} does not divide the latent grid '
+          f'{h}x{w}'
+      )
+
+  @property
+  def size(self) -> layers.ViTSize:
+    return parse_variant(self.variant)[0]
+
+  @property
+  def patch(self) -> int:
+    return parse_variant(self.variant)[1]
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.channels if self.learn_sigma else self.channels
+
+  @property
+  def token_grid(self) -> tuple[int, int, int]:
+    t, h, w = self.grid
+    return t, h // self.patch, w // self.patch
+
+  @property
+  def tokens(self) -> int:
+    return math.prod(self.token_grid)
+
+  @property
+  def mlp_hidden(self) -> int:
+    width = self.size.width
+    return 4 * width if self.recipe == 'classic' else layers.mlp_hidden(width)
+
+
+def timestep_features(t: jax.Array, dim: int = FREQUENCY_DIM, max_period: float = 10000.0):
+  """(B,) timesteps (any real scale; the objectives pass 0..1000) -> (B, dim) [cos | sin]
+  features at geometrically spaced frequencies (DiT's TimestepEmbedder)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_positions(grid: tuple[int, int, int], width: int) -> np.ndarray:
+  """Fixed sin-cos position embeddings (L, width) for tokens on a (t, h, w) grid in raster
+  order: width/2 features per spatial axis (h, w), as the original 2-D DiT, plus the time index
+  added on the same features when t > 1 (for t = 1 this is exactly DiT's embedding)."""
+  t, h, w = grid
+  quarter = width // 4
+  omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+
+  def embed(pos):
+    out = np.outer(pos, omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (n, width / 2)
+
+  tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing='ij')
+  spatial = np.concatenate([embed(hh.reshape(-1)), embed(ww.reshape(-1))], axis=1)
+  if t > 1:
+    spatial = spatial + np.concatenate([embed(tt.reshape(-1))] * 2, axis=1)
+  return spatial.astype(np.float32)
+
+
+def _zeros(axes):
+  return nnx.with_partitioning(nnx.initializers.zeros_init(), axes, eager_sharding=False)
+
+
+def _plain_norm(width: int, dtype) -> nnx.LayerNorm:
+  """LayerNorm without scale or bias (adaLN supplies them), eps 1e-6 as in DiT."""
+  return nnx.LayerNorm(
+      width, epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype, rngs=nnx.Rngs(0)
+  )
+
+
+def _modulation(width: int, parts: int, dtype, rngs) -> nnx.Einsum:
+  """silu(cond) -> `parts` width-vectors (shift / scale / gate), zero-initialised."""
+  return nnx.Einsum(
+      'bd,dkw->bkw',
+      (width, parts, width),
+      (parts, width),
+      dtype=dtype,
+      kernel_init=_zeros(('embed', None, None)),
+      bias_init=_zeros((None, None)),
+      rngs=rngs,
+  )
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  return x * (1.0 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nnx.Module):
+  """adaLN-Zero block: x + gate * branch(modulate(norm(x), shift, scale)), twice."""
+
+  def __init__(self, cfg: DiTConfig, *, dtype, rngs: nnx.Rngs):
+    width, heads = cfg.size.width, cfg.size.heads
+    classic = cfg.recipe == 'classic'
+    self.norm1 = _plain_norm(width, dtype)
+    self.attn = layers.Attention(
+        width, heads, attention=cfg.attention, qkv_bias=classic, dtype=dtype, rngs=rngs
+    )
+    self.norm2 = _plain_norm(width, dtype)
+    self.mlp = (
+        layers.MLP(width, cfg.mlp_hidden, dtype=dtype, rngs=rngs)
+        if classic
+        else layers.GatedMLP(width, cfg.mlp_hidden, 'swiglu', dtype=dtype, rngs=rngs)
+    )
+    self.modulation = _modulation(width, 6, dtype, rngs)
+
+  def __call__(self, x: jax.Array, cond: jax.Array, angles: jax.Array | None) -> jax.Array:
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.unstack(
+        self.modulation(jax.nn.silu(cond)), axis=1
+    )
+    x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), angles)
+    x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+    return constrain(x, layers.TOKENS)
+
+
+class DiT(nnx.Module):
+  """The network: `model(latents, t, labels)` -> (B, t, h, w, out_channels), float32.
+
+  `t` is the timestep on a 0..1000 scale (DDPM's integer steps, or 1000 x a flow time);
+  labels are ints in [0, num_classes], `num_classes` being the null class of classifier-free
+  guidance."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    size, p = cfg.size, cfg.patch
+    width = size.width
+    dtype = DTYPES[cfg.dtype]
+    normal = lambda axes: nnx.with_partitioning(
+        nnx.initializers.normal(0.02), axes, eager_sharding=False
+    )
+    self.patch_embed = layers.dense(
+        cfg.channels * p * p, width, ('latent', 'embed'), dtype=dtype, rngs=rngs
+    )
+    self.t_embed1 = nnx.Linear(
+        FREQUENCY_DIM,
+        width,
+        kernel_init=normal((None, 'embed')),
+        bias_init=_zeros(('embed',)),
+        dtype=dtype,
+        rngs=rngs,
+    )
+    self.t_embed2 = nnx.Linear(
+        width,
+        width,
+        kernel_init=normal(('embed', None)),
+        bias_init=_zeros((None,)),
+        dtype=dtype,
+        rngs=rngs,
+    )
+    self.y_embed = nnx.Embed(
+        cfg.num_classes + 1, width, embedding_init=normal((None, 'embed')), rngs=rngs
+    )
+    self.blocks = nnx.List([DiTBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(size.depth)])
+    self.final_norm = _plain_norm(width, dtype)
+    self.final_modulation = _modulation(width, 2, dtype, rngs)
+    self.final = nnx.Linear(
+        width,
+        p * p * cfg.out_channels,
+        dtype=dtype,
+        kernel_init=_zeros(('embed', 'latent')),
+        bias_init=_zeros(('latent',)),
+        rngs=rngs,
+    )
+
+  def __call__(self, latents: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
+    cfg, p = self.cfg, self.cfg.patch
+    grid = cfg.token_grid
+    tokens = rearrange(latents, 'b t (h p) (w k) c -> b (t h w) (p k c)', p=p, k=p)
+    x = self.patch_embed(tokens)
+    angles = None
+    if cfg.recipe == 'classic':
+      x = x + jnp.asarray(sincos_positions(grid, cfg.size.width), x.dtype)
+    else:
+      head_dim = cfg.size.width // cfg.size.heads
+      angles = layers.rope_angles(grid, head_dim, '3d', cfg.rope_theta)
+    x = constrain(x, layers.TOKENS)
+    t_emb = self.t_embed2(jax.nn.silu(self.t_embed1(timestep_features(t))))
+    cond = t_emb + self.y_embed(labels)
+    for block in self.blocks:
+      if cfg.remat == 'none':
+        x = block(x, cond, angles)
+      else:
+        x = nnx.remat(
+            lambda blk, h, c, a: blk(h, c, a),
+            policy=layers.REMAT_POLICIES[cfg.remat],
+            prevent_cse=True,
+        )(block, x, cond, angles)
+    shift, scale = jnp.unstack(self.final_modulation(jax.nn.silu(cond)), axis=1)
+    out = self.final(modulate(self.final_norm(x), shift, scale)).astype(jnp.float32)
+    return rearrange(
+        out, 'b (t h w) (p k c) -> b t (h p) (w k) c', t=grid[0], h=grid[1], w=grid[2], p=p, k=p
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes and costs, from abstract shapes only.
+# ----------------------------------------------------------------------------------------------
+
+
+def count_params(cfg: DiTConfig) -> int:
+  abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def forward_macs(cfg: DiTConfig) -> int:
+  """Multiply-accumulates of one forward pass on one clip's latents (the DiT paper's "Gflops"
+  count one multiply-add as one flop): patch embedding, per block q/k/v, output projection, MLP,
+  the two attention products and the adaLN modulation, the final layer and the timestep MLP."""
+  width, depth = cfg.size.width, cfg.size.depth
+  tokens, p = cfg.tokens, cfg.patch
+  mlp = (2 if cfg.recipe == 'classic' else 3) * width * cfg.mlp_hidden
+  per_block = tokens * (4 * width * width + mlp) + 2 * tokens * tokens * width + 6 * width * width
+  embed = tokens * cfg.channels * p * p * width + FREQUENCY_DIM * width + width * width
+  final = 2 * width * width + tokens * width * p * p * cfg.out_channels
+  return embed + depth * per_block + final

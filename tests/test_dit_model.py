@@ -1,0 +1,92 @@
+"""The DiT network: adaLN-Zero identity at init, the original DiT's parameter and GMAC counts,
+shapes, conditioning, sizes that do not collide with the tokenizer's."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dit import model as M
+from vitok import tokenizer
+
+TINY = dict(variant='DiT-cpu64/1', grid=(2, 4, 4), channels=4, num_classes=10)
+
+
+def _model(**kw):
+  return M.DiT(M.DiTConfig(**{**TINY, **kw}), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    'size,params_m,gmacs',
+    [('S', 33, 6.06), ('B', 130, 23.01), ('L', 458, 80.71), ('XL', 675, 118.64)],
+)
+def test_classic_recipe_matches_the_dit_paper(size, params_m, gmacs):
+  # 256x256 images = 32x32x4 SD-VAE latents, patch 2, learned sigma, 1000 classes.
+  cfg = M.DiTConfig(
+      variant=f'DiT-{size}/2', recipe='classic', grid=(1, 32, 32), channels=4, num_classes=1000
+  )
+  assert abs(M.count_params(cfg) / 1e6 / params_m - 1) < 0.01
+  assert abs(M.forward_macs(cfg) / 1e9 / gmacs - 1) < 0.02
+
+
+def test_every_block_starts_as_the_identity_and_the_output_is_zero():
+  for recipe in ('vitok', 'classic'):
+    model = _model(recipe=recipe)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 4, 4, 4))
+    t, y = jnp.array([0.0, 500.0, 999.0]), jnp.array([0, 5, 10])
+    out = model(x, t, y)
+    assert out.shape == (3, 2, 4, 4, 8)  # 2c: noise and variance
+    np.testing.assert_array_equal(out, 0.0)
+    tokens = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 64))
+    cond = jax.random.normal(jax.random.PRNGKey(2), (3, 64))
+    for block in model.blocks:
+      np.testing.assert_array_equal(block(tokens, cond, None), tokens)
+
+
+def test_the_output_depends_on_input_time_and_class_once_trained_away_from_zero():
+  model = _model()
+  # Perturb the zero-initialised layers as training would.
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param) and not np.any(var[...]):
+      var[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(len(path)), var.shape)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 4, 4, 4))
+  base = model(x, jnp.array([10.0, 10.0]), jnp.array([1, 1]))
+  assert not np.allclose(base, model(x * 0.5, jnp.array([10.0, 10.0]), jnp.array([1, 1])))
+  assert not np.allclose(base, model(x, jnp.array([900.0, 900.0]), jnp.array([1, 1])))
+  assert not np.allclose(base, model(x, jnp.array([10.0, 10.0]), jnp.array([2, 10])))
+
+
+def test_patches_tokens_and_bf16():
+  cfg = M.DiTConfig(
+      variant='DiT-cpu64/2',
+      grid=(2, 4, 4),
+      channels=4,
+      num_classes=10,
+      learn_sigma=False,
+      dtype='bfloat16',
+  )
+  assert cfg.tokens == 2 * 2 * 2 and cfg.out_channels == 4
+  model = M.DiT(cfg, rngs=nnx.Rngs(0))
+  out = model(jnp.ones((1, 2, 4, 4, 4)), jnp.zeros(1), jnp.zeros(1, jnp.int32))
+  assert out.shape == (1, 2, 4, 4, 4) and out.dtype == jnp.float32
+  params = nnx.state(model, nnx.Param)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+  # The null class of classifier-free guidance has its own embedding row.
+  assert model.y_embed.embedding.shape == (11, 64)
+
+
+def test_sizes_are_named_apart_from_the_tokenizers():
+  assert not set(f'DiT-{s}' for s in M.SIZES) & set(tokenizer.SIZES)
+  assert (M.SIZES['S'].width, M.SIZES['L'].width) != (
+      tokenizer.SIZES['S'].width,
+      tokenizer.SIZES['L'].width,
+  )
+  with pytest.raises(ValueError, match='DiT-<size>/<patch>'):
+    M.DiTConfig(variant='L/2')
+  with pytest.raises(ValueError, match="unknown DiT size 'Ti'"):
+    M.DiTConfig(variant='DiT-Ti/2')
+  with pytest.raises(ValueError, match='does not divide'):
+    M.DiTConfig(variant='DiT-S/3', grid=(1, 8, 8))
+  with pytest.raises(ValueError, match='model.recipe'):
+    M.DiTConfig(recipe='llama')
