@@ -269,13 +269,15 @@ class TrainedRun(NamedTuple):
   ema: bool  # whether they are the EMA
 
 
-def open_trained_run(step: int | None, raw: bool) -> TrainedRun:
+def open_trained_run(step: int | None, raw: bool, adjust: Callable | None = None) -> TrainedRun:
   """Start-up of the commands that read a training run (eval, export): the run's config (or
   --config), jax.distributed, a mesh over this job's devices (data-parallel unless --mesh says
   otherwise), the TrainState layout on it, and the parameters of checkpoint `step` (default: the
   newest that is not damaged; damaged ones are skipped with a warning and left in place), the
   EMA unless `raw` or the run kept none."""
   config = load_config(allow_workdir_config=True)
+  if adjust is not None:
+    adjust(config)  # a command's own overrides (e.g. launch.sample's --classes), then validated
   init_distributed()
   mesh_override(config, default='x'.join(['-1'] + ['1'] * (len(config.mesh.axes) - 1)))
   task = make_task_or_exit(config)

@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -288,21 +289,74 @@ def write_samples(samples, directory: str, step: int) -> None:
 
 
 def load_tokenizer(directory: str, mesh=None) -> tokenizer.ViTok:
-  """The tokenizer exported by `python -m launch.export` to `directory`, ready for inference:
-  `model.encode(video)` / `model.decode(z)`. Parameters are placed by the exported config's
-  sharding rules on `mesh` (default: every device, data-parallel, i.e. replicated)."""
-  # Imported here: checkpoint I/O is not needed by the rest of this module.
+  """The tokenizer of `directory` (see `open_tokenizer`) ready for inference:
+  `model.encode(video)` / `model.decode(z)`, its parameters placed by the config's sharding rules
+  on `mesh` (default: every device, data-parallel, i.e. replicated)."""
+  frozen = open_tokenizer(directory, mesh)
+  return nnx.merge(frozen.graphdef, frozen.params)
+
+
+class FrozenTokenizer(NamedTuple):
+  config: Any  # the tokenizer run's config
+  task: TokenizerTask
+  graphdef: Any
+  params: Any  # nnx.State of the parameters, sharded by the config's rules on the mesh
+  source: str  # what was read: the export, or checkpoint step N (EMA or raw)
+
+
+def abstract_tokenizer_params(model_cfg: tokenizer.TokenizerConfig, mesh, rules):
+  """The parameters of a tokenizer of `model_cfg` as ShapeDtypeStructs sharded by `rules` on
+  `mesh`, and its graphdef: the restore target of a frozen tokenizer (nothing is allocated)."""
+  abstract = nnx.eval_shape(lambda: tokenizer.ViTok(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  return graphdef, sharding.abstract_placed(params, mesh, rules)
+
+
+def read_tokenizer_config(directory: str):
+  """The config.json of a tokenizer export (`launch.export`) or training workdir."""
   import ml_collections
 
-  from vitok.core import checkpoint as ckpt_lib
-  from vitok.core import train_state as ts
+  path = os.path.join(directory, 'config.json')
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise config_checks.ConfigError(
+        f'{directory} is not a tokenizer (an export of launch.export or a training workdir): '
+        f'cannot read {path}: {type(e).__name__}: {e}'
+    ) from None
 
-  with open(os.path.join(directory, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+
+def open_tokenizer(directory: str, mesh=None, rules=None) -> FrozenTokenizer:
+  """A trained tokenizer, frozen, for a downstream model (the DiT) or for inference: from an
+  export of `launch.export` (`params/`) or from a training workdir (its newest checkpoint that
+  restores; the EMA when the run kept one). Parameters are sharded by `rules` (default: the
+  tokenizer config's) on `mesh` (default: all devices, data-parallel)."""
+  from vitok.core import checkpoint as ckpt_lib  # checkpoint I/O only where it is needed
+
+  config = read_tokenizer_config(directory)
   if mesh is None:
     config.mesh.shape = [-1] + [1] * (len(config.mesh.axes) - 1)
     mesh = sharding.make_mesh(config.mesh)
   task = TokenizerTask(config)
-  layout = ts.state_layout(task.create_model, config, mesh, total_steps=1)
-  params = ckpt_lib.load_params(os.path.join(directory, 'params'), layout.abstract.params)
-  return nnx.merge(layout.graphdef, params)
+  rules = config.sharding_rules if rules is None else rules
+  graphdef, abstract = abstract_tokenizer_params(task.model_cfg, mesh, rules)
+  if os.path.isdir(os.path.join(directory, 'params')):
+    params = ckpt_lib.load_params(os.path.join(directory, 'params'), abstract)
+    return FrozenTokenizer(config, task, graphdef, params, f'the export {directory}')
+  checkpointer = ckpt_lib.Checkpointer(directory, create=False)
+  if checkpointer.latest_step() is None:
+    raise ckpt_lib.CheckpointError(
+        f'{directory} has neither exported parameters (params/) nor checkpoints: train or '
+        'export the tokenizer first'
+    )
+  ema = config.optim.ema_decay > 0
+  params = checkpointer.restore_params(abstract, ema=ema)
+  step = checkpointer.restored_step
+  return FrozenTokenizer(
+      config,
+      task,
+      graphdef,
+      params,
+      f'step {step} of {directory} ({"EMA" if ema else "raw"} parameters)',
+  )

@@ -500,3 +500,9 @@ def prepare(data_cfg) -> dict:
     )
   splits = dict.fromkeys([data_cfg.train_split, data_cfg.eval_split])
   return {split: builder.as_data_source(split) for split in splits}
+
+
+def num_classes(data_cfg) -> int:
+  """The number of class labels of data_cfg's (prepared) data set; 1 for unlabelled data."""
+  label = make_builder(data_cfg).info.features.get('label')
+  return int(label.num_classes) if label is not None else 1

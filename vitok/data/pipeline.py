@@ -258,20 +258,47 @@ def train_dataset(
   # Fail at start-up (not later inside a worker) when clips are too short.
   check_clip_length(source[0], data_cfg.frames, data_cfg.frame_stride)
 
-  rows = ProcessRows(
+  return process_batches(
       global_train_examples(data_cfg, seed, source),
       data_cfg.batch_size,
       process_index,
       process_count,
+      data_cfg.num_workers,
   )
-  ds = rows.batch(data_cfg.batch_size // process_count, drop_remainder=True)
+
+
+def process_batches(
+    examples: grain.MapDataset,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    num_workers: int = 0,
+) -> grain.IterDataset:
+  """This process's rows of the global batches of `examples` (an endless MapDataset whose
+  element i is a pure function of i): batch k holds rows [p * b, (p + 1) * b) of examples
+  [k * B, (k + 1) * B), B = batch_size, b = B / process_count, read by `num_workers` worker
+  processes (0: in this process). Any model family's training input goes through here, so
+  `positioned` can start it at any step."""
+  rows = ProcessRows(examples, batch_size, process_index, process_count)
+  ds = rows.batch(batch_size // process_count, drop_remainder=True)
   ds = ds.to_iter_dataset(_read_options())
-  if data_cfg.num_workers > 0:
+  if num_workers > 0:
     ds = ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=data_cfg.num_workers),
+        grain.MultiprocessingOptions(num_workers=num_workers),
         worker_init_fn=leave_ctrl_c_to_the_parent,
     )
   return ds
+
+
+def positioned(ds: grain.IterDataset, start_step: int, num_workers: int = 0):
+  """iter(ds) for a `process_batches` dataset, positioned so that its first batch is global
+  batch `start_step` (O(1): the iterator state of one that returned `start_step` batches)."""
+  if start_step < 0:
+    raise ValueError(f'start_step={start_step} is negative.')
+  iterator = iter(ds)
+  if start_step:
+    iterator.set_state(_state_after(iterator.get_state(), start_step, num_workers))
+  return iterator
 
 
 def leave_ctrl_c_to_the_parent(worker_index: int, worker_count: int) -> None:
@@ -328,10 +355,8 @@ def train_iterator(
   """
   if start_step < 0:
     raise ValueError(f'start_step={start_step} is negative.')
-  iterator = iter(train_dataset(data_cfg, seed, process_index, process_count, source))
-  if start_step:
-    iterator.set_state(_state_after(iterator.get_state(), start_step, data_cfg.num_workers))
-  return iterator
+  ds = train_dataset(data_cfg, seed, process_index, process_count, source)
+  return positioned(ds, start_step, data_cfg.num_workers)
 
 
 def eval_batches(data_cfg, source, process_index: int = 0, process_count: int = 1):
