@@ -10,7 +10,8 @@ is zero-initialised, and so is the final projection, so the untrained network ou
 
 Recipes (`DiTConfig.recipe`):
   'vitok'    what ViTok used downstream: gated MLP (SwiGLU, hidden int(2.67 w)), q/k/v without
-             bias, 3-D RoPE over the latent (t, h, w) grid, one DiT token per latent token (p = 1).
+             bias, 3-D RoPE over the latent (t, h, w) grid, one DiT token per latent token (p = 1),
+             plus fixed sin-cos absolute positions at the input (as LightningDiT keeps them).
   'classic'  the original DiT: GELU-tanh MLP of ratio 4, q/k/v with bias, fixed sin-cos positions,
              patch embedding (p = 2 for the paper's models).
 
@@ -90,6 +91,10 @@ class DiTConfig:
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat: str = 'none'
   attention: str = 'xla'
+
+  @property
+  def rope(self) -> bool:
+    return self.recipe == 'vitok'
 
   def __post_init__(self):
     _, p = parse_variant(self.variant)
@@ -265,10 +270,13 @@ class DiT(nnx.Module):
     grid = cfg.token_grid
     tokens = rearrange(latents, 'b t (h p) (w k) c -> b (t h w) (p k c)', p=p, k=p)
     x = self.patch_embed(tokens)
+    # Absolute positions for both recipes: RoPE alone tells attention only relative offsets, and
+    # a DiT must place content (e.g. a class's pattern) at absolute positions of the grid; without
+    # them a small DiT could not even overfit one latent per class (measured: sampling error 1.4
+    # vs 0.7 with them, in units of the latents' std, after 400 steps).
+    x = x + jnp.asarray(sincos_positions(grid, cfg.size.width), x.dtype)
     angles = None
-    if cfg.recipe == 'classic':
-      x = x + jnp.asarray(sincos_positions(grid, cfg.size.width), x.dtype)
-    else:
+    if cfg.rope:
       head_dim = cfg.size.width // cfg.size.heads
       angles = layers.rope_angles(grid, head_dim, '3d', cfg.rope_theta)
     x = constrain(x, layers.TOKENS)

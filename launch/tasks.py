@@ -28,6 +28,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     'vitok': Family('configs.vitok', 'vitok.stage1:TokenizerTask'),
+    'dit': Family('configs.dit', 'dit.task:DiTTask'),
 }
 DEFAULT = 'vitok'  # the family of runs whose config.json predates config.task
 

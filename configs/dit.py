@@ -1,0 +1,135 @@
+r"""DiT training on the latents of a frozen ViTok tokenizer (class-conditional generation).
+
+    python -m launch.encode --tokenizer=/tmp/vitok-run --out=/tmp/latents
+    python -m launch.train --config=configs/dit.py:demo,latents=/tmp/latents --workdir=/tmp/dit
+    python -m launch.plan --config=configs/dit.py:ucf101 --mesh=16x16
+
+`get_config(arg)` takes an optional preset name followed by comma-separated `key=value` shortcuts:
+
+  presets   demo      -- a small DiT for the 2-core CPU (rectified flow, a few minutes)
+            ucf101    -- ViTok's video recipe: DiT-L on S-B/4x8 latents of 16x128x128 UCF-101
+                         clips (1024 tokens), DDPM with learned variance, batch 256, LR 1e-4
+            imagenet  -- DiT-XL on S-B/16 latents of 256x256 images (256 tokens)
+  shortcuts variant, latents (cache directory), tokenizer, objective, batch, steps, lr, guidance,
+            mesh (e.g. `demo,latents=/tmp/latents,steps=500`).
+
+The latent grid and channels come from the cache (its latents.json); `tokenizer.dir` defaults to
+the tokenizer the cache was encoded with. Every field can be overridden with --config.<path>=value.
+"""
+
+import ml_collections
+
+from configs import common
+
+SHORTCUTS = {
+    'variant': 'model.variant',
+    'latents': 'latents.dir',
+    'tokenizer': 'tokenizer.dir',
+    'objective': 'diffusion.objective',
+    'batch': 'data.batch_size',
+    'steps': 'total_steps',
+    'lr': 'optim.lr',
+    'guidance': 'sample.guidance',
+    'mesh': 'mesh.shape',
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of a DiT run, with its defaults (unknown-field checks compare against these)."""
+  c = common.training_config('dit')
+  c.best_metric = 'eval_mse'
+  c.best_mode = 'min'
+  c.optim.update(lr=1e-4, b2=0.999, weight_decay=0.0, warmup_steps=0, ema_decay=0.9999)
+  c.data.batch_size = 256
+
+  # The DiT: 'DiT-<size>/<patch>' with sizes S, B, L, XL (the DiT paper's) and cpu64 / cpu128 /
+  # cpu256 (this project's CPU sizes); see dit/model.py.
+  c.model = ml_collections.ConfigDict(
+      dict(
+          variant='DiT-L/1',
+          recipe='vitok',  # 'vitok' (gated MLP, 3-D RoPE) | 'classic' (the original DiT)
+          num_classes=0,  # 0 = the cache's; the null class for guidance is added on top
+          rope_theta=10000.0,
+          dtype='float32',  # compute dtype; parameters stay float32
+          remat='none',
+          attention='xla',
+      )
+  )
+  # The frozen tokenizer: `dir` (an export or a training workdir; '' = the one the latent cache was
+  # encoded with). Without either (launch.plan, launch.bench), `variant` and `channels` describe
+  # it, and the latent grid follows from them and data.frames / data.res.
+  c.tokenizer = ml_collections.ConfigDict(dict(dir='', variant='S-B/4x8', channels=16))
+  c.data.update(frames=16, res=128)
+  c.latents = ml_collections.ConfigDict(
+      dict(
+          dir='',  # the latent cache (python -m launch.encode)
+          train_split='train',
+          eval_split='test',
+          sample_posterior=True,  # z = mean + sigma eps each step (else the posterior mean)
+          # Filled in by the run from the cache's latents.json (grid, statistics, tokenizer), so
+          # that they travel in the run's config.json: sampling needs no cache.
+          recorded='',
+      )
+  )
+  c.diffusion = ml_collections.ConfigDict(
+      dict(
+          objective='ddpm',  # 'ddpm' (eps + learned variance, as ViTok) | 'flow' (velocity)
+          label_dropout=0.1,  # classifier-free guidance: labels replaced by the null class
+          t_mean=0.0,  # flow: logit-normal timestep sampling
+          t_std=1.0,
+      )
+  )
+  c.sample = ml_collections.ConfigDict(
+      dict(
+          every=0,  # steps between sample grids (0 = only at the end)
+          sampler='ddim',  # ddpm: 'ddim' | 'ancestral'; flow: 'euler' | 'heun'
+          steps=50,
+          eta=0.0,  # DDIM
+          guidance=2.0,  # 1 = no guidance
+          guidance_low=0.0,  # guidance only at noise levels in [low, high] (fractions of T)
+          guidance_high=1.0,
+          classes='',  # e.g. '0,3,7'; '' = every class
+          per_class=2,
+          seed=0,
+      )
+  )
+  return c
+
+
+def _preset(config, name: str):
+  if name == 'demo':
+    # A ~0.1 s step on 2 CPU cores: width 128, 4 blocks, batch 32, rectified flow (which
+    # needs no learned variance and samples well in few Euler steps).
+    config.model.variant = 'DiT-cpu128/1'
+    config.diffusion.objective = 'flow'
+    config.sample.update(sampler='euler', steps=30, guidance=3.0, per_class=4)
+    config.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.995)
+    config.data.update(batch_size=32, eval_batch_size=32)
+    config.total_steps = 2000
+    config.log_every = 50
+    config.eval_every = 500
+    config.ckpt_every = 500
+  elif name == 'ucf101':
+    config.model.update(variant='DiT-L/1', num_classes=101)
+    config.tokenizer.update(variant='S-B/4x8', channels=16)
+    config.data.update(frames=16, res=128)
+    config.data.batch_size = 256
+    config.total_steps = 500_000
+    config.sample.update(sampler='ddim', steps=250, guidance=2.0, every=50_000)
+    config.eval_every = 10_000
+    config.ckpt_every = 10_000
+  elif name == 'imagenet':
+    config.model.update(variant='DiT-XL/1', num_classes=1000)
+    config.tokenizer.update(variant='S-B/16', channels=16)
+    config.data.update(frames=1, res=256)
+    config.data.batch_size = 256
+    config.total_steps = 4_000_000
+    config.sample.update(sampler='ddim', steps=250, guidance=4.0, every=100_000)
+    config.eval_every = 20_000
+    config.ckpt_every = 20_000
+  else:
+    raise ValueError(f'unknown preset {name!r} in configs/dit.py (demo | ucf101 | imagenet)')
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return common.apply_arguments(base_config(), arg, SHORTCUTS, _preset, 'configs/dit.py')

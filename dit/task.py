@@ -1,0 +1,393 @@
+"""The DiT as a `vitok.core.task.Task`: class-conditional diffusion on a latent cache of a frozen
+ViTok tokenizer, trained and evaluated by the shared loop.
+
+Input: batches of cached latents ('mean', 'logvar', 'label'; see dit/latents.py). Each step samples
+z = mean + sigma eps from the tokenizer's posterior (or takes the mean), normalises it per channel
+with the cache's statistics, replaces labels by the null class with probability
+`diffusion.label_dropout` (classifier-free guidance), and takes the objective's loss.
+
+Frozen arrays: the latent statistics and the tokenizer's parameters (sharded by the same logical
+rules as trained parameters), which the sampling evaluator decodes with.
+
+Evaluators: 'loss' (cheap, every `eval_every` steps): the objective at fixed noise levels on the
+held-out latents with fixed noise; 'samples' (every `sample.every` steps, and at the end): a grid
+of generated clips per class, decoded to PNG and mp4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from dit import diffusion
+from dit import latents as latents_lib
+from dit import model as dit_model
+from vitok import stage1, tokenizer
+from vitok.core import config_checks, sharding
+from vitok.core import task as task_lib
+from vitok.data import DataError, pipeline, video_io
+
+FIELDS = {
+    'diffusion.objective': config_checks.OneOf(('ddpm', 'flow')),
+    'diffusion.label_dropout': config_checks.FRACTION,
+    'diffusion.t_std': config_checks.POSITIVE,
+    'diffusion.t_mean': config_checks.Range(),
+    'sample.sampler': config_checks.OneOf(('ddim', 'ancestral', 'euler', 'heun')),
+    'sample.steps': config_checks.AT_LEAST_1,
+    'sample.eta': config_checks.FRACTION,
+    'sample.guidance': config_checks.Range(0),
+    'sample.guidance_low': config_checks.FRACTION,
+    'sample.guidance_high': config_checks.FRACTION,
+    'sample.per_class': config_checks.AT_LEAST_1,
+    'sample.every': config_checks.Range(0, note='0 = only at the end'),
+    'model.num_classes': config_checks.Range(0, note='0 = from the latent cache'),
+}
+EVAL_LEVELS = (0.1, 0.5, 0.9)  # noise levels of the 'loss' evaluator (fraction of the way to noise)
+
+
+class DiTTask:
+  """See the module docstring."""
+
+  name = 'dit'
+  progress_metrics = ('mse',)
+
+  def __init__(self, config):
+    self.config = config
+    config_checks.check_fields(config, FIELDS)
+    self.latents = self._latent_description(config)
+    # The frozen tokenizer: the one named, else the one the cache was encoded with, else (plan,
+    # bench: no weights needed) the architecture config.tokenizer describes.
+    self.tokenizer_dir = config.tokenizer.dir or (self.latents.tokenizer if self.latents else '')
+    if self.tokenizer_dir:
+      tok_config = stage1.read_tokenizer_config(self.tokenizer_dir)
+      self.tokenizer_cfg = tokenizer.TokenizerConfig.from_config(tok_config.model)
+    else:
+      self.tokenizer_cfg = tokenizer.TokenizerConfig(
+          variant=config.tokenizer.variant, channels=config.tokenizer.channels
+      )
+    grid = self.tokenizer_cfg.latent_grid(config.data.frames, config.data.res)
+    channels, num_classes = self.tokenizer_cfg.channels, config.model.num_classes
+    if self.latents:
+      grid, num_classes = self.latents.grid, num_classes or self.latents.num_classes
+      if self.latents.channels != channels:
+        raise config_checks.ConfigError(
+            f'the latents of config.latents.dir={config.latents.dir} have '
+            f'{self.latents.channels} channels but the tokenizer {self.tokenizer_dir} makes '
+            f'{channels}: the DiT and the tokenizer do not fit together'
+        )
+    if not num_classes:
+      raise config_checks.ConfigError(
+          'config.model.num_classes=0 means "from the latent cache", but config.latents.dir is empty'
+      )
+    self.model_cfg = dit_model.DiTConfig(
+        variant=config.model.variant,
+        recipe=config.model.recipe,
+        grid=tuple(grid),
+        channels=channels,
+        learn_sigma=config.diffusion.objective == 'ddpm',
+        num_classes=num_classes,
+        rope_theta=config.model.rope_theta,
+        dtype=config.model.dtype,
+        remat=config.model.remat,
+        attention=config.model.attention,
+    )
+    self.tokens_per_clip = self.model_cfg.tokens
+    self.schedule = diffusion.linear_schedule(1000)
+    s = config.sample
+    if not s.guidance_low <= s.guidance_high:
+      raise config_checks.ConfigError(
+          f'config.sample.guidance_low={s.guidance_low} is above '
+          f'sample.guidance_high={s.guidance_high}'
+      )
+    bad = [c for c in self.sample_classes() if not 0 <= c < num_classes]
+    if bad:
+      raise config_checks.ConfigError(
+          f'config.sample.classes has {bad}: class ids are in [0, {num_classes})'
+      )
+    flow = config.diffusion.objective == 'flow'
+    if flow != (s.sampler in ('euler', 'heun')):
+      raise config_checks.ConfigError(
+          f'config.sample.sampler={s.sampler!r} does not sample the {config.diffusion.objective} '
+          "objective: ddpm samples with 'ddim' or 'ancestral', flow with 'euler' or 'heun'"
+      )
+
+  @staticmethod
+  def _latent_description(config) -> latents_lib.Metadata | None:
+    """The latent cache's description: read from the cache, and recorded in the config (so that
+    it travels in the run's config.json with the checkpoints: sampling needs no cache). A run
+    whose cache is gone uses the recorded one; a cache that changed under a run is refused."""
+    recorded = config.latents.recorded
+    if config.latents.dir and os.path.exists(
+        os.path.join(os.path.expanduser(config.latents.dir), latents_lib.METADATA)
+    ):
+      metadata = latents_lib.read_metadata(os.path.expanduser(config.latents.dir))
+      as_json = json.dumps(dataclasses.asdict(metadata), sort_keys=True)
+      if recorded and json.loads(recorded) != json.loads(as_json):
+        raise config_checks.ConfigError(
+            f'the latent cache config.latents.dir={config.latents.dir} is not the one this run '
+            f'was started with (its latents.json changed); start a new run for it'
+        )
+      config.latents.recorded = as_json
+      return metadata
+    if recorded:
+      raw = json.loads(recorded)
+      return latents_lib.Metadata(**{**raw, 'grid': tuple(raw['grid'])})
+    if config.latents.dir:
+      latents_lib.read_metadata(os.path.expanduser(config.latents.dir))  # raises naming it
+    return None
+
+  def sample_classes(self) -> list[int]:
+    classes = self.config.sample.classes
+    if isinstance(classes, str):
+      classes = [int(c) for c in classes.split(',') if c.strip()]
+    return list(classes) or list(range(self.model_cfg.num_classes))
+
+  # --- model and objective ---
+
+  def create_model(self, rngs: nnx.Rngs) -> dit_model.DiT:
+    return dit_model.DiT(self.model_cfg, rngs=rngs)
+
+  def train_flops_per_clip(self) -> int:
+    return 6 * dit_model.forward_macs(self.model_cfg)
+
+  def loss_fn(self, model, batch, rng, frozen):
+    z_key, drop_key, loss_key = jax.random.split(rng, 3)
+    x0 = self.normalized_latents(batch, frozen['stats'], z_key)
+    drop = jax.random.bernoulli(drop_key, self.config.diffusion.label_dropout, batch['label'].shape)
+    labels = jnp.where(drop, self.model_cfg.num_classes, batch['label'])
+    terms = self.loss_terms(model, x0, labels, loss_key)
+    metrics = {'mse': jnp.mean(terms['mse'])}
+    if 'vb' in terms:
+      metrics['vb'] = jnp.mean(terms['vb'])
+    return jnp.mean(terms['loss']), metrics
+
+  def loss_terms(self, model, x0, labels, key):
+    if self.config.diffusion.objective == 'ddpm':
+      return diffusion.ddpm_loss_terms(self.schedule, model, x0, labels, key)
+    d = self.config.diffusion
+    return diffusion.flow_loss_terms(model, x0, labels, key, d.t_mean, d.t_std)
+
+  def normalized_latents(self, batch, stats, key=None):
+    z = batch['mean']
+    if key is not None and self.config.latents.sample_posterior:
+      z = tokenizer.sample(batch['mean'], batch['logvar'], key)
+    return (z - stats['mean']) / stats['std']
+
+  # --- input ---
+
+  def abstract_batch(self) -> dict:
+    b, shape = self.config.data.batch_size, (*self.model_cfg.grid, self.model_cfg.channels)
+    return {
+        'mean': jax.ShapeDtypeStruct((b, *shape), np.float32),
+        'logvar': jax.ShapeDtypeStruct((b, *shape), np.float32),
+        'label': jax.ShapeDtypeStruct((b,), np.int32),
+    }
+
+  def prepare_data(self) -> dict:
+    directory = os.path.expanduser(self.config.latents.dir)
+    if not os.path.exists(os.path.join(directory, latents_lib.METADATA)):
+      raise DataError(
+          f'config.latents.dir={self.config.latents.dir!r} holds no latent cache; training and '
+          'evaluation read one (python -m launch.encode writes it)'
+      )
+    return {
+        split: latents_lib.LatentSource(directory, split, self.latents)
+        for split in self.latents.splits
+    }
+
+  def train_iterator(self, sources, start_step, process_index, process_count):
+    d = self.config.data
+    source = sources.get(self.config.latents.train_split)
+    if source is None or len(source) == 0:
+      raise DataError(
+          f'the latent cache {self.config.latents.dir} has no examples in split '
+          f'{self.config.latents.train_split!r}'
+      )
+    examples = grain.MapDataset.source(source).seed(d.seed).shuffle().repeat()
+    ds = pipeline.process_batches(
+        examples, d.batch_size, process_index, process_count, d.num_workers
+    )
+    return pipeline.positioned(ds, start_step, d.num_workers)
+
+  # --- frozen: latent statistics and the tokenizer (sharded by the rules) ---
+
+  def abstract_frozen(self, mesh):
+    c = self.model_cfg.channels
+    replicated = sharding.replicated(mesh)
+    stats = {
+        'mean': jax.ShapeDtypeStruct((c,), np.float32, sharding=replicated),
+        'std': jax.ShapeDtypeStruct((c,), np.float32, sharding=replicated),
+    }
+    rules = self.config.sharding_rules
+    graphdef, params = stage1.abstract_tokenizer_params(self.tokenizer_cfg, mesh, rules)
+    self.tokenizer_graphdef = graphdef
+    return {'stats': stats, 'tokenizer': params}
+
+  def frozen(self, mesh):
+    """The cache's statistics and the tokenizer's weights (without a tokenizer to read, as in
+    `launch.bench`: unit statistics and a randomly initialised tokenizer of the described shape)."""
+    abstract = self.abstract_frozen(mesh)
+    c = self.model_cfg.channels
+    mean = self.latents.channel_mean if self.latents else np.zeros(c)
+    std = self.latents.channel_std if self.latents else np.ones(c)
+    stats = {'mean': np.asarray(mean, np.float32), 'std': np.asarray(std, np.float32)}
+    if self.tokenizer_dir:
+      params = stage1.open_tokenizer(self.tokenizer_dir, mesh, self.config.sharding_rules).params
+    else:
+      shardings = jax.tree.map(lambda a: a.sharding, abstract['tokenizer'])
+      init = lambda: nnx.state(tokenizer.ViTok(self.tokenizer_cfg, rngs=nnx.Rngs(0)), nnx.Param)
+      params = jax.jit(init, out_shardings=shardings)()
+    return {'stats': sharding.place(stats, abstract['stats']), 'tokenizer': params}
+
+  # --- evaluation ---
+
+  def evaluators(self) -> list[task_lib.Evaluator]:
+    levels = tuple(f'eval_mse_{int(100 * level)}' for level in EVAL_LEVELS)
+    return [
+        task_lib.Evaluator(
+            'loss',
+            every=self.config.eval_every,
+            metrics=('eval_mse',) + levels,
+            run=self.evaluate_loss,
+        ),
+        task_lib.Evaluator(
+            'samples',
+            every=self.config.sample.every or self.config.total_steps,
+            metrics=(),
+            run=self.evaluate_samples,
+        ),
+    ]
+
+  def evaluate_loss(self, context: task_lib.EvalContext) -> dict:
+    """The objective's MSE at fixed noise levels on the held-out latents, with fixed noise."""
+    source = context.sources[self.config.latents.eval_split]
+    n = min(len(source), self.config.data.eval_batch_size * 4)
+    batch = {k: np.stack([source[i][k] for i in range(n)]) for k in ('mean', 'logvar', 'label')}
+    run = _eval_loss_fn(self, context.graphdef, context.mesh)
+    per_level = jax.device_get(run(context.params, context.frozen, batch))
+    result = {'step': context.step}
+    for level, value in zip(EVAL_LEVELS, per_level):
+      result[f'eval_mse_{int(100 * level)}'] = float(value)
+    result['eval_mse'] = float(np.mean(per_level))
+    return result
+
+  def evaluate_samples(self, context: task_lib.EvalContext) -> dict:
+    """`sample.per_class` clips of every class in `sample.classes`, decoded; a PNG grid (a row per
+    class, the clips' frames side by side) and one mp4 per clip in WORKDIR/samples/."""
+    classes = self.sample_classes()
+    labels = np.repeat(np.asarray(classes, np.int32), self.config.sample.per_class)
+    videos = self.generate(
+        context.graphdef,
+        context.params,
+        context.frozen,
+        labels,
+        context.mesh,
+        seed=self.config.sample.seed,
+    )
+    if jax.process_index() == 0:
+      directory = os.path.join(context.workdir, 'samples')
+      write_sample_grid(videos, labels, directory, f'step{context.step:07d}')
+    return {'samples': int(len(labels))}
+
+  def generate(self, graphdef, params, frozen, labels, mesh, seed=0, guidance=None, steps=None):
+    """Clips (N, T, H, W, 3) uint8 of the classes `labels`, sampled with the config's sampler
+    and decoded by the frozen tokenizer."""
+    s = self.config.sample
+    guide = diffusion.Guidance(
+        scale=s.guidance if guidance is None else guidance,
+        null_class=self.model_cfg.num_classes,
+        low=s.guidance_low,
+        high=s.guidance_high,
+    )
+    run = _sample_fn(self, graphdef, self.tokenizer_graphdef, mesh, guide, steps or s.steps)
+    out = run(params, frozen, jnp.asarray(labels), jax.random.PRNGKey(seed))
+    return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
+  def describe(self) -> dict:
+    cfg = self.model_cfg
+    return {
+        'task': self.name,
+        'variant': cfg.variant,
+        'recipe': cfg.recipe,
+        'objective': self.config.diffusion.objective,
+        'latent': [*cfg.grid, cfg.channels],
+        'tokens_per_clip': cfg.tokens,
+        'params_M': round(dit_model.count_params(cfg) / 1e6, 2),
+        'gmacs_per_clip': round(dit_model.forward_macs(cfg) / 1e9, 3),
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_loss_fn(task: DiTTask, graphdef, mesh):
+  """Jitted: the mean MSE at each of EVAL_LEVELS on a batch, with fixed noise."""
+
+  @jax.jit
+  def run(params, frozen, batch):
+    model = nnx.merge(graphdef, params)
+    x0 = task.normalized_latents(batch, frozen['stats'])
+    noise = jax.random.normal(jax.random.PRNGKey(1234), x0.shape)
+    out = []
+    for level in EVAL_LEVELS:
+      n = x0.shape[0]
+      if task.config.diffusion.objective == 'ddpm':
+        step = jnp.full((n,), int(level * 999), jnp.int32)
+        xt = diffusion.q_sample(task.schedule, x0, step, noise)
+        eps = jnp.split(model(xt, step.astype(jnp.float32), batch['label']), 2, axis=-1)[0]
+        out.append(jnp.mean(jnp.square(eps - noise)))
+      else:
+        t = jnp.full((n,), level)
+        xt = diffusion.flow_interpolate(x0, noise, t)
+        v = model(xt, 1000.0 * t, batch['label'])
+        out.append(jnp.mean(jnp.square(v - diffusion.flow_target(x0, noise))))
+    return jnp.stack(out)
+
+  return run
+
+
+@functools.lru_cache(maxsize=4)
+def _sample_fn(task: DiTTask, graphdef, tokenizer_graphdef, mesh, guide, steps: int):
+  """Jitted: labels -> decoded uint8 clips, the sampling loop and the decoder in one program."""
+  cfg = task.model_cfg
+  shape_tail = (*cfg.grid, cfg.channels)
+  s = task.config.sample
+
+  @jax.jit
+  def run(params, frozen, labels, key):
+    model = nnx.merge(graphdef, params)
+    shape = (labels.shape[0], *shape_tail)
+    if task.config.diffusion.objective == 'ddpm':
+      schedule = diffusion.respace(task.schedule, steps)
+      eta = None if s.sampler == 'ancestral' else s.eta
+      x = diffusion.ddpm_sample(schedule, model, shape, labels, key, guide, eta=eta)
+    else:
+      x = diffusion.flow_sample(model, shape, labels, key, steps, s.sampler, guide)
+    z = x * frozen['stats']['std'] + frozen['stats']['mean']
+    video = nnx.merge(tokenizer_graphdef, frozen['tokenizer']).decode(z)
+    return tokenizer.to_uint8(video)
+
+  return run
+
+
+def write_sample_grid(videos: np.ndarray, labels: np.ndarray, directory: str, name: str):
+  """A PNG grid (a row per class: each clip's frames side by side, clips one after another) and
+  an mp4 per clip."""
+  os.makedirs(directory, exist_ok=True)
+  rows = []
+  for label in dict.fromkeys(labels.tolist()):
+    clips = videos[labels == label]
+    rows.append(np.concatenate([np.concatenate(list(clip), axis=1) for clip in clips], axis=1))
+  video_io.write_png(os.path.join(directory, f'{name}_grid.png'), np.concatenate(rows, axis=0))
+  for i, (clip, label) in enumerate(zip(videos, labels)):
+    if clip.shape[0] > 1:
+      video_io.write_mp4(os.path.join(directory, f'{name}_class{label}_{i}.mp4'), clip)
+  with open(os.path.join(directory, f'{name}_labels.json'), 'w') as f:
+    json.dump([int(x) for x in labels], f)

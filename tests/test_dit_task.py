@@ -1,0 +1,334 @@
+"""The DiT on the shared infrastructure: the latent cache round trip and its statistics, training
+through the same loop (both objectives: the loss falls, the evaluators run on the EMA, sample grids
+are written), a tiny DiT overfitting one batch so that sampling lands on it, and a sharded DiT step
+equal to one device."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from training_equality import assert_same_training
+
+from configs import dit as dit_config
+from dit import diffusion
+from dit import latents as latents_lib
+from launch import tasks
+from vitok.core import sharding, trainer
+from vitok.core import train_state as ts
+
+GRID, CHANNELS, CLASSES = (1, 4, 4), 4, 3
+
+
+def _write_cache(directory, n_train=24, n_test=8, seed=0):
+  """A latent cache of class-dependent latents: class k has mean pattern k plus small noise."""
+  rng = np.random.default_rng(seed)
+  patterns = rng.standard_normal((CLASSES, *GRID, CHANNELS)).astype(np.float32) * 2.0 + 1.0
+  splits = {}
+  for split, n in (('train', n_train), ('test', n_test)):
+    labels = np.arange(n) % CLASSES
+    records = [
+        latents_lib.to_record(
+            patterns[k] + 0.05 * rng.standard_normal(patterns[k].shape),
+            np.full(patterns[k].shape, -6.0, np.float32),
+            k,
+        )
+        for k in labels
+    ]
+    # Two chunks, to read across files.
+    latents_lib.write_chunk(
+        os.path.join(directory, split, 'c00000.array_record'), records[: n // 2]
+    )
+    latents_lib.write_chunk(
+        os.path.join(directory, split, 'c00001.array_record'), records[n // 2 :]
+    )
+    splits[split] = n
+  metadata = latents_lib.Metadata(
+      grid=GRID,
+      channels=CHANNELS,
+      num_classes=CLASSES,
+      splits=splits,
+      channel_mean=(),
+      channel_std=(),
+      tokenizer='',
+      data={},
+  )
+  mean, std = latents_lib.channel_statistics(latents_lib.LatentSource(directory, 'train', metadata))
+  import dataclasses
+
+  metadata = dataclasses.replace(
+      metadata, channel_mean=tuple(map(float, mean)), channel_std=tuple(map(float, std))
+  )
+  latents_lib.write_metadata(directory, metadata)
+  return patterns
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('latents'))
+  return directory, _write_cache(directory)
+
+
+def _config(cache_dir, objective='flow', steps=40):
+  config = dit_config.get_config(f'demo,latents={cache_dir},objective={objective},steps={steps}')
+  config.model.variant = 'DiT-cpu64/1'
+  config.tokenizer.update(variant='cpu128-cpu128/1x8', channels=CHANNELS)
+  config.data.update(frames=1, res=32, batch_size=8, eval_batch_size=8)
+  config.sample.update(sampler='euler' if objective == 'flow' else 'ddim', steps=8, per_class=1)
+  config.optim.update(lr=3e-3, warmup_steps=5, ema_decay=0.9)
+  config.update(log_every=10, eval_every=20, ckpt_every=20)
+  return config
+
+
+def test_the_latent_cache_round_trips_with_its_statistics(cache):
+  directory, patterns = cache
+  metadata = latents_lib.read_metadata(directory)
+  source = latents_lib.LatentSource(directory, 'train')
+  assert len(source) == 24 and metadata.grid == GRID and metadata.num_classes == CLASSES
+  example = source[13]
+  assert example['mean'].shape == (*GRID, CHANNELS) and example['label'] == 13 % CLASSES
+  np.testing.assert_allclose(example['mean'], patterns[13 % CLASSES], atol=0.3)
+  np.testing.assert_array_equal(example['logvar'], -6.0)
+  # Statistics: the per-channel moments of z = mean + sigma eps, exactly.
+  means = np.stack([source[i]['mean'] for i in range(24)]).reshape(-1, CHANNELS).astype(np.float64)
+  np.testing.assert_allclose(metadata.channel_mean, means.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(metadata.channel_std, np.sqrt(means.var(0) + np.exp(-6.0)), rtol=1e-6)
+  record = latents_lib.to_record(example['mean'], example['logvar'], 2)
+  back = latents_lib.from_record(record, (*GRID, CHANNELS))
+  np.testing.assert_array_equal(back['mean'], example['mean'])
+  assert back['label'] == 2
+
+
+def test_a_cache_that_lost_a_chunk_is_refused(cache, tmp_path):
+  import shutil
+
+  directory = str(tmp_path / 'latents')
+  shutil.copytree(cache[0], directory)
+  os.remove(os.path.join(directory, 'train', 'c00001.array_record'))
+  with pytest.raises(ValueError, match=r"split 'train' holds 12 records, its latents.json says 24"):
+    latents_lib.LatentSource(directory, 'train')
+
+
+@pytest.mark.parametrize('objective', ['flow', 'ddpm'])
+def test_the_dit_trains_through_the_shared_loop(cache, tmp_path, objective):
+  config = _config(cache[0], objective)
+  task = tasks.make_task(config)
+  workdir = str(tmp_path / 'run')
+  result = trainer.train(config, workdir, task)
+  assert int(result.state.step) == 40 and result.stopped_by is None
+  assert {'eval_mse', 'eval_mse_10', 'eval_mse_50', 'eval_mse_90', 'samples'} <= set(
+      result.last_eval
+  )
+  samples = os.listdir(os.path.join(workdir, 'samples'))
+  assert 'step0000040_grid.png' in samples
+  # The 'loss' evaluator read the EMA: recompute it from the final state's EMA and raw params.
+  mesh = sharding.make_mesh(config.mesh)
+  layout = trainer.create_layout(task, config, mesh)
+  frozen = task.frozen(mesh)
+  sources = task.prepare_data()
+  from vitok.core import task as task_lib
+
+  def loss_with(params):
+    context = task_lib.EvalContext(layout.graphdef, params, frozen, sources, 40, workdir, mesh)
+    return task.evaluate_loss(context)['eval_mse']
+
+  assert loss_with(result.state.ema_params) == pytest.approx(result.last_eval['eval_mse'], rel=1e-5)
+  assert loss_with(result.state.params) != pytest.approx(result.last_eval['eval_mse'], rel=1e-3)
+
+
+def _overfit(cache_dir, objective, steps, lr):
+  """Trains a tiny DiT on one fixed batch (one latent per class) with a plain jitted step."""
+  config = _config(cache_dir, objective)
+  config.optim.lr = lr
+  config.diffusion.label_dropout = 0.0
+  config.latents.sample_posterior = False
+  task = tasks.make_task(config)
+  model = task.create_model(nnx.Rngs(0))
+  tx, schedule = ts.make_optimizer(config.optim, 8, steps)
+  graphdef, state = ts.init_train_state(model, tx, jax.random.PRNGKey(1), ema=False)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  frozen = {'stats': task.frozen(mesh)['stats']}
+  source = latents_lib.LatentSource(cache_dir, 'train')
+  batch = {
+      k: jnp.stack([source[i][k] for i in range(CLASSES)]) for k in ('mean', 'logvar', 'label')
+  }
+  step = jax.jit(ts.make_train_step(graphdef, task.loss_fn, tx, schedule, 0.0))
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch, frozen)
+    losses.append(float(metrics['loss']))
+  return task, graphdef, state, frozen, batch, losses
+
+
+@pytest.mark.parametrize(
+    'objective,steps,lr,tolerance',
+    [
+        ('flow', 500, 6e-3, 0.25),  # measured here: 0.13
+        (
+            'ddpm',
+            800,
+            1e-2,
+            None,
+        ),  # eps-prediction learns slower: only the nearest latent is checked
+    ],
+)
+def test_a_tiny_dit_overfits_one_batch_and_sampling_lands_on_it(
+    cache, objective, steps, lr, tolerance
+):
+  task, graphdef, state, frozen, batch, losses = _overfit(cache[0], objective, steps, lr)
+  assert np.mean(losses[-20:]) < 0.3 * np.mean(losses[:20]), losses[::50]
+  model = nnx.merge(graphdef, state.params)
+  labels = jnp.arange(CLASSES)
+  shape = (CLASSES, *GRID, CHANNELS)
+  key = jax.random.PRNGKey(5)
+  if objective == 'flow':
+    x = diffusion.flow_sample(model, shape, labels, key, steps=30)
+  else:
+    x = diffusion.ddpm_sample(
+        diffusion.respace(task.schedule, 50), model, shape, labels, key, eta=0.0
+    )
+  target = task.normalized_latents(batch, frozen['stats'])
+  # Every class's sample is nearest to that class's training latent...
+  distances = jnp.sqrt(jnp.mean(jnp.square(x[:, None] - target[None]), axis=(2, 3, 4, 5)))
+  np.testing.assert_array_equal(jnp.argmin(distances, axis=1), labels)
+  # ... and, for the flow, on it (errors in units of the latents' scale).
+  if tolerance is not None:
+    scale = float(jnp.sqrt(jnp.mean(jnp.square(target))))
+    assert float(jnp.max(jnp.diag(distances))) < tolerance * scale, distances
+
+
+def test_a_sharded_dit_step_equals_one_device(cache):
+  config = _config(cache[0])
+  results = []
+  for shape, axes in (
+      ((1, 1), ('data', 'fsdp')),
+      ((2, 4), ('data', 'fsdp')),
+      ((2, 4), ('data', 'model')),
+  ):
+    config.mesh.update(shape=shape, axes=axes)
+    task = tasks.make_task(config)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[: int(np.prod(shape))])
+    layout = trainer.create_layout(task, config, mesh)
+    state = layout.init()
+    initial = jax.device_get(state)
+    step = ts.compile_train_step(
+        layout, task.loss_fn, 0.9, task.abstract_batch(), task.abstract_frozen(mesh)
+    )
+    frozen = task.frozen(mesh)
+    source = latents_lib.LatentSource(cache[0], 'train')
+    host = {k: np.stack([source[i][k] for i in range(8)]) for k in ('mean', 'logvar', 'label')}
+    batch = trainer.global_batch(host, sharding.batch_sharding(mesh, config.sharding_rules))
+    for _ in range(2):
+      state, metrics = step(state, batch, frozen)
+    results.append((initial, jax.device_get(state), float(metrics['loss'])))
+  reference_initial, reference, reference_loss = results[0]
+  for initial, final, loss in results[1:]:
+    # The same initial state on every mesh, then the same training (see training_equality).
+    jax.tree.map(np.testing.assert_array_equal, initial.params, reference_initial.params)
+    assert_same_training(final, reference, reference_initial)
+    assert loss == pytest.approx(reference_loss, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_video_to_generated_video_through_the_commands(tiny_config, tmp_path):
+  """A tokenizer trained for 2 steps -> launch.encode -> launch.train of a DiT on 2 devices ->
+  launch.sample on 1 device: the clips equal those the DiT generates in this process on 8."""
+  import subprocess
+  import sys
+
+  from PIL import Image
+
+  from vitok import stage1
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tokenizer_dir = str(tmp_path / 'tokenizer')
+  config = tiny_config.copy_and_resolve_references()
+  config.update(total_steps=2, ckpt_every=2)
+  trainer.train(config, tokenizer_dir, stage1.TokenizerTask(config))
+
+  def command(module, *args, devices=1):
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+        JAX_PLATFORMS='cpu',
+    )
+    out = subprocess.run(
+        [sys.executable, '-m', module, *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+  cache = str(tmp_path / 'latents')
+  out = command('launch.encode', f'--tokenizer={tokenizer_dir}', f'--out={cache}')
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary['splits'] == {
+      'train': len(latents_lib.LatentSource(cache, 'train')),
+      'test': len(latents_lib.LatentSource(cache, 'test')),
+  }
+  metadata = latents_lib.read_metadata(cache)
+  assert metadata.grid == (2, 4, 4) and metadata.channels == 4
+  assert metadata.tokenizer == tokenizer_dir
+  # A rerun finds the cache finished and leaves it as it is.
+  before = {f: os.path.getmtime(f) for f in latents_lib.chunk_files(cache, 'train')}
+  command('launch.encode', f'--tokenizer={tokenizer_dir}', f'--out={cache}')
+  assert before == {f: os.path.getmtime(f) for f in latents_lib.chunk_files(cache, 'train')}
+
+  dit_dir = str(tmp_path / 'dit')
+  flags_ = [
+      f'--workdir={dit_dir}',
+      f'--config=configs/dit.py:demo,latents={cache},steps=4',
+      '--config.model.variant=DiT-cpu64/1',
+      '--config.data.batch_size=4',
+      '--config.log_every=2',
+      '--config.eval_every=4',
+      '--config.ckpt_every=4',
+      '--config.sample.steps=4',
+      '--config.sample.per_class=1',
+  ]
+  command('launch.train', *flags_, devices=2)
+  assert os.path.exists(os.path.join(dit_dir, 'samples', 'step0000004_grid.png'))
+  samples = str(tmp_path / 'samples')
+  out = command(
+      'launch.sample',
+      f'--workdir={dit_dir}',
+      '--classes=0,1',
+      '--per_class=2',
+      '--guidance=2.0',
+      '--steps=4',
+      '--seed=3',
+      f'--out={samples}',
+  )
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['step'] == 4 and result['ema'] and result['clips'] == 4
+  grid = np.asarray(Image.open(os.path.join(samples, 'samples_grid.png')))
+  assert grid.shape == (2 * 8, 2 * 4 * 8, 3)  # a row per class; 2 clips of 4 frames
+
+  # The same clips from this process on 8 devices (a checkpoint restored on another mesh).
+  run_config = __import__('ml_collections').ConfigDict(
+      json.load(open(os.path.join(dit_dir, 'config.json')))
+  )
+  run_config.sample.update(classes='0,1', per_class=2, guidance=2.0, steps=4)
+  task = tasks.make_task(run_config)
+  mesh = sharding.make_mesh(run_config.mesh)
+  layout = trainer.create_layout(task, run_config, mesh)
+  from vitok.core import checkpoint as ckpt_lib
+
+  params = ckpt_lib.Checkpointer(dit_dir, create=False).restore_params(
+      layout.abstract.params, ema=True
+  )
+  labels = np.repeat(np.array([0, 1], np.int32), 2)
+  videos = task.generate(layout.graphdef, params, task.frozen(mesh), labels, mesh, seed=3)
+  ours = str(tmp_path / 'ours')
+  from dit import task as dit_task
+
+  dit_task.write_sample_grid(videos, labels, ours, 'samples')
+  mine = np.asarray(Image.open(os.path.join(ours, 'samples_grid.png'))).astype(int)
+  assert np.abs(mine - grid).max() <= 2 and np.mean(mine != grid) < 0.01
