@@ -8,6 +8,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -16,7 +17,9 @@ from training_equality import assert_same_training
 from configs import dit as dit_config
 from dit import diffusion
 from dit import latents as latents_lib
+from dit import task as dit_task
 from launch import tasks
+from vitok.core import checkpoint as ckpt_lib
 from vitok.core import sharding, trainer
 from vitok.core import train_state as ts
 
@@ -296,39 +299,34 @@ def test_video_to_generated_video_through_the_commands(tiny_config, tmp_path):
   command('launch.train', *flags_, devices=2)
   assert os.path.exists(os.path.join(dit_dir, 'samples', 'step0000004_grid.png'))
   samples = str(tmp_path / 'samples')
-  out = command(
-      'launch.sample',
-      f'--workdir={dit_dir}',
-      '--classes=0,1',
-      '--per_class=2',
-      '--guidance=2.0',
-      '--steps=4',
-      '--seed=3',
-      f'--out={samples}',
+  # The tiny video folder has one class: a bad class id is one line naming it.
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  args = [sys.executable, '-m', 'launch.sample', f'--workdir={dit_dir}', f'--out={samples}']
+  bad = subprocess.run(
+      args + ['--classes=0,1'], cwd=repo, env=env, capture_output=True, text=True, timeout=600
   )
+  assert bad.returncode == 2
+  assert bad.stderr == 'bad config: config.sample.classes has [1]: class ids are in [0, 1)\n'
+  flags_ = ['--classes=0', '--per_class=4', '--guidance=2.0', '--steps=4', '--seed=3']
+  out = command('launch.sample', f'--workdir={dit_dir}', f'--out={samples}', *flags_)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['step'] == 4 and result['ema'] and result['clips'] == 4
   grid = np.asarray(Image.open(os.path.join(samples, 'samples_grid.png')))
-  assert grid.shape == (2 * 8, 2 * 4 * 8, 3)  # a row per class; 2 clips of 4 frames
+  assert grid.shape == (32, 4 * 4 * 32, 3)  # a row per class: 4 clips of 4 frames of 32x32
+  assert len([f for f in os.listdir(samples) if f.endswith('.mp4')]) == 4
 
   # The same clips from this process on 8 devices (a checkpoint restored on another mesh).
-  run_config = __import__('ml_collections').ConfigDict(
-      json.load(open(os.path.join(dit_dir, 'config.json')))
-  )
-  run_config.sample.update(classes='0,1', per_class=2, guidance=2.0, steps=4)
+  with open(os.path.join(dit_dir, 'config.json')) as f:
+    run_config = ml_collections.ConfigDict(json.load(f))
+  run_config.sample.update(classes='0', per_class=4, guidance=2.0, steps=4)
   task = tasks.make_task(run_config)
   mesh = sharding.make_mesh(run_config.mesh)
   layout = trainer.create_layout(task, run_config, mesh)
-  from vitok.core import checkpoint as ckpt_lib
-
-  params = ckpt_lib.Checkpointer(dit_dir, create=False).restore_params(
-      layout.abstract.params, ema=True
-  )
-  labels = np.repeat(np.array([0, 1], np.int32), 2)
+  checkpointer = ckpt_lib.Checkpointer(dit_dir, create=False)
+  params = checkpointer.restore_params(layout.abstract.params, ema=True)
+  labels = np.zeros(4, np.int32)
   videos = task.generate(layout.graphdef, params, task.frozen(mesh), labels, mesh, seed=3)
   ours = str(tmp_path / 'ours')
-  from dit import task as dit_task
-
   dit_task.write_sample_grid(videos, labels, ours, 'samples')
   mine = np.asarray(Image.open(os.path.join(ours, 'samples_grid.png'))).astype(int)
   assert np.abs(mine - grid).max() <= 2 and np.mean(mine != grid) < 0.01

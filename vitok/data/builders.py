@@ -504,5 +504,5 @@ def prepare(data_cfg) -> dict:
 
 def num_classes(data_cfg) -> int:
   """The number of class labels of data_cfg's (prepared) data set; 1 for unlabelled data."""
-  label = make_builder(data_cfg).info.features.get('label')
-  return int(label.num_classes) if label is not None else 1
+  features = make_builder(data_cfg).info.features
+  return int(features['label'].num_classes) if 'label' in features else 1
