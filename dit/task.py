@@ -274,7 +274,7 @@ class DiTTask:
     batch = {k: np.stack([source[i][k] for i in range(n)]) for k in ('mean', 'logvar', 'label')}
     run = _eval_loss_fn(self, context.graphdef, context.mesh)
     per_level = jax.device_get(run(context.params, context.frozen, batch))
-    result = {'step': context.step}
+    result = {'step': context.step, 'split': self.config.latents.eval_split, 'clips': int(n)}
     for level, value in zip(EVAL_LEVELS, per_level):
       result[f'eval_mse_{int(100 * level)}'] = float(value)
     result['eval_mse'] = float(np.mean(per_level))

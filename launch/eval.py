@@ -45,6 +45,7 @@ def main(argv):
   result = {}
   for evaluator in run.task.evaluators():  # every evaluation the family defines
     result.update(evaluator.run(context))
+  trainer.append_metrics(common.workdir(), result)
   if jax.process_index() == 0:
     print(json.dumps(result))
 

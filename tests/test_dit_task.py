@@ -126,6 +126,10 @@ def test_the_dit_trains_through_the_shared_loop(cache, tmp_path):
   assert {'eval_mse', 'eval_mse_10', 'eval_mse_50', 'eval_mse_90', 'samples'} <= set(
       result.last_eval
   )
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  assert [line['step'] for line in lines] == [10, 20] and 'samples' in lines[-1]
+  assert lines[-1]['eval_mse'] == result.last_eval['eval_mse']
   samples = os.listdir(os.path.join(workdir, 'samples'))
   assert 'step0000020_grid.png' in samples
   # The 'loss' evaluator read the EMA: recompute it from the final state's EMA and raw params.

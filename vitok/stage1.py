@@ -211,7 +211,8 @@ def evaluate(
     task: TokenizerTask, graphdef, params, frozen, eval_source, step: int, workdir: str, mesh=None
 ) -> dict:
   """PSNR / SSIM / LPIPS of the mean reconstruction over the whole held-out split, the honesty
-  baseline at no more floats than E, sample images/videos, and one line in metrics.jsonl.
+  baseline at no more floats than E, and sample images/videos (the shared loop and launch.eval
+  append the result to metrics.jsonl).
 
   Multi-host: each process decodes only its rows of every evaluation batch; the batch is split
   over the mesh's data axes like training batches; only process 0 writes files. `mesh` defaults
@@ -267,8 +268,6 @@ def evaluate(
   }
   if jax.process_index() == 0:
     write_samples(samples, os.path.join(workdir, 'samples'), step)
-    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-      f.write(json.dumps(result) + '\n')
   return result
 
 

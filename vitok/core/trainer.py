@@ -327,6 +327,13 @@ def start_run(config, workdir: str, task) -> Run:
   )
 
 
+def append_metrics(workdir: str, result: dict) -> None:
+  """One JSON line per evaluation in WORKDIR/metrics.jsonl, for every model family (process 0)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps(result) + '\n')
+
+
 def evaluate(run: Run, evaluators, step: int, state) -> dict:
   """Runs `evaluators` on `state` at `step`; returns their results merged (the float metrics
   also go to TensorBoard under eval/, and every result is printed as one JSON line)."""
@@ -397,7 +404,7 @@ def run_loop(run: Run, writer: MetricWriter | None = None) -> TrainResult:
             with stop.interruptible():
               last_eval = evaluate(run, due, done, state)
               evaluated = True
-            _report_eval(done, last_eval, writer, progress if is_main else None)
+            _report_eval(done, last_eval, writer, progress if is_main else None, run.workdir)
           except signals.EvaluationInterrupted as e:
             _log(
                 f'{e}: the evaluation of step {done} was abandoned (for it: python -m '
@@ -443,7 +450,8 @@ def _interval_metrics(run: Run, interval: list[dict], lap: dict, peak_flops: flo
   return values
 
 
-def _report_eval(step: int, result: dict, writer, progress) -> None:
+def _report_eval(step: int, result: dict, writer, progress, workdir: str) -> None:
+  append_metrics(workdir, result)
   if writer:
     writer.scalars(step, {k: v for k, v in result.items() if isinstance(v, float)}, 'eval/')
   if progress is not None:
