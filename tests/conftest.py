@@ -28,7 +28,10 @@ def _make_videos(folder):
     base = rng.integers(0, 255, (1, 4, 4, 3)).astype(np.float64)
     frames = np.repeat(np.repeat(base, 8, axis=1), 8, axis=2)  # 32x32 colour blocks
     frames = np.concatenate([np.roll(frames, t, axis=2) for t in range(10)])  # moving right
-    video_io.write_mp4(os.path.join(folder, f'clip{i}.mp4'), frames.astype(np.uint8))
+    # Lossless (crf 0): lossy x264 encodes of the same frames decode differently from one write
+    # to the next (10 distinct decodes in 12 writes here), and the tests must train on the same
+    # pixels in every session and on every machine.
+    video_io.write_mp4(os.path.join(folder, f'clip{i}.mp4'), frames.astype(np.uint8), crf=0)
 
 
 @pytest.fixture(scope='session')

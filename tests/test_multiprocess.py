@@ -48,7 +48,14 @@ def test_two_processes_match_one_process_on_the_same_global_batches(
     tiny_config, launch_train, tmp_path
 ):
   # A 2x2 data x fsdp mesh: batch rows and parameter shards both cross the process boundary.
+  # L2 + KL only: LPIPS's gradient is not continuous in its input (VGG's ReLUs and max-pools
+  # switch), so a reduction-order difference in a reconstruction can move it by far more than
+  # reduction order. Measured on one set of test videos: the two runs agreed to 5.7e-8 of their
+  # change after 2 steps and 2.4e-4 after step 3 with LPIPS (2.3e-3 after 6: the limit is 1e-3),
+  # and to 7.0e-7 / 8.6e-7 after 3 / 6 steps without it. LPIPS across processes is compared in
+  # the evaluation below, where it is only a forward pass.
   overrides = {
+      'loss.lpips': 0.0,
       'total_steps': STEPS,
       'ckpt_every': 3,
       'log_every': 3,
@@ -89,7 +96,8 @@ def test_two_processes_match_one_process_on_the_same_global_batches(
       for d in (str(tmp_path / 'single'), workdir)
   ]
   assert len(evals[1]) == 1 and evals[1][0]['clips'] == evals[0][0]['clips']
-  assert evals[1][0]['psnr'] == pytest.approx(evals[0][0]['psnr'], abs=1e-3)
+  for metric in ('psnr', 'ssim', 'lpips'):
+    assert evals[1][0][metric] == pytest.approx(evals[0][0][metric], abs=1e-3), metric
   # The data position of each process is in the checkpoint.
   data_files = os.listdir(os.path.join(workdir, 'checkpoints', str(STEPS), 'data'))
   assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(data_files)

@@ -9,8 +9,11 @@ on the final parameters therefore fail on some CPUs and not on others.
 
 What the runs changed is robust: per array, the difference between the two runs' changes
 (final - initial) is a tiny fraction of the change itself. Measured on the tiny tokenizer after 6
-AdamW steps (1 x 4 devices vs 2 processes x 2 devices): at most 1e-5 of an array's change here, and
-~1e-3 on the CPU where element-wise checks failed. A bug is of the order of the change itself: a
+AdamW steps of L2 + KL (1 x 4 devices vs 2 processes x 2 devices): ~1e-6 of the total change and
+at most ~3e-5 of an array's. A loss whose gradient is not continuous in its input breaks this:
+with LPIPS (ReLUs and max-pools in VGG) one step moved the two runs from 5.7e-8 to 2.4e-4 apart,
+and 6 steps to 2.3e-3, so equality tests train without it. A bug is of the order of the change
+itself: a
 run on other rows (what a process reading the wrong rows or skipping the gradient all-reduce does)
 differs by 0.75 of its change in the median array and by > 1 in the worst; a wrong shard replaces
 an array's values outright. `tests/test_sharding.py` checks that this comparison rejects both.

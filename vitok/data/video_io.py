@@ -110,7 +110,9 @@ def write_mp4(path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> None:
 
   yuv420p (what browsers and players expect) needs even sizes, so odd heights
   or widths are padded with one black row/column at the bottom/right.
-  `crf` is x264's quality knob (0 lossless .. 51 worst; 18 ~ visually clean).
+  `crf` is x264's quality knob (0 lossless .. 51 worst; 18 ~ visually clean). Lossy encodes
+  are not reproducible bit for bit (x264's decisions vary between writes of the same frames);
+  lossless ones decode to the same pixels every time.
   """
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
