@@ -11,7 +11,10 @@ rules as trained parameters), which the sampling evaluator decodes with.
 
 Evaluators: 'loss' (cheap, every `eval_every` steps): the objective at fixed noise levels on the
 held-out latents with fixed noise; 'samples' (every `sample.every` steps, and at the end): a grid
-of generated clips per class, decoded to PNG and mp4.
+of generated clips per class, decoded to PNG and mp4; 'class_accuracy' (with
+`accuracy.classifier`, every `accuracy.every` steps): the share of generated clips, with and
+without guidance, that an independent classifier assigns to the class they were sampled for,
+beside its accuracy on real held-out clips and on their reconstructions by the frozen tokenizer.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from jax.experimental import multihost_utils
 from dit import diffusion
 from dit import latents as latents_lib
 from dit import model as dit_model
-from vitok import stage1, tokenizer
+from vitok import digit_classifier, stage1, tokenizer
 from vitok.core import config_checks, sharding
 from vitok.core import task as task_lib
 from vitok.data import DataError, pipeline, video_io
@@ -50,6 +53,10 @@ FIELDS = {
     'sample.per_class': config_checks.AT_LEAST_1,
     'sample.every': config_checks.Range(0, note='0 = only at the end'),
     'model.num_classes': config_checks.Range(0, note='0 = from the latent cache'),
+    'accuracy.classifier': config_checks.OneOf(('', 'moving_digits')),
+    'accuracy.every': config_checks.Range(0, note='0 = only at the end'),
+    'accuracy.per_class': config_checks.AT_LEAST_1,
+    'accuracy.real_clips': config_checks.AT_LEAST_1,
 }
 EVAL_LEVELS = (0.1, 0.5, 0.9)  # noise levels of the 'loss' evaluator (fraction of the way to noise)
 
@@ -113,6 +120,13 @@ class DiTTask:
       raise config_checks.ConfigError(
           f'config.sample.classes has {bad}: class ids are in [0, {num_classes})'
       )
+    data_name = (self.latents.data or {}).get('name') if self.latents else None
+    if config.accuracy.classifier and data_name not in (None, config.accuracy.classifier):
+      raise config_checks.ConfigError(
+          f'config.accuracy.classifier={config.accuracy.classifier!r} judges clips of that data '
+          f'set, but the latent cache holds {data_name!r} clips'
+      )
+    self._ceilings = None  # the classifier's accuracy on real and reconstructed clips, once
     flow = config.diffusion.objective == 'flow'
     if flow != (s.sampler in ('euler', 'heun')):
       raise config_checks.ConfigError(
@@ -265,7 +279,18 @@ class DiTTask:
             metrics=(),
             run=self.evaluate_samples,
         ),
-    ]
+    ] + (
+        [
+            task_lib.Evaluator(
+                'class_accuracy',
+                every=self.config.accuracy.every or self.config.total_steps,
+                metrics=('accuracy_guided', 'accuracy_unguided'),
+                run=self.evaluate_class_accuracy,
+            )
+        ]
+        if self.config.accuracy.classifier
+        else []
+    )
 
   def evaluate_loss(self, context: task_lib.EvalContext) -> dict:
     """The objective's MSE at fixed noise levels on the held-out latents, with fixed noise."""
@@ -297,6 +322,41 @@ class DiTTask:
       directory = os.path.join(context.workdir, 'samples')
       write_sample_grid(videos, labels, directory, f'step{context.step:07d}')
     return {'samples': int(len(labels))}
+
+  def evaluate_class_accuracy(self, context: task_lib.EvalContext) -> dict:
+    """`accuracy.per_class` clips of every class, sampled with the config's guidance and without
+    (guidance 1), labelled by the independent classifier; beside them, once per run, the
+    classifier's accuracy on real held-out clips (the ceiling) and on their reconstructions by
+    the frozen tokenizer (the ceiling of anything decoded by it)."""
+    a = self.config.accuracy
+    labels = np.repeat(np.asarray(self.sample_classes(), np.int32), a.per_class)
+    result = {'step': context.step, 'clips': int(len(labels))}
+    for name, guidance in (('guided', None), ('unguided', 1.0)):
+      videos = self.generate(
+          context.graphdef, context.params, context.frozen, labels, context.mesh, guidance=guidance
+      )
+      judge = digit_classifier.trained(videos.shape[1], videos.shape[2])
+      result[f'accuracy_{name}'] = judge.accuracy(videos, labels)
+    if self._ceilings is None:
+      real, real_labels = digit_classifier.real_clips(
+          self.config.latents.eval_split, a.real_clips, videos.shape[1], videos.shape[2]
+      )
+      decoded = np.concatenate(
+          [
+              _reconstruct_fn(self.tokenizer_graphdef)(
+                  context.frozen['tokenizer'], real[i : i + 50]
+              )
+              for i in range(0, len(real), 50)
+          ]
+      )
+      self._ceilings = {
+          'accuracy_real': judge.accuracy(real, real_labels),
+          'accuracy_reconstructed': judge.accuracy(decoded, real_labels),
+          'real_clips': int(len(real)),
+      }
+    result.update(self._ceilings)
+    result['guidance'] = float(self.config.sample.guidance)
+    return result
 
   def generate(self, graphdef, params, frozen, labels, mesh, seed=0, guidance=None, steps=None):
     """Clips (N, T, H, W, 3) uint8 of the classes `labels`, sampled with the config's sampler
@@ -375,6 +435,21 @@ def _sample_fn(task: DiTTask, graphdef, tokenizer_graphdef, mesh, guide, steps: 
     return tokenizer.to_uint8(video)
 
   return run
+
+
+@functools.lru_cache(maxsize=2)
+def _reconstruct_fn(tokenizer_graphdef):
+  """Jitted: uint8 clips -> the frozen tokenizer's reconstructions (posterior means), uint8."""
+
+  @jax.jit
+  def run(params, videos):
+    model = nnx.merge(tokenizer_graphdef, params)
+    mean, _ = model.encode_moments(tokenizer.to_unit_range(videos))
+    return tokenizer.to_uint8(model.decode(mean))
+
+  return lambda params, videos: np.asarray(
+      multihost_utils.process_allgather(run(params, videos), tiled=True)
+  )
 
 
 def write_sample_grid(videos: np.ndarray, labels: np.ndarray, directory: str, name: str):

@@ -358,7 +358,7 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
   canvas: int = 64
   num_train: int = 1000
   num_test: int = 200
-  seed: int = 0
+  seed: int = moving_digits.DEFAULT_SEED
 
 
 def moving_digits_config(**params) -> MovingDigitsConfig:

@@ -20,6 +20,8 @@ NUM_CLASSES = 10
 # Fraction of the digit scans reserved for the test split.
 TEST_IMAGE_FRACTION = 0.2
 _SPLIT_IDS = {'train': 0, 'test': 1}
+# The generation seed of the stored data set (builders.MovingDigitsConfig.seed).
+DEFAULT_SEED = 0
 
 
 def digit_images() -> tuple[np.ndarray, np.ndarray]:
