@@ -9,6 +9,10 @@ After --warmup steps, each of --steps steps is timed to completion. Columns: com
 step time, clips/s and tokens/s per device, achieved model TFLOP/s per device, MFU (against the
 device's peak: the table in vitok/perf.py, config.peak_tflops, or on CPU a measured dense-matmul
 rate of this machine), and peak memory (device allocator; on CPU the process's peak RSS).
+
+For a generative family (the DiT), --sample_steps=N also times generation: a batch of clips
+sampled with N sampler steps (classifier-free guidance as configured) and decoded by the frozen
+tokenizer, one jitted program, timed after a compiling run: samples/s and seconds per clip.
 """
 
 import json
@@ -25,6 +29,9 @@ from vitok.core import train_state as ts
 
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_SAMPLE_STEPS = flags.DEFINE_integer(
+    'sample_steps', 0, 'Also time generation with this many sampler steps (DiT; 0 = off).'
+)
 
 COLUMNS = [
     ('config', 'config'),
@@ -114,6 +121,44 @@ def bench(config, mesh, steps: int, warmup: int, name: str = '') -> dict:
   return row
 
 
+def bench_sampling(config, mesh, sampler_steps: int, repeats: int = 3) -> dict:
+  """Generation throughput of a task that generates (`task.generate`): `data.batch_size` clips
+  (labels cycling over the classes) sampled with `sampler_steps` steps and decoded, the median
+  of `repeats` timed runs after a compiling one."""
+  task = common.make_task_or_exit(config)
+  if not hasattr(task, 'generate'):
+    common.fail(f'--sample_steps: the {task.name} family does not generate samples')
+  trainer.configure_runtime(config)
+  layout = trainer.create_layout(task, config, mesh)
+  params = layout.init().params
+  frozen = task.frozen(mesh)
+  labels = np.arange(config.data.batch_size, dtype=np.int32) % task.model_cfg.num_classes
+
+  def run():
+    return task.generate(layout.graphdef, params, frozen, labels, mesh, steps=sampler_steps)
+
+  started = time.perf_counter()
+  run()
+  first = time.perf_counter() - started
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - started)
+  seconds = statistics.median(times)
+  guided = config.sample.guidance != 1.0
+  return {
+      'sampler': config.sample.sampler,
+      'sampler_steps': sampler_steps,
+      'guidance': config.sample.guidance,
+      'network_evaluations_per_clip': sampler_steps * (2 if guided else 1),
+      'clips': int(len(labels)),
+      'compile_and_first_run_s': round(first, 2),
+      'seconds': round(seconds, 4),
+      'samples_per_s': round(len(labels) / seconds, 3),
+  }
+
+
 def main(argv):
   del argv
   common.quiet_library_logs()
@@ -130,6 +175,15 @@ def main(argv):
         f"XLA counts {row['xla_tflop_per_step_per_device']:.4f}"
     )
     print(json.dumps(row))
+  if _SAMPLE_STEPS.value:
+    sampling = bench_sampling(config, mesh, _SAMPLE_STEPS.value)
+    if jax.process_index() == 0:
+      print(
+          f"sampling: {sampling['clips']} clips, {sampling['sampler']} with "
+          f"{sampling['sampler_steps']} steps (guidance {sampling['guidance']:g}), decoded: "
+          f"{sampling['seconds']:.2f} s = {sampling['samples_per_s']:.2f} samples/s"
+      )
+      print(json.dumps(sampling))
 
 
 if __name__ == '__main__':

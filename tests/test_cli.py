@@ -121,3 +121,22 @@ def test_bench_reports_step_time_throughput_and_mfu():
   )
   assert row['mfu'] == pytest.approx(row['tflops_per_device'] / row['peak_tflops'])
   assert row['peak_source'].startswith('measured matmul') and row['peak_memory_GiB'] > 0
+
+
+def test_bench_times_dit_sampling():
+  import jax
+
+  from configs import dit as dit_config
+  from launch import bench
+  from vitok.core import sharding
+
+  config = dit_config.get_config('demo,variant=DiT-cpu64/1,batch=4,guidance=2.0')
+  config.model.num_classes = 3
+  config.tokenizer.update(variant='cpu128-cpu128/2x8', channels=4)
+  config.data.update(frames=4, res=32)
+  config.mesh.shape = (1, 1)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  result = bench.bench_sampling(config, mesh, sampler_steps=3, repeats=2)
+  assert result['clips'] == 4 and result['sampler'] == 'euler'
+  assert result['network_evaluations_per_clip'] == 6  # guided: conditional + unconditional
+  assert result['samples_per_s'] == pytest.approx(4 / result['seconds'], rel=1e-2)
