@@ -284,10 +284,7 @@ def test_video_to_generated_video_through_the_commands(tiny_config, tmp_path):
   metadata = latents_lib.read_metadata(cache)
   assert metadata.grid == (2, 4, 4) and metadata.channels == 4
   assert metadata.tokenizer == tokenizer_dir
-  # A rerun finds the cache finished and leaves it as it is.
-  before = {f: os.path.getmtime(f) for f in latents_lib.chunk_files(cache, 'train')}
-  command('launch.encode', f'--tokenizer={tokenizer_dir}', f'--out={cache}')
-  assert before == {f: os.path.getmtime(f) for f in latents_lib.chunk_files(cache, 'train')}
+  # (A rerun that finds the cache finished and leaves it as it is: tests/test_demo.py.)
 
   dit_dir = str(tmp_path / 'dit')
   flags_ = [
