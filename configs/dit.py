@@ -12,11 +12,17 @@ r"""DiT training on the latents of a frozen ViTok tokenizer (class-conditional g
             ucf101    -- ViTok's video recipe: DiT-L on S-B/4x8 latents of 16x128x128 UCF-101
                          clips (1024 tokens), DDPM with learned variance, batch 256, LR 1e-4
             imagenet  -- DiT-XL on S-B/16 latents of 256x256 images (256 tokens)
-  shortcuts variant, latents (cache directory), tokenizer, objective, batch, steps, lr, guidance,
-            mesh (e.g. `demo,latents=/tmp/latents,steps=500`).
+  shortcuts variant, latents (cache directory), source (cache | video), tokenizer, objective, batch,
+            steps, lr, guidance, mesh (e.g. `demo,latents=/tmp/latents,steps=500`).
 
 The latent grid and channels come from the cache (its latents.json); `tokenizer.dir` defaults to
-the tokenizer the cache was encoded with. Every field can be overridden with --config.<path>=value.
+the tokenizer the cache was encoded with. Without a cache, `source=video,tokenizer=DIR` encodes
+config.data's clips with that tokenizer inside every step:
+
+    python -m launch.train --config=configs/dit.py:demo,source=video,tokenizer=/tmp/vitok-run \
+        --config.data.name=moving_digits --config.data.frames=8 --config.data.res=64 --workdir=...
+
+Every field can be overridden with --config.<path>=value.
 """
 
 import ml_collections
@@ -26,6 +32,7 @@ from configs import common
 SHORTCUTS = {
     'variant': 'model.variant',
     'latents': 'latents.dir',
+    'source': 'latents.source',
     'tokenizer': 'tokenizer.dir',
     'objective': 'diffusion.objective',
     'batch': 'data.batch_size',
@@ -64,12 +71,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.update(frames=16, res=128)
   c.latents = ml_collections.ConfigDict(
       dict(
-          dir='',  # the latent cache (python -m launch.encode)
-          train_split='train',
+          # 'cache': read the latent cache `dir` (python -m launch.encode); 'video': encode
+          # config.data's clips with the frozen tokenizer inside each step (no cache: for data
+          # sets too large to cache; the step also runs the encoder, and the data pipeline's
+          # augmentation applies).
+          source='cache',
+          dir='',  # the latent cache
+          train_split='train',  # of the cache ('video' reads data.train_split / eval_split)
           eval_split='test',
+          stats_clips=1024,  # 'video': training clips the per-channel statistics are measured on
           sample_posterior=True,  # z = mean + sigma eps each step (else the posterior mean)
-          # Filled in by the run from the cache's latents.json (grid, statistics, tokenizer), so
-          # that they travel in the run's config.json: sampling needs no cache.
+          # Filled in by the run from the cache's latents.json (grid, statistics, tokenizer), or
+          # measured encoding on the fly, so that they travel in the run's config.json: sampling
+          # needs no cache and no data.
           recorded='',
       )
   )

@@ -1,8 +1,9 @@
-"""Encoding a video dataset once with a frozen tokenizer into a latent cache (dit/latents.py), as
-`python -m launch.encode` and `python -m launch.demo` do: every example of the train and eval
-splits, centre-cropped (no augmentation), to its posterior mean and log-variance. Resumable
-(finished chunks are kept) and a finished cache is left as it is. Multi-process runs encode their
-rows of every batch, with the tokenizer sharded by its rules."""
+"""Encoding video with a frozen tokenizer. `encode` writes a dataset once into a latent cache
+(dit/latents.py), as `python -m launch.encode` and `python -m launch.demo` do: every example of
+the train and eval splits, centre-cropped (no augmentation), to its posterior mean and
+log-variance. Resumable (finished chunks are kept) and a finished cache is left as it is. Multi-process runs encode their
+rows of every batch, with the tokenizer sharded by its rules. `sampled_statistics` gives a run
+that encodes on the fly (`latents.source='video'`) the statistics a cache would hold."""
 
 from __future__ import annotations
 
@@ -17,18 +18,18 @@ from flax import nnx
 from dit import latents as latents_lib
 from vitok import stage1, tokenizer
 from vitok.core import sharding, trainer
-from vitok.data import builders, pipeline
+from vitok.data import DataError, builders, pipeline
 
 
-def encode_function(frozen, mesh, batch_sharding):
-  """Jitted (video uint8, label, mask) -> (mean, logvar, label, mask), the whole batch on every
-  process."""
+def encode_function(graphdef, params, mesh, rules, batch_sharding):
+  """(video uint8, label, mask) -> (mean, logvar, label, mask) of the whole global batch as host
+  arrays on every process, each process giving its rows; the tokenizer `graphdef` + `params`
+  (sharded by `rules` on `mesh`) encodes them in one jitted program."""
   replicated = sharding.replicated(mesh)
-  model_graphdef = frozen.graphdef
 
   @jax.jit
   def run(params, video, label, mask):
-    model = nnx.merge(model_graphdef, params)
+    model = nnx.merge(graphdef, params)
     mean, logvar = model.encode_moments(tokenizer.to_unit_range(video))
     return jax.lax.with_sharding_constraint((mean, logvar, label, mask), replicated)
 
@@ -37,11 +38,52 @@ def encode_function(frozen, mesh, batch_sharding):
         jax.make_array_from_process_local_data(batch_sharding, np.asarray(x))
         for x in (video, label, mask)
     ]
-    with sharding.activation_sharding(mesh, frozen.config.sharding_rules):
-      out = run(frozen.params, *arrays)
+    with sharding.activation_sharding(mesh, rules):
+      out = run(params, *arrays)
     return jax.device_get(out)
 
   return encode_batch
+
+
+def encoding_batch_size(batch: int, mesh, rules) -> int:
+  """`batch` rounded up to a multiple of the data-parallel size and of the process count."""
+  dp = int(np.lcm(sharding.data_parallel_size(mesh, rules), jax.process_count()))
+  return -(-batch // dp) * dp
+
+
+class _Subset:
+  """source[indices] as a random-access source."""
+
+  def __init__(self, source, indices):
+    self._source, self._indices = source, indices
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, index):
+    return self._source[int(self._indices[index])]
+
+
+def sampled_statistics(graphdef, params, mesh, rules, data_cfg, source, clips: int, channels: int):
+  """Per-channel mean and standard deviation of the latents (`latents.channel_statistics`) of
+  `clips` clips spread evenly over `source`, centre-cropped as `encode` sees them: the statistics
+  of a DiT run that encodes its clips on the fly. Every process computes the same numbers."""
+  if len(source) == 0:
+    raise DataError('the training split is empty: no clips to compute latent statistics from')
+  data_cfg = data_cfg.copy_and_resolve_references()
+  data_cfg.eval_batch_size = encoding_batch_size(data_cfg.eval_batch_size, mesh, rules)
+  count = min(clips, len(source))
+  indices = np.unique(np.linspace(0, len(source) - 1, count).round().astype(np.int64))
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  encode_batch = encode_function(graphdef, params, mesh, rules, batch_sharding)
+
+  def moments():
+    subset = _Subset(source, indices)
+    for batch in pipeline.eval_batches(data_cfg, subset, jax.process_index(), jax.process_count()):
+      mean, logvar, _, mask = encode_batch(batch['video'], batch['label'], batch['mask'])
+      yield {'mean': mean[mask], 'logvar': logvar[mask]}
+
+  return latents_lib.channel_statistics(moments(), channels)
 
 
 def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
@@ -49,11 +91,9 @@ def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
   mesh = sharding.make_mesh(frozen.config.mesh)
   data_cfg = data_cfg.copy_and_resolve_references()
   grid = frozen.task.model_cfg.latent_grid(data_cfg.frames, data_cfg.res)
-  dp = int(
-      np.lcm(sharding.data_parallel_size(mesh, frozen.config.sharding_rules), jax.process_count())
-  )
-  data_cfg.eval_batch_size = -(-batch // dp) * dp
-  batch_sharding = sharding.batch_sharding(mesh, frozen.config.sharding_rules)
+  rules = frozen.config.sharding_rules
+  data_cfg.eval_batch_size = encoding_batch_size(batch, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
   print(
       f'encoding with {frozen.source}: clips {data_cfg.frames}x{data_cfg.res}x{data_cfg.res} '
       f'-> latents {grid} x {frozen.task.model_cfg.channels}',
@@ -66,7 +106,7 @@ def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
       return builders.prepare(data_cfg)
 
   sources = trainer.prepare_data(_Data())
-  encode_batch = encode_function(frozen, mesh, batch_sharding)
+  encode_batch = encode_function(frozen.graphdef, frozen.params, mesh, rules, batch_sharding)
   splits = {}
   for split in dict.fromkeys((data_cfg.train_split, data_cfg.eval_split)):
     source = sources[split]
@@ -87,8 +127,9 @@ def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
       tokenizer=os.path.abspath(tokenizer_dir),
       data=json.loads(data_cfg.to_json_best_effort()),
   )
+  train = latents_lib.LatentSource(out, data_cfg.train_split, metadata)
   mean, std = latents_lib.channel_statistics(
-      latents_lib.LatentSource(out, data_cfg.train_split, metadata)
+      (train[i] for i in range(len(train))), metadata.channels
   )
   metadata = dataclasses.replace(
       metadata, channel_mean=tuple(map(float, mean)), channel_std=tuple(map(float, std))

@@ -174,20 +174,20 @@ def _write(directory: str, split: str, chunk: int, records: list[bytes]) -> None
   multihost_utils.sync_global_devices(f'latents: {split} chunk {chunk}')
 
 
-def channel_statistics(source: LatentSource) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and standard deviation of samples z = mean + sigma eps over `source`
-  (exactly: var z = var(mean) + E[sigma^2]), in float64."""
-  c = source.metadata.channels
+def channel_statistics(examples, channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and standard deviation of samples z = mean + sigma eps over `examples`
+  (dicts with the posterior 'mean' and 'logvar', any leading shape; exactly: var z = var(mean) +
+  E[sigma^2]), in float64."""
+  c = channels
   total, total_sq, total_var, n = np.zeros(c), np.zeros(c), np.zeros(c), 0
-  for i in range(len(source)):
-    example = source[i]
-    mean = example['mean'].reshape(-1, c).astype(np.float64)
+  for example in examples:
+    mean = np.asarray(example['mean']).reshape(-1, c).astype(np.float64)
     total += mean.sum(0)
     total_sq += np.square(mean).sum(0)
-    total_var += np.exp(example['logvar'].reshape(-1, c).astype(np.float64)).sum(0)
+    total_var += np.exp(np.asarray(example['logvar']).reshape(-1, c).astype(np.float64)).sum(0)
     n += mean.shape[0]
   if n == 0:
-    raise DataError('the latent cache has no training examples to compute statistics from')
+    raise DataError('no training latents to compute the per-channel statistics from')
   mu = total / n
   var = total_sq / n - mu**2 + total_var / n
   return mu, np.sqrt(np.maximum(var, 1e-12))

@@ -1,13 +1,18 @@
-"""The DiT as a `vitok.core.task.Task`: class-conditional diffusion on a latent cache of a frozen
+"""The DiT as a `vitok.core.task.Task`: class-conditional diffusion on the latents of a frozen
 ViTok tokenizer, trained and evaluated by the shared loop.
 
-Input: batches of cached latents ('mean', 'logvar', 'label'; see dit/latents.py). Each step samples
-z = mean + sigma eps from the tokenizer's posterior (or takes the mean), normalises it per channel
-with the cache's statistics, replaces labels by the null class with probability
-`diffusion.label_dropout` (classifier-free guidance), and takes the objective's loss.
+Input (`latents.source`): 'cache' reads batches of cached latents ('mean', 'logvar', 'label'; see
+dit/latents.py); 'video' reads `config.data`'s clips ('video', 'label', with the data pipeline's
+augmentation) and encodes them with the frozen tokenizer inside the compiled step, for datasets
+too large to cache. Each step samples z = mean + sigma eps from the tokenizer's posterior (or
+takes the mean), normalises it per channel with the latent statistics, replaces labels by the
+null class with probability `diffusion.label_dropout` (classifier-free guidance), and takes the
+objective's loss.
 
 Frozen arrays: the latent statistics and the tokenizer's parameters (sharded by the same logical
-rules as trained parameters), which the sampling evaluator decodes with.
+rules as trained parameters), which the 'video' input encodes with and the sampling evaluator
+decodes with. The statistics are the cache's, or, encoding on the fly, measured at start-up on
+`latents.stats_clips` training clips; either way they are recorded in the run's config.json.
 
 Evaluators: 'loss' (cheap, every `eval_every` steps): the objective at fixed noise levels on the
 held-out latents with fixed noise; 'samples' (every `sample.every` steps, and at the end): a grid
@@ -31,13 +36,13 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dit import diffusion
+from dit import diffusion, encoding
 from dit import latents as latents_lib
 from dit import model as dit_model
 from vitok import digit_classifier, stage1, tokenizer
 from vitok.core import config_checks, sharding
 from vitok.core import task as task_lib
-from vitok.data import DataError, pipeline, video_io
+from vitok.data import DataError, builders, pipeline, video_io
 
 FIELDS = {
     'diffusion.objective': config_checks.OneOf(('ddpm', 'flow')),
@@ -57,6 +62,8 @@ FIELDS = {
     'accuracy.every': config_checks.Range(0, note='0 = only at the end'),
     'accuracy.per_class': config_checks.AT_LEAST_1,
     'accuracy.real_clips': config_checks.AT_LEAST_1,
+    'latents.source': config_checks.OneOf(('cache', 'video')),
+    'latents.stats_clips': config_checks.AT_LEAST_1,
 }
 EVAL_LEVELS = (0.1, 0.5, 0.9)  # noise levels of the 'loss' evaluator (fraction of the way to noise)
 
@@ -70,6 +77,12 @@ class DiTTask:
   def __init__(self, config):
     self.config = config
     config_checks.check_fields(config, FIELDS)
+    self.on_the_fly = config.latents.source == 'video'
+    if self.on_the_fly and config.latents.dir:
+      raise config_checks.ConfigError(
+          f"config.latents.source='video' encodes config.data's clips on the fly, but "
+          f'config.latents.dir={config.latents.dir} names a cache: set one of them'
+      )
     self.latents = self._latent_description(config)
     # The frozen tokenizer: the one named, else the one the cache was encoded with, else (plan,
     # bench: no weights needed) the architecture config.tokenizer describes.
@@ -91,6 +104,8 @@ class DiTTask:
             f'{self.latents.channels} channels but the tokenizer {self.tokenizer_dir} makes '
             f'{channels}: the DiT and the tokenizer do not fit together'
         )
+    if not num_classes and self.on_the_fly:
+      num_classes = self._data_classes(config.data)
     if not num_classes:
       raise config_checks.ConfigError(
           'config.model.num_classes=0 means "from the latent cache", but config.latents.dir is empty'
@@ -121,10 +136,13 @@ class DiTTask:
           f'config.sample.classes has {bad}: class ids are in [0, {num_classes})'
       )
     data_name = (self.latents.data or {}).get('name') if self.latents else None
+    data_name = config.data.name if self.on_the_fly else data_name
     if config.accuracy.classifier and data_name not in (None, config.accuracy.classifier):
       raise config_checks.ConfigError(
           f'config.accuracy.classifier={config.accuracy.classifier!r} judges clips of that data '
-          f'set, but the latent cache holds {data_name!r} clips'
+          f'set, but the '
+          + ('run encodes config.data.name=' if self.on_the_fly else 'latent cache holds ')
+          + f'{data_name!r} clips'
       )
     self._ceilings = None  # the classifier's accuracy on real and reconstructed clips, once
     flow = config.diffusion.objective == 'flow'
@@ -159,6 +177,21 @@ class DiTTask:
       latents_lib.read_metadata(os.path.expanduser(config.latents.dir))  # raises naming it
     return None
 
+  @staticmethod
+  def _data_classes(data_cfg) -> int:
+    try:
+      return builders.num_classes(data_cfg)
+    except Exception as e:  # noqa: BLE001 (tfds raises many kinds for a data set it cannot open)
+      raise config_checks.ConfigError(
+          f'config.model.num_classes=0 means "from the data", but config.data.name='
+          f'{data_cfg.name!r} cannot say ({type(e).__name__}: {e}); set config.model.num_classes'
+      ) from None
+
+  @property
+  def eval_split(self) -> str:
+    """The held-out split: of the latent cache, or of config.data encoding on the fly."""
+    return self.config.data.eval_split if self.on_the_fly else self.config.latents.eval_split
+
   def sample_classes(self) -> list[int]:
     classes = self.config.sample.classes
     if isinstance(classes, str):
@@ -171,11 +204,19 @@ class DiTTask:
     return dit_model.DiT(self.model_cfg, rngs=rngs)
 
   def train_flops_per_clip(self) -> int:
-    return 6 * dit_model.forward_macs(self.model_cfg)
+    """Forward + backward of the DiT (2 FLOPs per MAC, backward = 2 x forward), plus the frozen
+    encoder's forward when the step encodes its clips."""
+    return 6 * dit_model.forward_macs(self.model_cfg) + 2 * self._encoder_macs()
+
+  def _encoder_macs(self) -> int:
+    if not self.on_the_fly:
+      return 0
+    d = self.config.data
+    return tokenizer.forward_macs(self.tokenizer_cfg, d.frames, d.res)['encoder']
 
   def loss_fn(self, model, batch, rng, frozen):
     z_key, drop_key, loss_key = jax.random.split(rng, 3)
-    x0 = self.normalized_latents(batch, frozen['stats'], z_key)
+    x0 = self.normalized_latents(batch, frozen, z_key)
     drop = jax.random.bernoulli(drop_key, self.config.diffusion.label_dropout, batch['label'].shape)
     labels = jnp.where(drop, self.model_cfg.num_classes, batch['label'])
     terms = self.loss_terms(model, x0, labels, loss_key)
@@ -190,16 +231,31 @@ class DiTTask:
     d = self.config.diffusion
     return diffusion.flow_loss_terms(model, x0, labels, key, d.t_mean, d.t_std)
 
-  def normalized_latents(self, batch, stats, key=None):
-    z = batch['mean']
+  def latent_moments(self, batch, frozen):
+    """The posterior mean and log-variance of the batch's clips: cached, or encoded here by the
+    frozen tokenizer (no gradient reaches it: only the DiT's parameters are differentiated)."""
+    if 'video' not in batch:
+      return batch['mean'], batch['logvar']
+    encoder = nnx.merge(self.tokenizer_graphdef, frozen['tokenizer'])
+    return encoder.encode_moments(tokenizer.to_unit_range(batch['video']))
+
+  def normalized_latents(self, batch, frozen, key=None):
+    mean, logvar = self.latent_moments(batch, frozen)
+    z = mean
     if key is not None and self.config.latents.sample_posterior:
-      z = tokenizer.sample(batch['mean'], batch['logvar'], key)
-    return (z - stats['mean']) / stats['std']
+      z = tokenizer.sample(mean, logvar, key)
+    return (z - frozen['stats']['mean']) / frozen['stats']['std']
 
   # --- input ---
 
   def abstract_batch(self) -> dict:
-    b, shape = self.config.data.batch_size, (*self.model_cfg.grid, self.model_cfg.channels)
+    d = self.config.data
+    b, shape = d.batch_size, (*self.model_cfg.grid, self.model_cfg.channels)
+    if self.on_the_fly:
+      return {
+          'video': jax.ShapeDtypeStruct((b, d.frames, d.res, d.res, 3), np.uint8),
+          'label': jax.ShapeDtypeStruct((b,), np.int32),
+      }
     return {
         'mean': jax.ShapeDtypeStruct((b, *shape), np.float32),
         'logvar': jax.ShapeDtypeStruct((b, *shape), np.float32),
@@ -207,6 +263,13 @@ class DiTTask:
     }
 
   def prepare_data(self) -> dict:
+    if self.on_the_fly:
+      if not self.tokenizer_dir:
+        raise DataError(
+            "config.latents.source='video' encodes clips with the tokenizer config.tokenizer.dir, "
+            'which is empty'
+        )
+      return builders.prepare(self.config.data)
     directory = os.path.expanduser(self.config.latents.dir)
     if not os.path.exists(os.path.join(directory, latents_lib.METADATA)):
       raise DataError(
@@ -220,6 +283,10 @@ class DiTTask:
 
   def train_iterator(self, sources, start_step, process_index, process_count):
     d = self.config.data
+    if self.on_the_fly:  # the tokenizer's input pipeline, augmentation included
+      return pipeline.train_iterator(
+          d, d.seed, start_step, process_index, process_count, source=sources[d.train_split]
+      )
     source = sources.get(self.config.latents.train_split)
     if source is None or len(source) == 0:
       raise DataError(
@@ -247,20 +314,57 @@ class DiTTask:
     return {'stats': stats, 'tokenizer': params}
 
   def frozen(self, mesh):
-    """The cache's statistics and the tokenizer's weights (without a tokenizer to read, as in
-    `launch.bench`: unit statistics and a randomly initialised tokenizer of the described shape)."""
+    """The latent statistics and the tokenizer's weights (without a tokenizer to read, as in
+    `launch.bench`: unit statistics and a randomly initialised tokenizer of the described shape).
+    Encoding on the fly, the first call measures the statistics (`_measure_statistics`)."""
     abstract = self.abstract_frozen(mesh)
-    c = self.model_cfg.channels
-    mean = self.latents.channel_mean if self.latents else np.zeros(c)
-    std = self.latents.channel_std if self.latents else np.ones(c)
-    stats = {'mean': np.asarray(mean, np.float32), 'std': np.asarray(std, np.float32)}
     if self.tokenizer_dir:
       params = stage1.open_tokenizer(self.tokenizer_dir, mesh, self.config.sharding_rules).params
+      if self.on_the_fly and self.latents is None:
+        self.latents = self._measure_statistics(params, mesh)
     else:
       shardings = jax.tree.map(lambda a: a.sharding, abstract['tokenizer'])
       init = lambda: nnx.state(tokenizer.ViTok(self.tokenizer_cfg, rngs=nnx.Rngs(0)), nnx.Param)
       params = jax.jit(init, out_shardings=shardings)()
+    c = self.model_cfg.channels
+    mean = self.latents.channel_mean if self.latents else np.zeros(c)
+    std = self.latents.channel_std if self.latents else np.ones(c)
+    stats = {'mean': np.asarray(mean, np.float32), 'std': np.asarray(std, np.float32)}
     return {'stats': sharding.place(stats, abstract['stats']), 'tokenizer': params}
+
+  def _measure_statistics(self, tokenizer_params, mesh) -> latents_lib.Metadata:
+    """Encoding on the fly: the latent statistics of `latents.stats_clips` training clips, as a
+    cache's description, recorded in the config (the run's config.json carries them, so
+    sampling, evaluation and export need no data)."""
+    d = self.config.data
+    source = builders.prepare(d)[d.train_split]
+    mean, std = encoding.sampled_statistics(
+        self.tokenizer_graphdef,
+        tokenizer_params,
+        mesh,
+        self.config.sharding_rules,
+        d,
+        source,
+        self.config.latents.stats_clips,
+        self.model_cfg.channels,
+    )
+    metadata = latents_lib.Metadata(
+        grid=tuple(self.model_cfg.grid),
+        channels=self.model_cfg.channels,
+        num_classes=self.model_cfg.num_classes,
+        splits={},
+        channel_mean=tuple(map(float, mean)),
+        channel_std=tuple(map(float, std)),
+        tokenizer=os.path.abspath(os.path.expanduser(self.tokenizer_dir)),
+        data=json.loads(d.to_json_best_effort()),
+    )
+    self.config.latents.recorded = json.dumps(dataclasses.asdict(metadata), sort_keys=True)
+    print(
+        f'latent statistics of {min(len(source), self.config.latents.stats_clips)} training '
+        f'clips encoded on the fly: std {", ".join(f"{s:.3g}" for s in std)}',
+        flush=True,
+    )
+    return metadata
 
   # --- evaluation ---
 
@@ -294,12 +398,18 @@ class DiTTask:
 
   def evaluate_loss(self, context: task_lib.EvalContext) -> dict:
     """The objective's MSE at fixed noise levels on the held-out latents, with fixed noise."""
-    source = context.sources[self.config.latents.eval_split]
+    source = context.sources[self.eval_split]
     n = min(len(source), self.config.data.eval_batch_size * 4)
-    batch = {k: np.stack([source[i][k] for i in range(n)]) for k in ('mean', 'logvar', 'label')}
+    if self.on_the_fly:  # the first n clips, centre-cropped, encoded in the evaluation program
+      d = self.config.data
+      view = pipeline.CenterClip(frames=d.frames, frame_stride=d.frame_stride, res=d.res)
+      clips = [view.map(source[i]) for i in range(n)]
+      batch = {k: np.stack([clip[k] for clip in clips]) for k in ('video', 'label')}
+    else:
+      batch = {k: np.stack([source[i][k] for i in range(n)]) for k in ('mean', 'logvar', 'label')}
     run = _eval_loss_fn(self, context.graphdef, context.mesh)
     per_level = jax.device_get(run(context.params, context.frozen, batch))
-    result = {'step': context.step, 'split': self.config.latents.eval_split, 'clips': int(n)}
+    result = {'step': context.step, 'split': self.eval_split, 'clips': int(n)}
     for level, value in zip(EVAL_LEVELS, per_level):
       result[f'eval_mse_{int(100 * level)}'] = float(value)
     result['eval_mse'] = float(np.mean(per_level))
@@ -339,7 +449,7 @@ class DiTTask:
       result[f'accuracy_{name}'] = judge.accuracy(videos, labels)
     if self._ceilings is None:
       real, real_labels = digit_classifier.real_clips(
-          self.config.latents.eval_split, a.real_clips, videos.shape[1], videos.shape[2]
+          self.eval_split, a.real_clips, videos.shape[1], videos.shape[2]
       )
       decoded = np.concatenate(
           [
@@ -383,6 +493,12 @@ class DiTTask:
         'tokens_per_clip': cfg.tokens,
         'params_M': round(dit_model.count_params(cfg) / 1e6, 2),
         'gmacs_per_clip': round(dit_model.forward_macs(cfg) / 1e9, 3),
+        'latents': 'encoded on the fly' if self.on_the_fly else 'cache',
+        **(
+            {'encoder_gmacs_per_clip': round(self._encoder_macs() / 1e9, 3)}
+            if self.on_the_fly
+            else {}
+        ),
     }
 
 
@@ -393,7 +509,7 @@ def _eval_loss_fn(task: DiTTask, graphdef, mesh):
   @jax.jit
   def run(params, frozen, batch):
     model = nnx.merge(graphdef, params)
-    x0 = task.normalized_latents(batch, frozen['stats'])
+    x0 = task.normalized_latents(batch, frozen)
     noise = jax.random.normal(jax.random.PRNGKey(1234), x0.shape)
     out = []
     for level in EVAL_LEVELS:

@@ -59,7 +59,8 @@ def _write_cache(directory, n_train=24, n_test=8, seed=0):
       tokenizer='',
       data={},
   )
-  mean, std = latents_lib.channel_statistics(latents_lib.LatentSource(directory, 'train', metadata))
+  train = latents_lib.LatentSource(directory, 'train', metadata)
+  mean, std = latents_lib.channel_statistics((train[i] for i in range(n_train)), CHANNELS)
   import dataclasses
 
   metadata = dataclasses.replace(
@@ -198,7 +199,7 @@ def test_a_tiny_dit_overfits_one_batch_and_sampling_lands_on_it(
     x = diffusion.ddpm_sample(
         diffusion.respace(task.schedule, 50), model, shape, labels, key, eta=0.0
     )
-  target = task.normalized_latents(batch, frozen['stats'])
+  target = task.normalized_latents(batch, frozen)
   # Every class's sample is nearest to that class's training latent...
   distances = jnp.sqrt(jnp.mean(jnp.square(x[:, None] - target[None]), axis=(2, 3, 4, 5)))
   np.testing.assert_array_equal(jnp.argmin(distances, axis=1), labels)
@@ -240,8 +241,88 @@ def test_a_sharded_dit_step_equals_one_device(cache):
     assert loss == pytest.approx(reference_loss, rel=1e-4)
 
 
+@pytest.fixture(scope='module')
+def tokenizer_dir(tiny_config, tmp_path_factory):
+  """A tokenizer trained for 2 steps on the tiny video set (latents (2, 4, 4) x 4)."""
+  from vitok import stage1
+
+  directory = str(tmp_path_factory.mktemp('tokenizer'))
+  config = tiny_config.copy_and_resolve_references()
+  config.update(total_steps=2, ckpt_every=2)
+  trainer.train(config, directory, stage1.TokenizerTask(config))
+  return directory
+
+
+def test_encoding_on_the_fly_trains_as_the_cache_would(tiny_config, tokenizer_dir, tmp_path):
+  """latents.source='video': no cache, the frozen tokenizer (sharded over fsdp) encodes each batch
+  inside the step. Its statistics equal the cache's over the same clips, its loss equals the loss
+  on the cached latents of the same clips with the same randomness, it trains through the loop,
+  and the run's config.json carries the statistics, so a restored run needs no data."""
+  from dit import encoding
+  from vitok.data import pipeline
+
+  cache_dir = str(tmp_path / 'latents')
+  encoding.encode(tokenizer_dir, cache_dir, tiny_config.data, batch=8)
+
+  def dit(**latents):
+    config = dit_config.get_config('demo,steps=4,mesh=2x4')
+    config.model.variant = 'DiT-cpu64/1'
+    config.tokenizer.dir = tokenizer_dir
+    data = tiny_config.data
+    config.data.update(
+        {k: data[k] for k in ('name', 'manual_dir', 'data_dir', 'holdout_fraction', 'clip_frames')}
+    )
+    config.data.update(
+        frames=4, res=32, store_short_side=32, batch_size=8, eval_batch_size=8, hflip=False
+    )
+    config.latents.update(latents)
+    config.sample.update(steps=2, per_class=1)
+    config.update(log_every=2, eval_every=4, ckpt_every=4)
+    return config
+
+  cached = tasks.make_task(dit(dir=cache_dir))
+  config = dit(source='video', stats_clips=1000)
+  on_the_fly = tasks.make_task(config)
+  assert on_the_fly.abstract_batch()['video'].shape == (8, 4, 32, 32, 3)
+  assert on_the_fly.model_cfg == cached.model_cfg  # grid, channels, classes (from the data)
+  mesh = sharding.make_mesh(config.mesh)
+  frozen, frozen_cached = on_the_fly.frozen(mesh), cached.frozen(mesh)
+  for k in ('mean', 'std'):
+    np.testing.assert_allclose(frozen['stats'][k], frozen_cached['stats'][k], rtol=2e-5, atol=1e-6)
+  recorded = json.loads(config.latents.recorded)
+  np.testing.assert_array_equal(np.float32(recorded['channel_std']), frozen['stats']['std'])
+  specs = [p.sharding.spec for p in jax.tree.leaves(frozen['tokenizer'])]
+  assert any('fsdp' in jax.tree.leaves(tuple(spec)) for spec in specs)  # sharded, not replicated
+
+  train = on_the_fly.prepare_data()['train']
+  clips = next(pipeline.eval_batches(config.data, train))
+  n = int(clips['mask'].sum())
+  cache = latents_lib.LatentSource(cache_dir, 'train')
+  latents = {k: np.stack([cache[i][k] for i in range(n)]) for k in ('mean', 'logvar', 'label')}
+  graphdef, params = nnx.split(on_the_fly.create_model(nnx.Rngs(0)))
+  key = jax.random.PRNGKey(3)  # posterior sample, label dropout and noise all from it
+
+  def loss(task, batch, frozen):
+    run = lambda p, b, f: task.loss_fn(nnx.merge(graphdef, p), b, key, f)[0]
+    return float(jax.jit(run)(params, batch, frozen))
+
+  video = {'video': clips['video'][:n], 'label': clips['label'][:n]}
+  assert loss(on_the_fly, video, frozen) == pytest.approx(
+      loss(cached, latents, frozen_cached), rel=1e-4
+  )
+
+  workdir = str(tmp_path / 'dit')
+  result = trainer.train(config, workdir, tasks.make_task(dit(source='video', stats_clips=1000)))
+  assert int(result.state.step) == 4 and np.isfinite(result.last_eval['eval_mse'])
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = ml_collections.ConfigDict(json.load(f))
+  saved.data.update(manual_dir='/nonexistent', data_dir='/nonexistent')  # no data from here on
+  restored = tasks.make_task(saved).frozen(mesh)
+  np.testing.assert_array_equal(restored['stats']['std'], frozen['stats']['std'])
+
+
 @pytest.mark.slow
-def test_video_to_generated_video_through_the_commands(tiny_config, tmp_path):
+def test_video_to_generated_video_through_the_commands(tokenizer_dir, tmp_path):
   """A tokenizer trained for 2 steps -> launch.encode -> launch.train of a DiT on 2 devices ->
   launch.sample on 1 device: the clips equal those the DiT generates in this process on 8."""
   import subprocess
@@ -249,13 +330,7 @@ def test_video_to_generated_video_through_the_commands(tiny_config, tmp_path):
 
   from PIL import Image
 
-  from vitok import stage1
-
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  tokenizer_dir = str(tmp_path / 'tokenizer')
-  config = tiny_config.copy_and_resolve_references()
-  config.update(total_steps=2, ckpt_every=2)
-  trainer.train(config, tokenizer_dir, stage1.TokenizerTask(config))
 
   def command(module, *args, devices=1):
     env = dict(
