@@ -22,6 +22,7 @@ SHARDING_RULES = (
     ('embed', 'fsdp'),
     ('mlp', 'model'),
     ('heads', 'model'),
+    ('layers', None),  # the stacked-blocks axis of model.scan: every device holds every block
     ('norm', None),
     ('tubelet', None),
     ('latent', None),

@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
           rope_theta=10000.0,
           dtype='float32',  # compute dtype; parameters stay float32
           remat='none',
+          scan=False,  # blocks as one lax.scan over stacked parameters (as configs/vitok.py)
           attention='xla',
       )
   )

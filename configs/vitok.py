@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
           logvar_max=20.0,
           dtype='float32',  # compute dtype ('bfloat16' | 'float32'); parameters stay float32
           remat='none',  # per-block rematerialisation: 'none' | 'full' | 'save_matmuls'
+          # Blocks as one lax.scan over parameters stacked on a 'layers' axis: compile time stays
+          # flat with depth (checkpoints of scanned and unscanned runs differ in layout).
+          scan=False,
           attention='xla',  # 'xla' | 'cudnn' (fused flash attention; NVIDIA GPU + bfloat16)
       )
   )

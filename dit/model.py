@@ -90,6 +90,7 @@ class DiTConfig:
   rope_theta: float = 10000.0
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat: str = 'none'
+  scan: bool = False  # blocks as one lax.scan over stacked parameters (see layers.make_blocks)
   attention: str = 'xla'
 
   @property
@@ -253,7 +254,9 @@ class DiT(nnx.Module):
     self.y_embed = nnx.Embed(
         cfg.num_classes + 1, width, embedding_init=normal((None, 'embed')), rngs=rngs
     )
-    self.blocks = nnx.List([DiTBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(size.depth)])
+    self.blocks = layers.make_blocks(
+        lambda r: DiTBlock(cfg, dtype=dtype, rngs=r), size.depth, cfg.scan, rngs
+    )
     self.final_norm = _plain_norm(width, dtype)
     self.final_modulation = _modulation(width, 2, dtype, rngs)
     self.final = nnx.Linear(
@@ -282,15 +285,7 @@ class DiT(nnx.Module):
     x = constrain(x, layers.TOKENS)
     t_emb = self.t_embed2(jax.nn.silu(self.t_embed1(timestep_features(t))))
     cond = t_emb + self.y_embed(labels)
-    for block in self.blocks:
-      if cfg.remat == 'none':
-        x = block(x, cond, angles)
-      else:
-        x = nnx.remat(
-            lambda blk, h, c, a: blk(h, c, a),
-            policy=layers.REMAT_POLICIES[cfg.remat],
-            prevent_cse=True,
-        )(block, x, cond, angles)
+    x = layers.apply_blocks(self.blocks, x, cond, angles, scan=cfg.scan, remat=cfg.remat)
     shift, scale = jnp.unstack(self.final_modulation(jax.nn.silu(cond)), axis=1)
     out = self.final(modulate(self.final_norm(x), shift, scale)).astype(jnp.float32)
     return rearrange(

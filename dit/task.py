@@ -120,6 +120,7 @@ class DiTTask:
         rope_theta=config.model.rope_theta,
         dtype=config.model.dtype,
         remat=config.model.remat,
+        scan=config.model.scan,
         attention=config.model.attention,
     )
     self.tokens_per_clip = self.model_cfg.tokens

@@ -76,6 +76,11 @@ def compile_plan(config, mesh) -> dict:
       'model_TFLOP_per_step_per_device': round(analytic / 1e12, 4),
       'xla_TFLOP_per_step_per_device': round((stats['flops'] or 0) / 1e12, 4),
       'compile_s': round(compile_s, 1),
+      **(
+          {'note': 'XLA counts the scanned blocks once (model.scan); MFU uses the model FLOPs'}
+          if config.model.get('scan')
+          else {}
+      ),
   }
 
 

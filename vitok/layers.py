@@ -15,6 +15,7 @@ the config's rules map both to mesh axes (see `vitok.core.sharding`). On one dev
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -280,6 +281,46 @@ class Block(nnx.Module):
     return constrain(x + self.mlp(self.norm2(x)), TOKENS)
 
 
+def make_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, scan: bool, rngs):
+  """`depth` blocks made by `make_block(rngs)`: a list, or with `scan` one block whose parameters
+  carry a leading 'layers' axis of size `depth` (each block initialised from its own keys), which
+  `apply_blocks` runs as one `lax.scan`, so the compiled program holds one block whatever the
+  depth. The two layouts hold the same arrays (stacked or not) but checkpoint differently."""
+  if not scan:
+    return nnx.List([make_block(rngs) for _ in range(depth)])
+
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def stacked(rngs):
+    return make_block(rngs)
+
+  return stacked(rngs)
+
+
+def apply_blocks(blocks, x: jax.Array, *args, scan: bool, remat: str) -> jax.Array:
+  """`x` through every block of `make_blocks` in order, each called as `block(x, *args)`; with a
+  `remat` policy the backward pass recomputes, block by block, what the policy does not save."""
+
+  def call(block, h, *a):
+    if remat == 'none':
+      return block(h, *a)
+    run = lambda b, h, *a: b(h, *a)
+    # Inside a scan the loop boundary already keeps XLA from merging recomputation away.
+    return nnx.remat(run, policy=REMAT_POLICIES[remat], prevent_cse=not scan)(block, h, *a)
+
+  if not scan:
+    for block in blocks:
+      x = call(block, x, *args)
+    return x
+  body = nnx.scan(
+      lambda h, block, *a: call(block, h, *a),
+      in_axes=(nnx.Carry, 0) + (None,) * len(args),
+      out_axes=nnx.Carry,
+      transform_metadata={nnx.PARTITION_NAME: 'layers'},
+  )
+  return body(x, blocks, *args)
+
+
 class ViT(nnx.Module):
   """A stack of blocks plus the final LayerNorm. Tokens in, tokens out: (B, L, width)."""
 
@@ -289,6 +330,7 @@ class ViT(nnx.Module):
       mlp: str = 'swiglu',
       *,
       remat: str = 'none',
+      scan: bool = False,
       attention: str = 'xla',
       dtype,
       rngs: nnx.Rngs,
@@ -297,24 +339,18 @@ class ViT(nnx.Module):
       raise ValueError(f'model.remat must be one of {list(REMAT_POLICIES)}, got {remat!r}')
     self.size = size
     self.remat = remat
-    self.blocks = nnx.List(
-        [
-            Block(size.width, size.heads, mlp, attention=attention, dtype=dtype, rngs=rngs)
-            for _ in range(size.depth)
-        ]
+    self.scan = scan
+    self.blocks = make_blocks(
+        lambda r: Block(size.width, size.heads, mlp, attention=attention, dtype=dtype, rngs=r),
+        size.depth,
+        scan,
+        rngs,
     )
     self.norm = layer_norm(size.width, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
     x = constrain(x, TOKENS)
-    for block in self.blocks:
-      if self.remat == 'none':
-        x = block(x, angles)
-      else:
-        # The backward pass recomputes what the policy does not save, block by block.
-        x = nnx.remat(
-            lambda blk, h, a: blk(h, a), policy=REMAT_POLICIES[self.remat], prevent_cse=True
-        )(block, x, angles)
+    x = apply_blocks(self.blocks, x, angles, scan=self.scan, remat=self.remat)
     return self.norm(x)
 
 

@@ -102,6 +102,7 @@ class TokenizerConfig:
   logvar_max: float = 20.0
   dtype: str = 'float32'  # compute dtype; parameters are always float32
   remat: str = 'none'  # 'none' | 'full' | 'save_matmuls' (per block)
+  scan: bool = False  # each ViT's blocks as one lax.scan over stacked parameters
   attention: str = 'xla'  # 'xla' | 'cudnn' (fused flash attention, NVIDIA GPUs)
 
   @classmethod
@@ -162,7 +163,7 @@ class ViTok(nnx.Module):
     dtype = DTYPES[cfg.dtype]
     tubelet = v.q * v.p * v.p * 3
     # Kernel = stride = (q, p, p): a 3-D convolution that is exactly one linear map per tubelet.
-    vit = dict(remat=cfg.remat, attention=cfg.attention, dtype=dtype, rngs=rngs)
+    vit = dict(remat=cfg.remat, scan=cfg.scan, attention=cfg.attention, dtype=dtype, rngs=rngs)
     self.patch_embed = layers.dense(
         tubelet, enc.width, ('tubelet', 'embed'), dtype=dtype, rngs=rngs
     )
