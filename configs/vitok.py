@@ -53,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
           # Blocks as one lax.scan over parameters stacked on a 'layers' axis: compile time stays
           # flat with depth (checkpoints of scanned and unscanned runs differ in layout).
           scan=False,
-          attention='xla',  # 'xla' | 'cudnn' (fused flash attention; NVIDIA GPU + bfloat16)
+          # 'xla' | 'cudnn' (fused flash attention; NVIDIA GPU + bfloat16) | 'blockwise'
+          # (flash-style in plain JAX, any backend: never holds the L x L scores; long clips)
+          attention='xla',
       )
   )
 

@@ -1,8 +1,8 @@
 """The package's layering, checked on the source (every import, including those inside functions).
 
-vitok/core, vitok/data     the shared layer: never a model family, never the launch scripts
-vitok/layers, tokenizer    model code: nothing of hosts, checkpoints or the training loop
-dit/                       may use the shared layer and the tokenizer; the tokenizer never uses it
+vitok/core, vitok/data              the shared layer: no model family, no launch scripts
+vitok/layers, attention, tokenizer  model code: nothing of hosts, checkpoints or the training loop
+dit/                                may use the shared layer and the tokenizer, never the reverse
 """
 
 import ast
@@ -80,7 +80,7 @@ def test_the_shared_layer_and_the_data_layer_import_no_model_family():
 
 
 def test_model_code_knows_nothing_of_hosts_or_checkpoints():
-  paths = list(python_files('vitok/layers.py', 'vitok/tokenizer.py'))
+  paths = list(python_files('vitok/layers.py', 'vitok/attention.py', 'vitok/tokenizer.py'))
   if os.path.isdir(os.path.join(REPO, 'dit')):
     paths += [p for p in python_files('dit') if os.path.basename(p) in ('model.py', 'diffusion.py')]
   assert check(paths, HOSTS_AND_CHECKPOINTS) == []

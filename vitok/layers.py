@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vitok import attention as attention_lib
 from vitok.core.sharding import constrain
 
 
@@ -180,8 +181,9 @@ REMAT_POLICIES = {
     'save_matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
 
-# model.attention -> `implementation` of jax.nn.dot_product_attention.
-ATTENTION_IMPLS = {'xla': None, 'cudnn': 'cudnn'}
+# model.attention -> `implementation` of jax.nn.dot_product_attention, or 'blockwise': the
+# flash-style plain-JAX attention of vitok/attention.py (never holds the L x L scores).
+ATTENTION_IMPLS = {'xla': None, 'cudnn': 'cudnn', 'blockwise': 'blockwise'}
 
 # The gate's activation of the gated MLP: SwiGLU (the paper's) or GeGLU.
 GATED_ACTIVATIONS = {'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
@@ -231,8 +233,11 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, angles), apply_rope(k, angles)
     q, k, v = (constrain(a, HEADS) for a in (q, k, v))
     # (B, L, heads, head_dim) layout. implementation=None lets XLA choose; 'cudnn' is the fused
-    # flash-attention kernel on NVIDIA GPUs (bf16/fp16 only).
-    y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    # flash-attention kernel on NVIDIA GPUs (bf16/fp16 only); 'blockwise' works on any backend.
+    if self.implementation == 'blockwise':
+      y = attention_lib.blockwise_attention(q, k, v)
+    else:
+      y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return self.out(y.reshape(b, l, d))
 
 

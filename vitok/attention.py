@@ -1,0 +1,116 @@
+"""Blockwise (flash-style) attention in plain JAX: softmax(q k^T / sqrt(d)) v without ever holding
+the (L x L) score matrix, forward or backward, on any backend XLA compiles for.
+
+The keys are taken in blocks of `block` (the last one padded and masked). The forward pass scans
+over key blocks keeping, per query, the running maximum m, the running softmax denominator l and
+the running weighted sum of values (the online softmax of Milakov & Gimelshein 2018, as in
+FlashAttention, Dao et al. 2022), and saves only the output and the log-sum-exp of each query's
+scores. The backward pass scans over the key blocks again, recomputing each block's
+probabilities from the saved log-sum-exp:
+
+    p = exp(s - lse)        dv = p^T do        dp = do v^T
+    ds = p * (dp - rowsum(do * o))        dq += ds k / sqrt(d)        dk = ds^T q / sqrt(d)
+
+so the memory of both passes is O(L * block) per head instead of O(L^2). Scores and statistics
+are float32 whatever the input dtype (as the fused kernels do); the result has the input's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_BLOCK = 512
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+  """(B, L, H, D) keys or values -> (n, B, block, H, D), zero-padded to n * block."""
+  b, length, h, d = x.shape
+  n = -(-length // block)
+  x = jnp.pad(x, ((0, 0), (0, n * block - length), (0, 0), (0, 0)))
+  return jnp.moveaxis(x.reshape(b, n, block, h, d), 1, 0)
+
+
+def _scores(q: jax.Array, k_block: jax.Array, start, length: int, scale: float) -> jax.Array:
+  """float32 (B, H, Lq, block) scores of the queries against one key block; padded keys get
+  -inf, so they receive no probability."""
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k_block, preferred_element_type=jnp.float32) * scale
+  valid = start + jnp.arange(k_block.shape[1]) < length
+  return jnp.where(valid, s, -jnp.inf)
+
+
+def _forward(q, k, v, block):
+  b, length, h, d = q.shape
+  scale = 1.0 / math.sqrt(d)
+  kb, vb = _blocks(k, block), _blocks(v, block)
+  starts = jnp.arange(kb.shape[0]) * block
+
+  def step(carry, xs):
+    m, l, acc = carry  # (B, H, Lq), (B, H, Lq), (B, Lq, H, D) float32
+    k_block, v_block, start = xs
+    s = _scores(q, k_block, start, length, scale)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[..., None])
+    l = l * correction + p.sum(axis=-1)
+    pv = jnp.einsum(
+        'bhqk,bkhd->bqhd', p.astype(v.dtype), v_block, preferred_element_type=jnp.float32
+    )
+    acc = acc * jnp.moveaxis(correction, 1, 2)[..., None] + pv
+    return (m_new, l, acc), None
+
+  init = (
+      jnp.full((b, h, length), -jnp.inf, jnp.float32),
+      jnp.zeros((b, h, length), jnp.float32),
+      jnp.zeros((b, length, h, d), jnp.float32),
+  )
+  (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, starts))
+  out = acc / jnp.moveaxis(l, 1, 2)[..., None]
+  lse = m + jnp.log(l)  # (B, H, Lq)
+  return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = DEFAULT_BLOCK):
+  """softmax(q k^T / sqrt(d)) v for q, k, v of shape (B, L, heads, head_dim), the layout of
+  `jax.nn.dot_product_attention`, holding at most (L x block) scores per head at a time."""
+  return _forward(q, k, v, block)[0]
+
+
+def _fwd(q, k, v, block):
+  out, lse = _forward(q, k, v, block)
+  return out, (q, k, v, out, lse)
+
+
+def _bwd(block, residuals, d_out):
+  q, k, v, out, lse = residuals
+  b, length, h, d = q.shape
+  scale = 1.0 / math.sqrt(d)
+  kb, vb = _blocks(k, block), _blocks(v, block)
+  starts = jnp.arange(kb.shape[0]) * block
+  # rowsum(do * o): the softmax Jacobian's correction term, per query and head.
+  delta = jnp.einsum('bqhd,bqhd->bhq', d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+  def step(dq, xs):
+    k_block, v_block, start = xs
+    p = jnp.exp(_scores(q, k_block, start, length, scale) - lse[..., None])  # (B, H, Lq, blk)
+    dv = jnp.einsum(
+        'bhqk,bqhd->bkhd', p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32
+    )
+    dp = jnp.einsum('bqhd,bkhd->bhqk', d_out, v_block, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = dq + jnp.einsum(
+        'bhqk,bkhd->bqhd', ds.astype(k.dtype), k_block, preferred_element_type=jnp.float32
+    )
+    dk = jnp.einsum('bhqk,bqhd->bkhd', ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), (kb, vb, starts))
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, h, d)[:, :length]
+  return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
+
+
+blockwise_attention.defvjp(_fwd, _bwd)
