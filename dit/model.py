@@ -100,6 +100,7 @@ class DiTConfig:
   def __post_init__(self):
     _, p = parse_variant(self.variant)
     config_checks.check_fields({'model': dataclasses.asdict(self)}, MODEL_FIELDS)
+    layers.check_attention(self.attention, self.dtype)
     t, h, w = self.grid
     if h % p or w % p:
       raise config_checks.ConfigError(

@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from dit import diffusion, encoding
 from dit import latents as latents_lib
 from dit import model as dit_model
-from vitok import digit_classifier, stage1, tokenizer
+from vitok import digit_classifier, layers, stage1, tokenizer
 from vitok.core import config_checks, sharding
 from vitok.core import task as task_lib
 from vitok.data import DataError, builders, pipeline, video_io
@@ -123,6 +123,7 @@ class DiTTask:
         scan=config.model.scan,
         attention=config.model.attention,
     )
+    layers.check_attention(self.model_cfg.attention, self.model_cfg.dtype, jax.default_backend())
     self.tokens_per_clip = self.model_cfg.tokens
     self.schedule = diffusion.linear_schedule(1000)
     s = config.sample

@@ -78,3 +78,51 @@ def test_the_tokenizer_with_blockwise_attention_equals_the_reference_one():
     mean = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_moments(x)[0])(params, video)
     outputs.append(mean)
   np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def tpu_interpret_mode():
+  """Pallas TPU kernels run on the CPU in Pallas's TPU interpret mode."""
+  from jax.experimental.pallas import tpu as pltpu
+
+  with pltpu.force_tpu_interpret_mode():
+    yield
+
+
+def test_the_pallas_tpu_kernel_equals_the_reference_with_gradients(tpu_interpret_mode):
+  from vitok.attention import pallas_tpu_attention
+
+  with pytest.raises(ValueError, match='blocks of 128 tokens, but this stack has 64 tokens'):
+    pallas_tpu_attention(*_qkv(64))
+  q, k, v = _qkv(256, batch=1, heads=2, head_dim=32)  # two blocks of 128
+  cotangent = jax.random.normal(jax.random.PRNGKey(7), q.shape)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cotangent)
+  out = jax.jit(pallas_tpu_attention)(q, k, v)
+  np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-5, atol=1e-5)
+  grads = jax.jit(jax.grad(loss(pallas_tpu_attention), argnums=(0, 1, 2)))(q, k, v)
+  expected = jax.grad(loss(_reference), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_pallas_kernel_attends_each_devices_shard_on_a_data_x_model_mesh(tpu_interpret_mode):
+  import ml_collections
+
+  from configs import common as config_common
+  from vitok import layers
+  from vitok.attention import pallas_tpu_attention
+  from vitok.core import sharding
+
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(shape=(2, 4), axes=('data', 'model'))))
+  rules = config_common.SHARDING_RULES
+  q, k, v = _qkv(128, batch=2, heads=4, head_dim=32)
+
+  @jax.jit
+  def attend(q, k, v):
+    with sharding.activation_sharding(mesh, rules):
+      q, k, v = (sharding.constrain(x, layers.HEADS) for x in (q, k, v))
+      return sharding.shard_mapped(pallas_tpu_attention, layers.HEADS, q, k, v)
+
+  out = attend(q, k, v)
+  assert out.sharding.spec[0] == ('data',) or out.sharding.spec[0] == 'data'
+  np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-5, atol=1e-5)

@@ -234,6 +234,15 @@ def test_attention_and_remat_settings_are_checked_at_start_up():
   config = _tiny_config(attention='cudnn', dtype='bfloat16')
   with pytest.raises(ValueError, match=r"model.attention='cudnn' needs an NVIDIA GPU.*'cpu'"):
     stage1.TokenizerTask(config)
+  with pytest.raises(ValueError, match=r"model.attention='pallas_tpu' needs a TPU.*'cpu'"):
+    stage1.TokenizerTask(_tiny_config(attention='pallas_tpu'))
+  from configs import dit as dit_config
+  from dit import task as dit_task
+
+  dit = dit_config.get_config('demo')
+  dit.model.update(num_classes=10, attention='pallas_tpu')
+  with pytest.raises(ValueError, match=r"model.attention='pallas_tpu' needs a TPU.*'cpu'"):
+    dit_task.DiTTask(dit)
 
 
 def test_compiled_flops_match_the_analytic_model_flops():

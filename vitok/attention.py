@@ -13,10 +13,14 @@ probabilities from the saved log-sum-exp:
 
 so the memory of both passes is O(L * block) per head instead of O(L^2). Scores and statistics
 are float32 whatever the input dtype (as the fused kernels do); the result has the input's dtype.
+
+`pallas_tpu_attention` is the same computation by JAX's Pallas TPU flash-attention kernel (TPU
+only; on CPU it runs in Pallas's TPU interpret mode, which is how it is tested).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 DEFAULT_BLOCK = 512
+PALLAS_BLOCK = 128
 
 
 def _blocks(x: jax.Array, block: int) -> jax.Array:
@@ -114,3 +119,36 @@ def _bwd(block, residuals, d_out):
 
 
 blockwise_attention.defvjp(_fwd, _bwd)
+
+
+def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v by the Pallas TPU flash-attention kernel
+  (`jax.experimental.pallas.ops.tpu.flash_attention`), for q, k, v of shape (B, L, heads,
+  head_dim). The kernel works on blocks of 128 queries and keys (its statistics are stored in
+  128-lane tiles), so L must be a multiple of 128. Sharded activations need
+  `sharding.shard_mapped` around it."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+  length, head_dim = q.shape[1], q.shape[-1]
+  if length % PALLAS_BLOCK:
+    raise ValueError(
+        f"model.attention='pallas_tpu' works on blocks of {PALLAS_BLOCK} tokens, but this stack "
+        f"has {length} tokens: use model.attention='blockwise'"
+    )
+  sizes = tpu_flash.BlockSizes(
+      **{
+          f.name: PALLAS_BLOCK
+          for f in dataclasses.fields(tpu_flash.BlockSizes)
+          if f.name != 'block_b'
+      },
+      block_b=1,
+  )
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # the kernel's (B, heads, L, head_dim)
+  out = tpu_flash.flash_attention(
+      heads_first(q),
+      heads_first(k),
+      heads_first(v),
+      sm_scale=1.0 / math.sqrt(head_dim),
+      block_sizes=sizes,
+  )
+  return heads_first(out)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vitok import attention as attention_lib
-from vitok.core.sharding import constrain
+from vitok.core.config_checks import ConfigError
+from vitok.core.sharding import constrain, shard_mapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +182,27 @@ REMAT_POLICIES = {
     'save_matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
 
-# model.attention -> `implementation` of jax.nn.dot_product_attention, or 'blockwise': the
-# flash-style plain-JAX attention of vitok/attention.py (never holds the L x L scores).
-ATTENTION_IMPLS = {'xla': None, 'cudnn': 'cudnn', 'blockwise': 'blockwise'}
+# model.attention -> `implementation` of jax.nn.dot_product_attention, or one of
+# vitok/attention.py: 'blockwise' (flash-style in plain JAX, any backend: never holds the L x L
+# scores) and 'pallas_tpu' (the Pallas TPU flash-attention kernel).
+ATTENTION_IMPLS = {'xla': None, 'cudnn': 'cudnn', 'blockwise': 'blockwise', 'pallas_tpu': 'pallas'}
+
+
+def check_attention(attention: str, dtype: str, backend: str | None = None) -> None:
+  """Start-up checks of model.attention (both families): what the kernel computes in, and (given
+  the run's `backend`) where it runs."""
+  if attention == 'cudnn' and dtype != 'bfloat16':
+    raise ConfigError(
+        "model.attention='cudnn' needs model.dtype='bfloat16' "
+        f'(got {dtype!r}): the cuDNN kernel has no float32 path'
+    )
+  needs = {'cudnn': ('gpu', 'an NVIDIA GPU'), 'pallas_tpu': ('tpu', 'a TPU')}.get(attention)
+  if backend is not None and needs and backend != needs[0]:
+    raise ConfigError(
+        f"model.attention={attention!r} needs {needs[1]}; this run's backend is {backend!r} "
+        f"(use model.attention='xla' or 'blockwise')"
+    )
+
 
 # The gate's activation of the gated MLP: SwiGLU (the paper's) or GeGLU.
 GATED_ACTIVATIONS = {'swiglu': jax.nn.silu, 'geglu': jax.nn.gelu}
@@ -236,6 +255,8 @@ class Attention(nnx.Module):
     # flash-attention kernel on NVIDIA GPUs (bf16/fp16 only); 'blockwise' works on any backend.
     if self.implementation == 'blockwise':
       y = attention_lib.blockwise_attention(q, k, v)
+    elif self.implementation == 'pallas':  # a Pallas call: each device attends its own shard
+      y = shard_mapped(attention_lib.pallas_tpu_attention, HEADS, q, k, v)
     else:
       y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return self.out(y.reshape(b, l, d))

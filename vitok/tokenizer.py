@@ -117,19 +117,11 @@ class TokenizerConfig:
       raise config_checks.ConfigError(
           f'model.logvar_min={self.logvar_min} must be below model.logvar_max={self.logvar_max}'
       )
-    if self.attention == 'cudnn' and self.dtype != 'bfloat16':
-      raise config_checks.ConfigError(
-          "model.attention='cudnn' needs model.dtype='bfloat16' "
-          f'(got {self.dtype!r}): the cuDNN kernel has no float32 path'
-      )
+    layers.check_attention(self.attention, self.dtype)
 
   def check_backend(self, backend: str) -> None:
     """Start-up check of the choices that depend on the hardware."""
-    if self.attention == 'cudnn' and backend != 'gpu':
-      raise ValueError(
-          f"model.attention='cudnn' needs an NVIDIA GPU; this run's backend is "
-          f"{backend!r} (use model.attention='xla')"
-      )
+    layers.check_attention(self.attention, self.dtype, backend)
 
   @property
   def parsed(self) -> Variant:

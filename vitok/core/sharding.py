@@ -264,6 +264,21 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def shard_mapped(fn, logical_axes: LogicalAxes, *args: jax.Array) -> jax.Array:
+  """`fn(*args)` run on every device's shard of `args` (all laid out by `logical_axes`), its
+  result laid out the same way: for kernels XLA's partitioner cannot split, such as Pallas calls,
+  applied only where `fn` is independent across the sharded dimensions (e.g. attention over batch
+  and heads). A plain call outside `activation_sharding`."""
+  active = _ACTIVE.get()
+  if active is None:
+    return fn(*args)
+  mesh, rules = active
+  spec = logical_to_spec(logical_axes, rules, mesh, args[0].shape)
+  return jax.shard_map(
+      fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False
+  )(*args)
+
+
 def abstract_bytes_per_device(abstract: Any, shardings: Any) -> int:
   """Bytes per device (the largest shard) of abstract arrays placed with `shardings`."""
   total = 0
