@@ -243,13 +243,18 @@ def test_a_sharded_dit_step_equals_one_device(cache):
 
 @pytest.fixture(scope='module')
 def tokenizer_dir(tiny_config, tmp_path_factory):
-  """A tokenizer trained for 2 steps on the tiny video set (latents (2, 4, 4) x 4)."""
+  """A tokenizer run directory (config.json and a checkpoint, as training leaves them) holding the
+  tiny config's initial state (latents (2, 4, 4) x 4): what the DiT reads of a tokenizer, without
+  compiling a training step."""
   from vitok import stage1
 
   directory = str(tmp_path_factory.mktemp('tokenizer'))
   config = tiny_config.copy_and_resolve_references()
-  config.update(total_steps=2, ckpt_every=2)
-  trainer.train(config, directory, stage1.TokenizerTask(config))
+  layout = trainer.create_layout(stage1.TokenizerTask(config), config)
+  checkpointer = ckpt_lib.Checkpointer(directory)
+  checkpointer.save(1, layout.init())
+  checkpointer.close()
+  trainer.write_config(config, directory)
   return directory
 
 
@@ -323,7 +328,7 @@ def test_encoding_on_the_fly_trains_as_the_cache_would(tiny_config, tokenizer_di
 
 @pytest.mark.slow
 def test_video_to_generated_video_through_the_commands(tokenizer_dir, tmp_path):
-  """A tokenizer trained for 2 steps -> launch.encode -> launch.train of a DiT on 2 devices ->
+  """A tokenizer's run directory -> launch.encode -> launch.train of a DiT on 2 devices ->
   launch.sample on 1 device: the clips equal those the DiT generates in this process on 8."""
   import subprocess
   import sys
