@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
           dtype='float32',  # compute dtype; parameters stay float32
           remat='none',
           scan=False,  # blocks as one lax.scan over stacked parameters (as configs/vitok.py)
-          attention='xla',  # 'xla' | 'cudnn' | 'blockwise' (as configs/vitok.py)
+          attention='xla',  # 'xla' | 'cudnn' | 'blockwise' | 'pallas_tpu' (as configs/vitok.py)
       )
   )
   # The frozen tokenizer: `dir` (an export or a training workdir; '' = the one the latent cache was

@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
           # flat with depth (checkpoints of scanned and unscanned runs differ in layout).
           scan=False,
           # 'xla' | 'cudnn' (fused flash attention; NVIDIA GPU + bfloat16) | 'blockwise'
-          # (flash-style in plain JAX, any backend: never holds the L x L scores; long clips)
+          # (flash-style in plain JAX, any backend: never holds the L x L scores; long clips) |
+          # 'pallas_tpu' (the Pallas TPU flash kernel; token counts that are multiples of 128)
           attention='xla',
       )
   )

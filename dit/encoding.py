@@ -1,9 +1,10 @@
 """Encoding video with a frozen tokenizer. `encode` writes a dataset once into a latent cache
 (dit/latents.py), as `python -m launch.encode` and `python -m launch.demo` do: every example of
 the train and eval splits, centre-cropped (no augmentation), to its posterior mean and
-log-variance. Resumable (finished chunks are kept) and a finished cache is left as it is. Multi-process runs encode their
-rows of every batch, with the tokenizer sharded by its rules. `sampled_statistics` gives a run
-that encodes on the fly (`latents.source='video'`) the statistics a cache would hold."""
+log-variance. Resumable (finished chunks are kept) and a finished cache is left as it is.
+Multi-process runs encode their rows of every batch, with the tokenizer sharded by its rules.
+`sampled_statistics` gives a run that encodes on the fly (`latents.source='video'`) the
+statistics a cache would hold."""
 
 from __future__ import annotations
 
