@@ -9,6 +9,8 @@ After --warmup steps, each of --steps steps is timed to completion. Columns: com
 step time, clips/s and tokens/s per device, achieved model TFLOP/s per device, MFU (against the
 device's peak: the table in vitok/perf.py, config.peak_tflops, or on CPU a measured dense-matmul
 rate of this machine), and peak memory (device allocator; on CPU the process's peak RSS).
+Then --profile=N steps are traced with the JAX profiler and the op time split into attention,
+matmuls, RoPE, LPIPS, the optimizer update and the rest (vitok/core/profile.py).
 
 For a generative family (the DiT), --sample_steps=N also times generation: a batch of clips
 sampled with N sampler steps (classifier-free guidance as configured) and decoded by the frozen
@@ -24,11 +26,20 @@ import numpy as np
 from absl import flags
 
 from launch import common
-from vitok.core import perf, sharding, trainer
+from vitok.core import perf, profile, sharding, trainer
 from vitok.core import train_state as ts
 
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_PROFILE = flags.DEFINE_integer(
+    'profile',
+    3,
+    'Also trace this many steps with the JAX profiler and report the share of the step in '
+    'attention, matmuls, RoPE, LPIPS, the optimizer update and the rest (0 = off).',
+)
+_PROFILE_DIR = flags.DEFINE_string(
+    'profile_dir', '', 'Keep the profiler trace (and the step HLO) in this directory.'
+)
 _SAMPLE_STEPS = flags.DEFINE_integer(
     'sample_steps', 0, 'Also time generation with this many sampler steps (DiT; 0 = off).'
 )
@@ -65,7 +76,15 @@ def random_batch(task, config, mesh) -> dict:
   return out
 
 
-def bench(config, mesh, steps: int, warmup: int, name: str = '') -> dict:
+def bench(
+    config,
+    mesh,
+    steps: int,
+    warmup: int,
+    name: str = '',
+    profile_steps: int = 0,
+    profile_dir: str = '',
+) -> dict:
   task = common.make_task_or_exit(config)
   trainer.configure_runtime(config)
   layout = trainer.create_layout(task, config, mesh)
@@ -118,6 +137,14 @@ def bench(config, mesh, steps: int, warmup: int, name: str = '') -> dict:
       step_times_s=[round(t, 4) for t in times],
       loss=float(metrics['loss']),
   )
+  if profile_steps:
+
+    def run_step():
+      nonlocal state
+      state, step_metrics = step_fn(state, batch, frozen)
+      jax.block_until_ready((state, step_metrics))
+
+    row['profile'] = profile.step_breakdown(run_step, step_fn.as_text(), profile_steps, profile_dir)
   return row
 
 
@@ -166,7 +193,14 @@ def main(argv):
   common.init_distributed()
   common.mesh_override(config)
   mesh = common.make_mesh_or_exit(config)
-  row = bench(config, mesh, _STEPS.value, _WARMUP.value)
+  row = bench(
+      config,
+      mesh,
+      _STEPS.value,
+      _WARMUP.value,
+      profile_steps=_PROFILE.value,
+      profile_dir=_PROFILE_DIR.value,
+  )
   if jax.process_index() == 0:
     print(perf.format_table([row], COLUMNS))
     print(
@@ -174,6 +208,14 @@ def main(argv):
         f"model TFLOP per step per device {row['model_tflop_per_step_per_device']:.4f}, "
         f"XLA counts {row['xla_tflop_per_step_per_device']:.4f}"
     )
+    if 'profile' in row:
+      shares = ', '.join(
+          f'{part} {share:.0%}' for part, share in row['profile']['share'].items() if share > 0
+      )
+      print(
+          f"profile ({_PROFILE.value} steps, {row['profile']['traced_s_per_step']:.4f} s of ops "
+          f'per step): {shares}'
+      )
     print(json.dumps(row))
   if _SAMPLE_STEPS.value:
     sampling = bench_sampling(config, mesh, _SAMPLE_STEPS.value)

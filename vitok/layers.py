@@ -249,16 +249,18 @@ class Attention(nnx.Module):
     qkv = self.qkv(x)  # (B, L, 3, heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if angles is not None:
-      q, k = apply_rope(q, angles), apply_rope(k, angles)
+      with jax.named_scope('rope'):  # the scopes name ops in profiles (core/profile.py)
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
     q, k, v = (constrain(a, HEADS) for a in (q, k, v))
     # (B, L, heads, head_dim) layout. implementation=None lets XLA choose; 'cudnn' is the fused
     # flash-attention kernel on NVIDIA GPUs (bf16/fp16 only); 'blockwise' works on any backend.
-    if self.implementation == 'blockwise':
-      y = attention_lib.blockwise_attention(q, k, v)
-    elif self.implementation == 'pallas':  # a Pallas call: each device attends its own shard
-      y = shard_mapped(attention_lib.pallas_tpu_attention, HEADS, q, k, v)
-    else:
-      y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    with jax.named_scope('attention_core'):
+      if self.implementation == 'blockwise':
+        y = attention_lib.blockwise_attention(q, k, v)
+      elif self.implementation == 'pallas':  # a Pallas call: each device attends its own shard
+        y = shard_mapped(attention_lib.pallas_tpu_attention, HEADS, q, k, v)
+      else:
+        y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return self.out(y.reshape(b, l, d))
 
 

@@ -38,9 +38,10 @@ def stage1_loss(model: tokenizer.ViTok, batch, rng, frozen, loss_cfg):
   }
   if loss_cfg.lpips > 0:
     frames = loss_cfg.lpips_frames or None
-    terms['lpips'] = jnp.mean(
-        lpips_lib.video_lpips(frozen['lpips'], recon, video, num_frames=frames, key=lpips_key)
-    )
+    with jax.named_scope('lpips'):  # names its ops in profiles (core/profile.py)
+      terms['lpips'] = jnp.mean(
+          lpips_lib.video_lpips(frozen['lpips'], recon, video, num_frames=frames, key=lpips_key)
+      )
   else:
     terms['lpips'] = jnp.zeros(())
   loss = (

@@ -100,13 +100,14 @@ def make_train_step(graphdef, loss_fn: Callable, tx, schedule, ema_decay: float)
       return loss_fn(nnx.merge(graphdef, params), batch, step_rng, frozen)
 
     (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if ema_params is not None:
-      ema_params = jax.tree.map(
-          lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params
-      )
+    with jax.named_scope('optimizer'):  # names the update's ops in profiles (core/profile.py)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema_params = state.ema_params
+      if ema_params is not None:
+        ema_params = jax.tree.map(
+            lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params
+        )
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
