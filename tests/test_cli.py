@@ -112,7 +112,7 @@ def test_bench_reports_step_time_throughput_and_mfu():
   config = vitok_config.get_config('variant=cpu128-cpu128/2x8,channels=4,frames=4,res=32,batch=8')
   config.loss.lpips = 0.0
   config.mesh.shape = (2, 4)
-  row = bench.bench(config, sharding.make_mesh(config.mesh), steps=3, warmup=1)
+  row = bench.bench(config, sharding.make_mesh(config.mesh), steps=3, warmup=1, profile_steps=1)
   assert len(row['step_times_s']) == 3 and row['step_time_s'] > 0 and row['compile_s'] > 0
   assert row['clips_per_s_per_device'] == pytest.approx(8 / 8 / row['step_time_s'])
   assert row['tokens_per_s_per_device'] == pytest.approx(32 * row['clips_per_s_per_device'])
@@ -121,6 +121,12 @@ def test_bench_reports_step_time_throughput_and_mfu():
   )
   assert row['mfu'] == pytest.approx(row['tflops_per_device'] / row['peak_tflops'])
   assert row['peak_source'].startswith('measured matmul') and row['peak_memory_GiB'] > 0
+  # The traced step, split by part: the model's attention, matmuls, RoPE and the AdamW update
+  # all ran; LPIPS is off.
+  shares = row['profile']['share']
+  assert sum(shares.values()) == pytest.approx(1.0)
+  assert all(shares[p] > 0 for p in ('attention', 'matmul', 'rope', 'optimizer'))
+  assert shares['lpips'] == 0
 
 
 def test_bench_times_dit_sampling():
