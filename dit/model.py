@@ -260,7 +260,7 @@ class DiT(nnx.Module):
     )
     self.final_norm = _plain_norm(width, dtype)
     self.final_modulation = _modulation(width, 2, dtype, rngs)
-    self.final = nnx.Linear(
+    self.final = layers.Dense(
         width,
         p * p * cfg.out_channels,
         dtype=dtype,

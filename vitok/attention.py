@@ -78,10 +78,15 @@ def _forward(q, k, v, block):
   return out.astype(q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = DEFAULT_BLOCK):
   """softmax(q k^T / sqrt(d)) v for q, k, v of shape (B, L, heads, head_dim), the layout of
-  `jax.nn.dot_product_attention`, holding at most (L x block) scores per head at a time."""
+  `jax.nn.dot_product_attention`, holding at most (L x block) scores per head at a time. Fewer
+  keys than `block` make one block of exactly that many (no padding)."""
+  return _blockwise(q, k, v, min(block, k.shape[1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blockwise(q: jax.Array, k: jax.Array, v: jax.Array, block: int):
   return _forward(q, k, v, block)[0]
 
 
@@ -118,7 +123,7 @@ def _bwd(block, residuals, d_out):
   return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
 
 
-blockwise_attention.defvjp(_fwd, _bwd)
+_blockwise.defvjp(_fwd, _bwd)
 
 
 def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

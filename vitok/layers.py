@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vitok import attention as attention_lib
+from vitok import matmul
 from vitok.core.config_checks import ConfigError
 from vitok.core.sharding import constrain, shard_mapped
 
@@ -102,6 +103,29 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
+class Dense(nnx.Linear):
+  """nnx.Linear (same parameters, same float32 results) whose low-precision compute runs as
+  low-precision matmuls on every backend (vitok/matmul.py)."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if not matmul.is_low_precision(self.dtype):
+      return super().__call__(x)
+    bias = self.bias[...] if self.bias is not None else None
+    kernel = self.kernel[...].astype(self.dtype)
+    return matmul.low_precision_dense(x.astype(self.dtype), kernel, bias)
+
+
+class FusedDense(nnx.Einsum):
+  """nnx.Einsum of the form '...d,dab->...ab' (see fused_dense), with Dense's low-precision path."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if not matmul.is_low_precision(self.dtype):
+      return super().__call__(x)
+    bias = self.bias[...] if self.bias is not None else None
+    kernel = self.kernel[...].astype(self.dtype)
+    return matmul.low_precision_dense(x.astype(self.dtype), kernel, bias)
+
+
 def dense(
     in_features: int,
     out_features: int,
@@ -110,13 +134,13 @@ def dense(
     use_bias: bool = True,
     dtype,
     rngs: nnx.Rngs,
-) -> nnx.Linear:
-  """nnx.Linear (LeCun-normal kernel, zero bias) whose kernel carries logical `axes` and whose
+) -> Dense:
+  """Dense (LeCun-normal kernel, zero bias) whose kernel carries logical `axes` and whose
   bias carries the output axis. eager_sharding=False: the train step's jit places parameters by
   their names (born sharded via out_shardings), so creating a model needs no mesh context."""
   kernel_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), axes, eager_sharding=False)
   bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:], eager_sharding=False)
-  return nnx.Linear(
+  return Dense(
       in_features,
       out_features,
       use_bias=use_bias,
@@ -135,7 +159,7 @@ def fused_dense(
     use_bias: bool,
     dtype,
     rngs: nnx.Rngs,
-) -> nnx.Einsum:
+) -> FusedDense:
   """Several projections of the same input in one matmul, with the kernel kept as
   (in, parts, ...) instead of (in, parts * ...): e.g. q/k/v as (width, 3, heads, head_dim). A
   'model' axis then splits heads (or MLP units) *within* each part, so every device holds its own
@@ -147,7 +171,7 @@ def fused_dense(
       nnx.initializers.lecun_normal(in_axis=0, out_axis=out_dims), axes, eager_sharding=False
   )
   bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:], eager_sharding=False)
-  return nnx.Einsum(
+  return FusedDense(
       f'...d,d{letters}->...{letters}',
       (in_features, *out_shape),
       out_shape if use_bias else None,
