@@ -288,6 +288,9 @@ def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_step(
 
   monkeypatch.setattr(stage1, 'evaluate', slow_evaluation)
   workdir = str(tmp_path / 'run')
+  # What the run must restore: Python's default, or SIG_IGN where the shell started the tests in
+  # the background (`... &` without job control ignores SIGINT in the child).
+  handler_before = signal.getsignal(signal.SIGINT)
   started = time.time()
   state, last_eval, stopped_by = _train(tiny_config, workdir, 4, eval_every=1, ckpt_every=100)
   assert time.time() - started < 300
@@ -299,7 +302,7 @@ def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_step(
   ) in out
   assert f'SIGINT: saved step 1 to {workdir}/checkpoints' in out
   assert ckpt_lib.Checkpointer(workdir, create=False).latest_step() == 1
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
 
 def test_ctrl_c_outside_the_loop_is_one_line():
