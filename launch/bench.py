@@ -110,7 +110,9 @@ def bench(
     state, metrics = step_fn(state, batch, frozen)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - started)
-  peak_flops, peak_source = perf.peak_flops_per_device(jax.local_devices()[0], config.peak_tflops)
+  peak_flops, peak_source = perf.peak_flops_per_device(
+      jax.local_devices()[0], config.peak_tflops, config.model.get('dtype', 'float32')
+  )
   row = {
       'config': name or config.get('model', {}).get('variant', task.name),
       'mesh': 'x'.join(map(str, mesh.shape.values())),

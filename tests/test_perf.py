@@ -51,6 +51,10 @@ def test_override_wins_and_cpu_is_measured():
   assert host > 1e8
   assert peak == pytest.approx(host / len(jax.local_devices()))
   assert perf.measure_matmul_flops() == host  # cached
+  # A bfloat16 run's MFU is against bfloat16 matmuls (accumulating in float32).
+  peak_bf16, source = perf.peak_flops_per_device(cpu, dtype='bfloat16')
+  assert source == 'measured matmul (bf16 host rate / 8 local CPU devices)'
+  assert peak_bf16 == pytest.approx(perf.measure_matmul_flops(dtype=jnp.bfloat16) / 8)
 
 
 M, K, N = 256, 512, 128

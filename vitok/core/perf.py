@@ -91,7 +91,9 @@ def measure_matmul_flops(
     return _MATMUL_CACHE[key]
   a = jax.device_put(jnp.ones((n, n), dtype), device)
   b = jax.device_put(jnp.full((n, n), 0.5, dtype), device)
-  matmul = jax.jit(lambda x, y: x @ y)
+  # Accumulating in float32, as the models' matmuls do (vitok/matmul.py): for bfloat16 inputs
+  # that is the native path of CPU libraries and of matrix units.
+  matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
   matmul(a, b).block_until_ready()  # compile + warm-up
   times, start = [], time.perf_counter()
   while len(times) < 3 or (len(times) < 50 and time.perf_counter() - start < seconds):
@@ -104,12 +106,13 @@ def measure_matmul_flops(
 
 
 def peak_flops_per_device(
-    device: jax.Device | None = None, override_tflops: float = 0.0
+    device: jax.Device | None = None, override_tflops: float = 0.0, dtype: str = 'float32'
 ) -> tuple[float, str]:
   """(peak FLOP/s of one device, where the number came from).
 
   `override_tflops` > 0 wins ('config'); else the PEAK_TFLOPS table ('table: <device_kind>');
-  else (CPU, unknown accelerators) a measured matmul rate ('measured matmul ...'). On CPU the host
+  else (CPU, unknown accelerators) a measured matmul rate ('measured matmul ...'), on CPU in the
+  run's compute `dtype` (a bfloat16 run's MFU is against bfloat16 matmuls). On CPU the host
   rate is divided by the number of local CPU devices, since simulated devices share the cores
   (8 simulated devices running at once get ~1/8 of the single-device rate each).
   """
@@ -120,12 +123,14 @@ def peak_flops_per_device(
   if tflops is not None:
     return tflops * 1e12, f'table: {device.device_kind}'
   if getattr(device, 'platform', '') == 'cpu':
-    rate = measure_matmul_flops(dtype=jnp.float32, device=device)
+    dtype = jnp.dtype(dtype)
+    rate = measure_matmul_flops(dtype=dtype, device=device)
     shared = max(1, len(jax.local_devices(backend='cpu')))
+    name = {'float32': 'f32', 'bfloat16': 'bf16'}.get(dtype.name, dtype.name)
     return rate / shared, (
-        f'measured matmul (f32 host rate / {shared} local CPU devices)'
+        f'measured matmul ({name} host rate / {shared} local CPU devices)'
         if shared > 1
-        else 'measured matmul (f32)'
+        else f'measured matmul ({name})'
     )
   return measure_matmul_flops(dtype=jnp.bfloat16, device=device), 'measured matmul (bf16)'
 
