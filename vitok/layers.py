@@ -103,9 +103,10 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-class Dense(nnx.Linear):
-  """nnx.Linear (same parameters, same float32 results) whose low-precision compute runs as
-  low-precision matmuls on every backend (vitok/matmul.py)."""
+class _LowPrecisionMatmul:
+  """The low-precision path of Dense and FusedDense: in bfloat16 (or float16) compute, the matmul
+  is bf16 x bf16 -> f32 with a float32 bias and one rounding, forward and backward
+  (vitok/matmul.py); float32 compute is the flax layer's own."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if not matmul.is_low_precision(self.dtype):
@@ -115,15 +116,12 @@ class Dense(nnx.Linear):
     return matmul.low_precision_dense(x.astype(self.dtype), kernel, bias)
 
 
-class FusedDense(nnx.Einsum):
-  """nnx.Einsum of the form '...d,dab->...ab' (see fused_dense), with Dense's low-precision path."""
+class Dense(_LowPrecisionMatmul, nnx.Linear):
+  """nnx.Linear (same parameters, same float32 results) with the low-precision path."""
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if not matmul.is_low_precision(self.dtype):
-      return super().__call__(x)
-    bias = self.bias[...] if self.bias is not None else None
-    kernel = self.kernel[...].astype(self.dtype)
-    return matmul.low_precision_dense(x.astype(self.dtype), kernel, bias)
+
+class FusedDense(_LowPrecisionMatmul, nnx.Einsum):
+  """nnx.Einsum of the form '...d,dab->...ab' (see fused_dense) with the low-precision path."""
 
 
 def dense(
