@@ -11,8 +11,9 @@ dx = g w^T and dw = x^T g, have that form too: JAX's own transpose of such a dot
 float32 cotangent with a bfloat16 operand, which again upcasts to float32.
 
 Numerically this is what the float32-accumulating matmul units compute and what PyTorch's
-autocast does: products and sums in float32, one rounding of each result to bfloat16. float32
-inputs take the plain path (`lax.dot_general`), unchanged.
+autocast does: products and sums in float32, one rounding of each result to bfloat16. The bias
+is added in float32 before that rounding, and its gradient summed in float32. `layers.Dense` and
+`layers.FusedDense` call this in low-precision compute; float32 compute keeps flax's own path.
 """
 
 import jax
