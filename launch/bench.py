@@ -111,7 +111,7 @@ def bench(
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - started)
   peak_flops, peak_source = perf.peak_flops_per_device(
-      jax.local_devices()[0], config.peak_tflops, config.model.get('dtype', 'float32')
+      jax.local_devices()[0], config.peak_tflops, config.get('model', {}).get('dtype', 'float32')
   )
   row = {
       'config': name or config.get('model', {}).get('variant', task.name),

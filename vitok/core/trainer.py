@@ -362,7 +362,7 @@ def run_loop(run: Run, writer: MetricWriter | None = None) -> TrainResult:
   state, train_iter, start = run.state, run.train_iter, int(run.state.step)
   is_main = jax.process_index() == 0
   peak_flops, peak_source = perf.peak_flops_per_device(
-      jax.local_devices()[0], config.peak_tflops, config.model.get('dtype', 'float32')
+      jax.local_devices()[0], config.peak_tflops, config.get('model', {}).get('dtype', 'float32')
   )
   batch_sharding = sharding.batch_sharding(run.mesh, config.sharding_rules)
   stop = signals.StopSignals()
