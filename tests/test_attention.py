@@ -1,13 +1,14 @@
 """Blockwise (flash-style) attention: equal to the reference softmax attention, values and
 gradients, for lengths that do and do not fill the last key block, in float32 and bfloat16; and
-it never materialises the L x L scores (its compiled temporaries stay far below them)."""
+it never materialises the L x L scores (its compiled temporaries stay far below them). The dense
+attention ('xla') equals jax.nn.dot_product_attention, values and gradients."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitok.attention import blockwise_attention
+from vitok.attention import blockwise_attention, dense_attention
 
 
 def _qkv(length, dtype=jnp.float32, batch=2, heads=3, head_dim=16):
@@ -38,6 +39,26 @@ def test_equals_the_reference_attention_with_gradients(length, block):
   expected = jax.grad(loss(_reference), argnums=(0, 1, 2))(q, k, v)
   for got, want in zip(grads, expected):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_attention_equals_jax_dot_product_attention_with_gradients():
+  q, k, v = _qkv(40)
+  cotangent = jax.random.normal(jax.random.PRNGKey(7), q.shape)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cotangent)
+  ours, jax_xla = jax.jit(dense_attention), jax.jit(jax.nn.dot_product_attention)
+  np.testing.assert_allclose(ours(q, k, v), jax_xla(q, k, v), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours(q, k, v), _reference(q, k, v), rtol=1e-5, atol=1e-5)
+  grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+  expected = jax.jit(jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2)))(q, k, v)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # bfloat16: float32 scores and softmax, one rounding of the probabilities and of the output.
+  q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  out = ours(q16, k16, v16)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+      out.astype(np.float32), _reference(q16, k16, v16), rtol=0.02, atol=0.02
+  )
 
 
 def test_bfloat16_inputs_keep_float32_statistics():

@@ -14,7 +14,8 @@ probabilities from the saved log-sum-exp:
 so the memory of both passes is O(L * block) per head instead of O(L^2). Scores and statistics
 are float32 whatever the input dtype (as the fused kernels do); the result has the input's dtype.
 
-`pallas_tpu_attention` is the same computation by JAX's Pallas TPU flash-attention kernel (TPU
+`dense_attention` is the plain formulation (the whole score matrix at once), arranged so that
+XLA compiles it well; `pallas_tpu_attention` is the same computation by JAX's Pallas TPU flash-attention kernel (TPU
 only; on CPU it runs in Pallas's TPU interpret mode, which is how it is tested).
 """
 
@@ -37,6 +38,25 @@ def _blocks(x: jax.Array, block: int) -> jax.Array:
   n = -(-length // block)
   x = jnp.pad(x, ((0, 0), (0, n * block - length), (0, 0), (0, 0)))
   return jnp.moveaxis(x.reshape(b, n, block, h, d), 1, 0)
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v with the whole (L x L) score matrix, for q, k, v of shape
+  (B, L, heads, head_dim): the computation of `jax.nn.dot_product_attention`'s XLA path, with the
+  scores and softmax in float32 as there and the probabilities rounded to v's dtype.
+
+  Why not call that function: it contracts in the (B, L, heads, head_dim) layout, and XLA:CPU
+  then runs the two matmuls as batched dots over strided heads with layout copies around them.
+  Moving the heads next to the batch first (B, heads, L, head_dim) gives contiguous per-head
+  matmuls; forward + backward of one attention layer measured 20-35% faster on 2 CPU cores (e.g.
+  46 vs 58 ms at B = 8, L = 256, 6 heads of 64; 7.5-8.5 vs 11.4 ms at B = 8, L = 128, 8 heads
+  of 32), and equal at L = 1024, where the softmax's memory traffic dominates."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, heads, L, head_dim)
+  s = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bhqk,bhkd->bhqd', p, v, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
 def _scores(q: jax.Array, k_block: jax.Array, start, length: int, scale: float) -> jax.Array:

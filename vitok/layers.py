@@ -204,10 +204,16 @@ REMAT_POLICIES = {
     'save_matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
 
-# model.attention -> `implementation` of jax.nn.dot_product_attention, or one of
-# vitok/attention.py: 'blockwise' (flash-style in plain JAX, any backend: never holds the L x L
-# scores) and 'pallas_tpu' (the Pallas TPU flash-attention kernel).
-ATTENTION_IMPLS = {'xla': None, 'cudnn': 'cudnn', 'blockwise': 'blockwise', 'pallas_tpu': 'pallas'}
+# model.attention -> the implementation: 'xla' (the whole score matrix, vitok/attention.py's
+# dense_attention, any backend), 'cudnn' (jax.nn.dot_product_attention's fused cuDNN kernel,
+# NVIDIA GPUs), 'blockwise' (flash-style in plain JAX, any backend: never holds the L x L scores)
+# and 'pallas_tpu' (the Pallas TPU flash-attention kernel).
+ATTENTION_IMPLS = {
+    'xla': 'dense',
+    'cudnn': 'cudnn',
+    'blockwise': 'blockwise',
+    'pallas_tpu': 'pallas',
+}
 
 
 def check_attention(attention: str, dtype: str, backend: str | None = None) -> None:
@@ -274,10 +280,12 @@ class Attention(nnx.Module):
       with jax.named_scope('rope'):  # the scopes name ops in profiles (core/profile.py)
         q, k = apply_rope(q, angles), apply_rope(k, angles)
     q, k, v = (constrain(a, HEADS) for a in (q, k, v))
-    # (B, L, heads, head_dim) layout. implementation=None lets XLA choose; 'cudnn' is the fused
-    # flash-attention kernel on NVIDIA GPUs (bf16/fp16 only); 'blockwise' works on any backend.
+    # (B, L, heads, head_dim) layout. 'cudnn' is the fused flash-attention kernel on NVIDIA GPUs
+    # (bf16/fp16 only); 'dense' and 'blockwise' work on any backend.
     with jax.named_scope('attention_core'):
-      if self.implementation == 'blockwise':
+      if self.implementation == 'dense':
+        y = attention_lib.dense_attention(q, k, v)
+      elif self.implementation == 'blockwise':
         y = attention_lib.blockwise_attention(q, k, v)
       elif self.implementation == 'pallas':  # a Pallas call: each device attends its own shard
         y = shard_mapped(attention_lib.pallas_tpu_attention, HEADS, q, k, v)
