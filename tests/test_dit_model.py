@@ -1,6 +1,8 @@
 """The DiT network: adaLN-Zero identity at init, the original DiT's parameter and GMAC counts,
 shapes, conditioning, sizes that do not collide with the tokenizer's."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +76,24 @@ def test_patches_tokens_and_bf16():
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float32')}
   # The null class of classifier-free guidance has its own embedding row.
   assert model.y_embed.embedding.shape == (11, 64)
+
+
+def test_bf16_gradients_sum_over_tokens_in_float32():
+  """The adaLN shift / scale / gate gradients are sums over every token. In bfloat16, XLA:CPU
+  computes such sums as slow windowed trees, so they must be float32 (the modulation's dtype)."""
+  cfg = M.DiTConfig(
+      variant='DiT-cpu64/2', grid=(2, 8, 8), channels=4, num_classes=10, dtype='bfloat16'
+  )
+  graphdef, params = nnx.split(M.DiT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+  def loss(params, x):
+    out = nnx.merge(graphdef, params)(x, jnp.ones(2), jnp.ones(2, jnp.int32))
+    return jnp.mean(out**2)
+
+  text = jax.jit(jax.grad(loss)).lower(params, jnp.ones((2, 2, 8, 8, 4))).as_text()
+  reduced = re.findall(r'stablehlo\.reduce\(.*?: \((tensor<[^>]*>)', text)
+  assert any(re.fullmatch(r'tensor<2x32x64xf32>', t) for t in reduced)  # (batch, tokens, width)
+  assert not [t for t in reduced if re.fullmatch(r'tensor<\d+x\d+x\d+xbf16>', t)]
 
 
 def test_sizes_are_named_apart_from_the_tokenizers():
