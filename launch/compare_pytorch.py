@@ -1,15 +1,21 @@
-r"""This project's tokenizer train step against the same network, loss and optimizer in PyTorch,
-on this machine, with one protocol: random input, the median of timed steps after warm-up, peak
-resident memory of a process that runs nothing else.
+r"""This project's train steps against the PyTorch code users would otherwise run, on this
+machine, with one protocol: random input, the median of timed steps after warm-up, peak resident
+memory of a process that runs nothing else. The tokenizer against the same network, loss and
+optimizer written in PyTorch below; the DiT against facebookresearch/DiT's own model, diffusion
+and train-step code.
 
     python -m launch.compare_pytorch --torch_python=/path/to/venv/bin/python
     python -m launch.compare_pytorch --torch_python=... --configs=small --dtypes=bfloat16
+    python -m launch.compare_pytorch --torch_python=... --configs=dit-s2,dit-b2 --dit_repo=/path/to/DiT
 
 PyTorch is not a dependency of the project: `--torch_python` is the interpreter of an
 environment that has it (`python -m venv /tmp/torch && /tmp/torch/bin/pip install torch
 --index-url https://download.pytorch.org/whl/cpu`). That interpreter runs this file's PyTorch half
 (`torch_step_times`, which imports only torch and numpy); this project's half is `launch.bench` in
-its own process. Both print one JSON line; this script prints the table.
+its own process. Both print one JSON line; this script prints the table. The DiT configs import
+`models.py` and `diffusion/` from `--dit_repo`, a clone of github.com/facebookresearch/DiT, whose
+model needs timm 0.6.x (and timm needs torchvision: e.g. `pip install torch torchvision
+timm==0.6.13`).
 
 The PyTorch network is written here, layer for layer the network of `vitok/tokenizer.py`:
 tubelet embedding (a linear map per q x p x p tubelet), pre-LayerNorm blocks with fused q/k/v,
@@ -39,6 +45,24 @@ CONFIGS = {
         'S-B/4x8, 16x128x128, c = 16, batch 1 (1,024 tokens)',
     ),
 }
+# name: (facebookresearch/DiT variant, latent size, batch, description). Image latents with 4
+# channels as the DiT paper's (an 8x-downsampling tokenizer: latent size x 8 pixels); ours is
+# the same network with recipe 'classic' and objective 'ddpm' (configs/dit.py), on a 1-frame clip.
+DIT_CONFIGS = {
+    'dit-s2': (
+        'DiT-S/2',
+        32,
+        8,
+        'DiT-S/2 (width 384, 12 blocks), 32x32x4 latents, 256 tokens, batch 8',
+    ),
+    'dit-b2': (
+        'DiT-B/2',
+        64,
+        2,
+        'DiT-B/2 (width 768, 12 blocks), 64x64x4 latents, 1,024 tokens, batch 2',
+    ),
+}
+DIT_CHANNELS = 4
 # configs/vitok.py sizes (vitok/tokenizer.py SIZES): width, depth, heads.
 SIZES = {
     'cpu128': (128, 4, 4),
@@ -178,6 +202,11 @@ def torch_step_times(spec: str, dtype: str, steps: int, warmup: int, threads: in
     optimizer.step()
     return float(loss.detach())
 
+  return _time_steps(torch, model, step, steps, warmup)
+
+
+def _time_steps(torch, model, step, steps: int, warmup: int) -> dict:
+  """Median wall time of `steps` calls of `step` after `warmup` untimed ones."""
   for _ in range(warmup):
     step()
   times = []
@@ -190,10 +219,55 @@ def torch_step_times(spec: str, dtype: str, steps: int, warmup: int, threads: in
       'step_time_s': times[len(times) // 2],
       'step_times_s': [round(t, 4) for t in times],
       'peak_rss_GiB': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
-      'params': sum(x.numel() for x in model.parameters()),
+      'params': sum(x.numel() for x in model.parameters() if x.requires_grad),
       'torch': torch.__version__,
       'threads': torch.get_num_threads(),
   }
+
+
+def torch_dit_step_times(
+    name: str, dtype: str, steps: int, warmup: int, threads: int, dit_repo: str
+) -> dict:
+  """facebookresearch/DiT's own model and diffusion (imported from `dit_repo`, a clone of it),
+  with its train.py step: a random timestep per example, `training_losses` (MSE on the noise
+  plus the VLB term for the learned variance), AdamW (lr 1e-4, no weight decay), and its EMA
+  update (decay 0.9999), on random latents and labels."""
+  import copy
+
+  import torch
+
+  sys.path.insert(0, os.path.abspath(dit_repo))
+  from diffusion import create_diffusion  # facebookresearch/DiT
+  from models import DiT_models  # facebookresearch/DiT (needs timm)
+
+  torch.manual_seed(0)
+  if threads:
+    torch.set_num_threads(threads)
+  variant, latent_size, batch, _ = DIT_CONFIGS[name]
+  model = DiT_models[variant](input_size=latent_size, in_channels=DIT_CHANNELS, num_classes=1000)
+  ema = copy.deepcopy(model).requires_grad_(False)
+  diffusion = create_diffusion(timestep_respacing='')
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+  model.train()
+  latents = torch.randn(batch, DIT_CHANNELS, latent_size, latent_size)
+  labels = torch.randint(0, 1000, (batch,))
+
+  @torch.no_grad()
+  def update_ema(decay=0.9999):  # train.py's update_ema, which this file cannot import
+    ema_params = dict(ema.named_parameters())
+    for key, param in model.named_parameters():
+      ema_params[key].mul_(decay).add_(param.data, alpha=1 - decay)
+
+  def step():
+    t = torch.randint(0, diffusion.num_timesteps, (batch,))
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+      loss = diffusion.training_losses(model, latents, t, dict(y=labels))['loss'].mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    update_ema()
+
+  return _time_steps(torch, model, step, steps, warmup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,10 +305,47 @@ def jax_step_times(spec: str, dtype: str, steps: int, warmup: int, attention: st
   return _run(cmd)
 
 
+def dit_config_overrides(name: str, dtype: str, attention: str) -> tuple[str, dict]:
+  """The configs/dit.py argument and the field overrides that make this project's DiT the
+  network of facebookresearch/DiT's `name` config (tests/test_cli.py checks the parameter
+  count), with its objective and optimizer: recipe 'classic', DDPM with learned variance, AdamW
+  at lr 1e-4 without weight decay or clipping, EMA 0.9999 (configs/dit.py's defaults)."""
+  variant, latent_size, batch, _ = DIT_CONFIGS[name]
+  return f'variant={variant},batch={batch}', {
+      'model.recipe': 'classic',
+      'diffusion.objective': 'ddpm',
+      'model.num_classes': 1000,
+      # The latent grid follows from a tokenizer description: 8x8 pixel patches of one frame.
+      'tokenizer.variant': 'S-B/8',
+      'tokenizer.channels': DIT_CHANNELS,
+      'data.frames': 1,
+      'data.res': 8 * latent_size,
+      'optim.clip_norm': 0,  # DiT's train.py does not clip
+      'model.dtype': dtype,
+      'model.attention': attention,
+  }
+
+
+def jax_dit_step_times(name: str, dtype: str, steps: int, warmup: int, attention: str) -> dict:
+  arg, fields = dit_config_overrides(name, dtype, attention)
+  cmd = [sys.executable, '-m', 'launch.bench', f'--config=configs/dit.py:{arg}']
+  cmd += [f'--config.{key}={value}' for key, value in fields.items()]
+  cmd += [f'--steps={steps}', f'--warmup={warmup}', '--profile=0']
+  return _run(cmd)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--torch_python', help='interpreter of an environment with torch')
-  parser.add_argument('--configs', default='small,sb')
+  parser.add_argument(
+      '--configs',
+      default='small,sb',
+      help=f'of {sorted(CONFIGS)} (tokenizer), {sorted(DIT_CONFIGS)} (DiT)',
+  )
+  parser.add_argument(
+      '--dit_repo',
+      help='a clone of github.com/facebookresearch/DiT (for the dit-* configs; needs timm)',
+  )
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--attention', default='xla,blockwise', help="this project's choices")
   parser.add_argument('--steps', type=int, default=0, help='timed steps (0: 10 small, 4 sb)')
@@ -245,14 +356,27 @@ def main():
 
   if args.torch_worker:
     spec, dtype = args.torch_worker.rsplit(':', 1)
-    print(json.dumps(torch_step_times(spec, dtype, args.steps, args.warmup, args.threads)))
+    if spec in DIT_CONFIGS:
+      row = torch_dit_step_times(spec, dtype, args.steps, args.warmup, args.threads, args.dit_repo)
+    else:
+      row = torch_step_times(spec, dtype, args.steps, args.warmup, args.threads)
+    print(json.dumps(row))
     return
   if not args.torch_python:
     parser.error('--torch_python is required (an interpreter whose environment has torch)')
+  names = args.configs.split(',')
+  for name in names:
+    if name not in CONFIGS and name not in DIT_CONFIGS:
+      parser.error(f'--configs: unknown {name!r} (known: {sorted(CONFIGS) + sorted(DIT_CONFIGS)})')
+  if any(name in DIT_CONFIGS for name in names) and not args.dit_repo:
+    parser.error('--dit_repo is required for the dit-* configs (a clone of facebookresearch/DiT)')
 
   rows = []
-  for name in args.configs.split(','):
-    spec, description = CONFIGS[name]
+  for name in names:
+    if name in DIT_CONFIGS:
+      spec, description = name, DIT_CONFIGS[name][3]
+    else:
+      spec, description = CONFIGS[name]
     steps = args.steps or (10 if name == 'small' else 4)
     for dtype in args.dtypes.split(','):
       torch_row = _run(
@@ -263,11 +387,13 @@ def main():
               f'--steps={steps}',
               f'--warmup={args.warmup}',
               f'--threads={args.threads}',
+              f'--dit_repo={args.dit_repo or ""}',
           ],
           env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
       )
       for attention in args.attention.split(','):
-        jax_row = jax_step_times(spec, dtype, steps, args.warmup, attention)
+        timer = jax_dit_step_times if name in DIT_CONFIGS else jax_step_times
+        jax_row = timer(spec, dtype, steps, args.warmup, attention)
         rows.append((description, dtype, attention, torch_row, jax_row))
         print(
             f'{name} {dtype} {attention}: torch {torch_row["step_time_s"]:.4f} s '

@@ -129,6 +129,35 @@ def test_bench_reports_step_time_throughput_and_mfu():
   assert shares['lpips'] == 0
 
 
+@pytest.mark.parametrize(
+    'name,facebook_dit_params', [('dit-s2', 32_865_056), ('dit-b2', 130_315_808)]
+)
+def test_the_pytorch_comparison_runs_facebookresearch_dits_network(name, facebook_dit_params):
+  """launch.compare_pytorch's DiT configs give this project's DiT the parameters of
+  facebookresearch/DiT's model (counted there with torch: trainable parameters of
+  DiT_models['DiT-S/2'](input_size=32, in_channels=4) and ['DiT-B/2'](input_size=64, ...))."""
+  from configs import dit as dit_config
+  from dit import model as dit_model
+  from dit import task as dit_task
+  from launch import compare_pytorch
+
+  arg, fields = compare_pytorch.dit_config_overrides(name, 'float32', 'xla')
+  config = dit_config.get_config(arg)
+  for key, value in fields.items():
+    section, field = key.split('.')
+    config[section][field] = value
+  task = dit_task.DiTTask(config)
+  assert task.model_cfg.variant == compare_pytorch.DIT_CONFIGS[name][0]
+  assert dit_model.count_params(task.model_cfg) == facebook_dit_params
+
+
+def test_compare_pytorch_names_a_missing_dit_clone():
+  out = _run('launch.compare_pytorch', '--torch_python=python', '--configs=dit-s2')
+  assert out.returncode == 2 and '--dit_repo is required' in out.stderr
+  out = _run('launch.compare_pytorch', '--torch_python=python', '--configs=huge')
+  assert out.returncode == 2 and "unknown 'huge'" in out.stderr
+
+
 def test_bench_times_dit_sampling():
   import jax
 
