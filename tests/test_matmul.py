@@ -67,12 +67,13 @@ def _dot_operand_types(fn, *args) -> list[str]:
   return re.findall(r'stablehlo\.dot_general.*?:\s*\((tensor<[^)]*)\)\s*->\s*(tensor<[^>]*>)', text)
 
 
-def test_every_matmul_of_a_bfloat16_block_step_is_bf16_by_bf16():
-  """Forward and backward of a bfloat16 transformer block with blockwise attention: every matmul
-  multiplies two bfloat16 operands (a float32 operand would make XLA:CPU run it as a float32
-  matmul). jax.nn's XLA attention does not have this property: its backward multiplies float32
-  score gradients with bfloat16 values."""
-  block = layers.Block(32, 4, 'swiglu', attention='blockwise', dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize('attention', ['xla', 'blockwise'])
+def test_every_matmul_of_a_bfloat16_block_step_is_bf16_by_bf16(attention):
+  """Forward and backward of a bfloat16 transformer block, with either CPU attention: every
+  matmul multiplies two bfloat16 operands (a float32 operand would make XLA:CPU run it as a
+  float32 matmul). jax.nn.dot_product_attention does not have this property: its backward
+  multiplies float32 score gradients with bfloat16 values."""
+  block = layers.Block(32, 4, 'swiglu', attention=attention, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(block)
   x = jnp.ones((2, 16, 32), jnp.float32)
   angles = layers.rope_angles((1, 4, 4), 8)

@@ -45,18 +45,68 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   (B, L, heads, head_dim): the computation of `jax.nn.dot_product_attention`'s XLA path, with the
   scores and softmax in float32 as there and the probabilities rounded to v's dtype.
 
-  Why not call that function: it contracts in the (B, L, heads, head_dim) layout, and XLA:CPU
-  then runs the two matmuls as batched dots over strided heads with layout copies around them.
-  Moving the heads next to the batch first (B, heads, L, head_dim) gives contiguous per-head
-  matmuls; forward + backward of one attention layer measured 20-35% faster on 2 CPU cores (e.g.
-  46 vs 58 ms at B = 8, L = 256, 6 heads of 64; 7.5-8.5 vs 11.4 ms at B = 8, L = 128, 8 heads
-  of 32), and equal at L = 1024, where the softmax's memory traffic dominates."""
+  Why not call that function: XLA:CPU compiles its formulation slowly. Measured forward +
+  backward of one attention layer on 2 CPU cores (ms; B = 8, L = 256, 6 heads of 64 / B = 8,
+  L = 128, 8 heads of 32 / B = 1, L = 1024, 12 heads of 64; 10-20% noise):
+
+      float32    jax.nn 42-59 / 7.7-11 / 185-200    here 36-46 / 6.0-7.5 / 200-265
+      bfloat16   jax.nn 46-61 / 12.7   / 172-183    here 22    / 6.2     / 116
+
+  float32: the heads moved next to the batch before the two matmuls, so that XLA runs them as
+  contiguous per-head matmuls rather than batched dots over strided heads with layout copies,
+  and autodiff for the backward. bfloat16: jax.nn's backward multiplies float32 cotangents by
+  bfloat16 operands, which XLA:CPU runs as float32 matmuls after converting both; here the
+  backward is written out (as `blockwise_attention`'s, from the saved probabilities instead of
+  recomputed ones) so that all four of its matmuls take bf16 operands with float32 accumulation,
+  in the layout in which XLA:CPU keeps them native. At 1,024 tokens the blockwise kernel is as
+  fast in bfloat16 and needs far less memory."""
+  if q.dtype == jnp.float32:
+    return _dense_float32(q, k, v)
+  return _dense_low_precision(q, k, v)
+
+
+def _dense_float32(q, k, v):
   scale = 1.0 / math.sqrt(q.shape[-1])
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # (B, heads, L, head_dim)
-  s = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.einsum('bhqd,bhkd->bhqk', q, k) * scale
+  out = jnp.einsum('bhqk,bhkd->bhqd', jax.nn.softmax(s, axis=-1), v)
+  return jnp.swapaxes(out, 1, 2)
+
+
+def _dense_low_precision_forward(q, k, v):
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bhqk,bhkd->bhqd', p, v, preferred_element_type=jnp.float32)
-  return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+  out = jnp.einsum('bhqk,bkhd->bqhd', p, v, preferred_element_type=jnp.float32)
+  return out.astype(v.dtype), p
+
+
+@jax.custom_vjp
+def _dense_low_precision(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  return _dense_low_precision_forward(q, k, v)[0]
+
+
+def _dense_low_precision_fwd(q, k, v):
+  out, p = _dense_low_precision_forward(q, k, v)
+  return out, (q, k, v, out, p)
+
+
+def _dense_low_precision_bwd(residuals, d_out):
+  q, k, v, out, p = residuals  # p: (B, heads, Lq, Lk) probabilities, in v's dtype
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  f32 = jnp.float32
+  # rowsum(do * o): the softmax Jacobian's correction term, per query and head.
+  delta = jnp.einsum('bqhd,bqhd->bhq', d_out.astype(f32), out.astype(f32))
+  d_out = d_out.astype(v.dtype)
+  dv = jnp.einsum('bhqk,bqhd->bkhd', p, d_out, preferred_element_type=f32)
+  dp = jnp.einsum('bqhd,bkhd->bhqk', d_out, v, preferred_element_type=f32)
+  ds = (p.astype(f32) * (dp - delta[..., None]) * scale).astype(q.dtype)
+  dq = jnp.einsum('bhqk,bkhd->bqhd', ds, k, preferred_element_type=f32)
+  dk = jnp.einsum('bhqk,bqhd->bkhd', ds, q, preferred_element_type=f32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_dense_low_precision.defvjp(_dense_low_precision_fwd, _dense_low_precision_bwd)
 
 
 def _scores(q: jax.Array, k_block: jax.Array, start, length: int, scale: float) -> jax.Array:
