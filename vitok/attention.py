@@ -15,8 +15,9 @@ so the memory of both passes is O(L * block) per head instead of O(L^2). Scores 
 are float32 whatever the input dtype (as the fused kernels do); the result has the input's dtype.
 
 `dense_attention` is the plain formulation (the whole score matrix at once), arranged so that
-XLA compiles it well; `pallas_tpu_attention` is the same computation by JAX's Pallas TPU flash-attention kernel (TPU
-only; on CPU it runs in Pallas's TPU interpret mode, which is how it is tested).
+XLA compiles it well. `pallas_tpu_attention` is the same computation by JAX's Pallas TPU
+flash-attention kernel (TPU only; on CPU it runs in Pallas's TPU interpret mode, which is how it
+is tested).
 """
 
 from __future__ import annotations
