@@ -41,6 +41,24 @@ def _blocks(x: jax.Array, block: int) -> jax.Array:
   return jnp.moveaxis(x.reshape(b, n, block, h, d), 1, 0)
 
 
+def _softmax_correction(d_out: jax.Array, out: jax.Array) -> jax.Array:
+  """rowsum(do * o), (B, heads, Lq) in float32: the softmax Jacobian's correction term."""
+  return jnp.einsum('bqhd,bqhd->bhq', d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+
+def _grads_from_probabilities(p, d_out, q, k, v, delta, scale):
+  """float32 (dq, dk, dv) of the queries against the keys / values `k`, `v` (all keys, or one
+  block of them) from their probabilities p (B, heads, Lq, Lk): every matmul multiplies two
+  operands of the inputs' dtype and accumulates in float32."""
+  f32 = jnp.float32
+  dv = jnp.einsum('bhqk,bqhd->bkhd', p.astype(d_out.dtype), d_out, preferred_element_type=f32)
+  dp = jnp.einsum('bqhd,bkhd->bhqk', d_out, v, preferred_element_type=f32)
+  ds = (p.astype(f32) * (dp - delta[..., None]) * scale).astype(q.dtype)
+  dq = jnp.einsum('bhqk,bkhd->bqhd', ds, k, preferred_element_type=f32)
+  dk = jnp.einsum('bhqk,bqhd->bkhd', ds, q, preferred_element_type=f32)
+  return dq, dk, dv
+
+
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v with the whole (L x L) score matrix, for q, k, v of shape
   (B, L, heads, head_dim): the computation of `jax.nn.dot_product_attention`'s XLA path, with the
@@ -50,8 +68,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   backward of one attention layer on 2 CPU cores (ms; B = 8, L = 256, 6 heads of 64 / B = 8,
   L = 128, 8 heads of 32 / B = 1, L = 1024, 12 heads of 64; 10-20% noise):
 
-      float32    jax.nn 42-59 / 7.7-11 / 185-200    here 36-46 / 6.0-7.5 / 200-265
-      bfloat16   jax.nn 46-61 / 12.7   / 172-183    here 22    / 6.2     / 116
+      float32    jax.nn 42-59 / 6.5-11 / 185-201    here 36-47 / 5.4-8.5 / 215-266
+      bfloat16   jax.nn 42-61 / 12-13  / 172-183    here 22-32 / 5.5-6.2 / 116
 
   float32: the heads moved next to the batch before the two matmuls, so that XLA runs them as
   contiguous per-head matmuls rather than batched dots over strided heads with layout copies,
@@ -60,7 +78,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   backward is written out (as `blockwise_attention`'s, from the saved probabilities instead of
   recomputed ones) so that all four of its matmuls take bf16 operands with float32 accumulation,
   in the layout in which XLA:CPU keeps them native. At 1,024 tokens the blockwise kernel is as
-  fast in bfloat16 and needs far less memory."""
+  fast in bfloat16 and needs far less memory; in float32 jax.nn's formulation measured faster per
+  layer at that length."""
   if q.dtype == jnp.float32:
     return _dense_float32(q, k, v)
   return _dense_low_precision(q, k, v)
@@ -95,15 +114,8 @@ def _dense_low_precision_fwd(q, k, v):
 def _dense_low_precision_bwd(residuals, d_out):
   q, k, v, out, p = residuals  # p: (B, heads, Lq, Lk) probabilities, in v's dtype
   scale = 1.0 / math.sqrt(q.shape[-1])
-  f32 = jnp.float32
-  # rowsum(do * o): the softmax Jacobian's correction term, per query and head.
-  delta = jnp.einsum('bqhd,bqhd->bhq', d_out.astype(f32), out.astype(f32))
-  d_out = d_out.astype(v.dtype)
-  dv = jnp.einsum('bhqk,bqhd->bkhd', p, d_out, preferred_element_type=f32)
-  dp = jnp.einsum('bqhd,bkhd->bhqk', d_out, v, preferred_element_type=f32)
-  ds = (p.astype(f32) * (dp - delta[..., None]) * scale).astype(q.dtype)
-  dq = jnp.einsum('bhqk,bkhd->bqhd', ds, k, preferred_element_type=f32)
-  dk = jnp.einsum('bhqk,bqhd->bkhd', ds, q, preferred_element_type=f32)
+  delta = _softmax_correction(d_out, out)
+  dq, dk, dv = _grads_from_probabilities(p, d_out.astype(v.dtype), q, k, v, delta, scale)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -172,22 +184,13 @@ def _bwd(block, residuals, d_out):
   scale = 1.0 / math.sqrt(d)
   kb, vb = _blocks(k, block), _blocks(v, block)
   starts = jnp.arange(kb.shape[0]) * block
-  # rowsum(do * o): the softmax Jacobian's correction term, per query and head.
-  delta = jnp.einsum('bqhd,bqhd->bhq', d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = _softmax_correction(d_out, out)
 
   def step(dq, xs):
     k_block, v_block, start = xs
     p = jnp.exp(_scores(q, k_block, start, length, scale) - lse[..., None])  # (B, H, Lq, blk)
-    dv = jnp.einsum(
-        'bhqk,bqhd->bkhd', p.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32
-    )
-    dp = jnp.einsum('bqhd,bkhd->bhqk', d_out, v_block, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[..., None]) * scale
-    dq = dq + jnp.einsum(
-        'bhqk,bkhd->bqhd', ds.astype(k.dtype), k_block, preferred_element_type=jnp.float32
-    )
-    dk = jnp.einsum('bhqk,bqhd->bkhd', ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
-    return dq, (dk, dv)
+    dq_block, dk, dv = _grads_from_probabilities(p, d_out, q, k_block, v_block, delta, scale)
+    return dq + dq_block, (dk, dv)
 
   dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), (kb, vb, starts))
   unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, h, d)[:, :length]
