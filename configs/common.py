@@ -36,7 +36,7 @@ SHARDING_RULES = (
 def training_config(task: str) -> ml_collections.ConfigDict:
   """The shared fields, with defaults; `task` names the model family (see launch/tasks.py)."""
   c = ml_collections.ConfigDict()
-  c.task = task  # the model family: 'vitok' | 'dit'
+  c.task = task  # the model family: 'vitok' | 'vitok_stage2' | 'dit'
   c.seed = 0
   c.total_steps = 100_000
   c.log_every = 50

@@ -60,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
       )
   )
 
+  # rFVD of the held-out split (I3D features; `launch.eval` always computes it): every this many
+  # steps during training, and at the last step; 0 = not during training.
+  c.fvd_every = 0
+
   c.loss = ml_collections.ConfigDict(
       dict(
           l2=1.0,  # weight of the mean squared error

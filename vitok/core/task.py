@@ -3,7 +3,8 @@
 The loop (`vitok.core.trainer`), the checkpoints, `launch.plan`, `launch.bench`, `launch.eval` and
 `launch.export` know a model only through a `Task`: what it trains (`create_model`, `loss_fn`),
 what it reads (`abstract_batch`, `prepare_data`, `train_iterator`), what it keeps frozen
-(`abstract_frozen`, `frozen`), how it is evaluated (`evaluators`) and what its costs are
+(`abstract_frozen`, `frozen`), how it is optimised and initialised (optional `param_groups`,
+`warm_start`), how it is evaluated (`evaluators`) and what its costs are
 (`train_flops_per_clip`, `describe`). `config.task` names the family; the launch scripts find
 its Task class in `launch/tasks.py`.
 """
@@ -39,13 +40,14 @@ class Evaluator:
   `run(context)` returns a dict of results; the float-valued ones named in `metrics` are logged to
   TensorBoard under eval/ and may rank checkpoints (`config.best_metric`). Cheap evaluators (a
   loss at fixed timesteps) run often; expensive ones (sampling, decoding, feature networks)
-  rarely. Every evaluator also runs at the last step."""
+  rarely. Every evaluator also runs at the last step, unless it is not run `during_training`."""
 
   name: str
   every: int  # steps between runs
   metrics: tuple[str, ...]  # the metrics `run` reports
   run: Callable[[EvalContext], dict]
   use_ema: bool = True  # the EMA parameters when the run keeps them
+  during_training: bool = True  # False: only `launch.eval` runs it (e.g. a costly metric)
 
   def due(self, step: int, total_steps: int) -> bool:
     return step % self.every == 0 or step == total_steps
@@ -63,9 +65,10 @@ class Task(Protocol):
     """The model to train, its parameters annotated with logical axis names."""
 
   def loss_fn(
-      self, model: nnx.Module, batch: dict, rng: jax.Array, frozen: Any
+      self, model: nnx.Module, batch: dict, rng: jax.Array, frozen: Any, step: jax.Array
   ) -> tuple[jax.Array, dict]:
-    """(scalar loss, dict of scalar metrics) of one global batch; traced inside the train step."""
+    """(scalar loss, dict of scalar metrics) of one global batch at optimizer step `step` (an int32
+    scalar, for schedules inside the objective); traced inside the train step."""
 
   def train_flops_per_clip(self) -> int:
     """Model FLOPs of one training clip (forward + backward), the MFU numerator."""
@@ -97,7 +100,15 @@ class Task(Protocol):
   def describe(self) -> dict:
     """Sizes and analytic costs of the configured model, for `launch.plan` (no compilation)."""
 
+  # Optional hooks (the trainer uses them when the Task has them):
+  #   param_groups(total_steps) -> train_state.ParamGroups: several optimizers, frozen parameters
+  #     (default: `make_optimizer(config.optim)` over every parameter);
+  #   warm_start(params, mesh) -> params: the parameters a new run starts from, given its freshly
+  #     initialised ones, e.g. a finished run's (default: the initialisation). Resumed runs never
+  #     call it.
+
 
 def evaluation_metrics(task: Task) -> tuple[str, ...]:
-  """Every metric the task's evaluators report (the candidates for config.best_metric)."""
-  return tuple(m for evaluator in task.evaluators() for m in evaluator.metrics)
+  """Every metric the task's evaluators report during training (the candidates for
+  config.best_metric)."""
+  return tuple(m for e in task.evaluators() if e.during_training for m in e.metrics)

@@ -6,15 +6,20 @@ The state is one pytree, so it can be checkpointed by Orbax and sharded with one
     TrainState(step, params, opt_state, ema_params, rng)
 
 `params` is the `nnx.State` of the model's `nnx.Param`s; the model's structure (its `GraphDef`) is
-static and lives outside the state. A model-specific `loss_fn(model, batch, rng, frozen)` returns
-`(loss, metrics)`; `frozen` carries non-trained arrays (e.g. the LPIPS network), passed as a jit
-argument because closed-over weights get constant-folded by XLA at great compile-time cost.
+static and lives outside the state. A model-specific `loss_fn(model, batch, rng, frozen, step)`
+returns `(loss, metrics)`; `frozen` carries non-trained arrays (e.g. the LPIPS network), passed as a
+jit argument because closed-over weights get constant-folded by XLA at great compile-time cost.
+
+By default one optimizer (`make_optimizer`) updates every parameter. A model whose parameters are
+trained by different optimizers, or partly frozen (ViTok stage 2: the decoder by one AdamW, the
+discriminator by another, the encoder not at all), describes them with `ParamGroups`; the state
+stays one pytree, so checkpoints, sharding and resume work the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.struct
 import jax
@@ -74,6 +79,45 @@ def make_optimizer(optim_cfg, batch_size: int, total_steps: int):
   return adamw, schedule
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+  """Parameters updated by different optimizers in one step, or frozen.
+
+  `group(path)` names the group of the parameter at `path` (its attribute names, e.g.
+  `('tokenizer', 'decoder', 'blocks', ...)`), or returns None for a frozen parameter. A frozen
+  parameter gets no gradient (it is read through `stop_gradient`, so XLA skips its backward), no
+  optimizer state, no EMA averaging, and keeps its value bit for bit. `optimizers` maps each group
+  name to its optax transformation; `schedule` is the learning rate logged as `lr`."""
+
+  group: Callable[[tuple[str, ...]], str | None]
+  optimizers: Mapping[str, optax.GradientTransformation]
+  schedule: optax.Schedule
+
+  def labels(self, params) -> Any:
+    """The group name of every leaf of `params` (`_FROZEN` for frozen ones)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: self.group(_names(path)) or _FROZEN, params
+    )
+
+  def optimizer(self) -> optax.GradientTransformation:
+    """One transformation over the whole parameter tree: each group's own, zeros when frozen."""
+    return optax.multi_transform(
+        dict(self.optimizers, **{_FROZEN: optax.set_to_zero()}), self.labels
+    )
+
+  def frozen_mask(self, params) -> Any:
+    """True at every frozen leaf of `params`."""
+    return jax.tree.map(lambda label: label == _FROZEN, self.labels(params))
+
+
+_FROZEN = 'frozen'
+
+
+def _names(path) -> tuple[str, ...]:
+  """A pytree key path as attribute / key names (the Variable's own 'value' key included)."""
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
 def init_train_state(model: nnx.Module, tx, rng: jax.Array, ema: bool) -> tuple[Any, TrainState]:
   """Splits the model into (graphdef, state). Returns the graphdef and a step-0 TrainState."""
   graphdef, params = nnx.split(model, nnx.Param)
@@ -87,26 +131,40 @@ def init_train_state(model: nnx.Module, tx, rng: jax.Array, ema: bool) -> tuple[
   return graphdef, state
 
 
-def make_train_step(graphdef, loss_fn: Callable, tx, schedule, ema_decay: float):
+def make_train_step(
+    graphdef, loss_fn: Callable, tx, schedule, ema_decay: float, groups: ParamGroups | None = None
+):
   """Builds the pure train step `(state, batch, frozen) -> (state, metrics)`.
 
   The caller jits it with the state donated, so parameters and optimizer moments are updated in
-  place on device; metrics stay on device until the host asks for them at a logging step."""
+  place on device; metrics stay on device until the host asks for them at a logging step.
+  `groups` (with `tx = groups.optimizer()`) marks the frozen parameters, which are neither
+  differentiated, nor updated, nor averaged."""
 
   def train_step(state: TrainState, batch, frozen):
     step_rng = jax.random.fold_in(state.rng, state.step)
+    fixed = (
+        groups.frozen_mask(state.params) if groups else jax.tree.map(lambda _: False, state.params)
+    )
 
     def compute_loss(params):
-      return loss_fn(nnx.merge(graphdef, params), batch, step_rng, frozen)
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, fixed)
+      return loss_fn(nnx.merge(graphdef, params), batch, step_rng, frozen, state.step)
 
     (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
     with jax.named_scope('optimizer'):  # names the update's ops in profiles (core/profile.py)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
+      # Frozen parameters keep their bits (adding a zero update would turn -0.0 into +0.0).
+      params = jax.tree.map(
+          lambda p, u, f: p if f else optax.apply_updates(p, u), state.params, updates, fixed
+      )
       ema_params = state.ema_params
       if ema_params is not None:
         ema_params = jax.tree.map(
-            lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, params
+            lambda e, p, f: e if f else ema_decay * e + (1.0 - ema_decay) * p,
+            ema_params,
+            params,
+            fixed,
         )
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
     new_state = state.replace(
@@ -132,6 +190,7 @@ class StateLayout:
   graphdef: Any
   tx: Any
   schedule: Any
+  groups: ParamGroups | None  # None: one optimizer over every parameter
   mesh: jax.sharding.Mesh
   rules: Any
   shardings: Any  # TrainState of NamedSharding
@@ -144,13 +203,21 @@ class StateLayout:
 
 
 def state_layout(
-    create_model: Callable[[nnx.Rngs], nnx.Module], config, mesh, total_steps: int
+    create_model: Callable[[nnx.Rngs], nnx.Module],
+    config,
+    mesh,
+    total_steps: int,
+    groups: ParamGroups | None = None,
 ) -> StateLayout:
-  """The TrainState layout of a model family on `mesh` under `config.sharding_rules`.
+  """The TrainState layout of a model family on `mesh` under `config.sharding_rules`, trained by
+  `make_optimizer(config.optim)` or, when given, by the optimizers of `groups`.
 
   Parameters are sharded by their logical axis names; optimizer moments and the EMA keep their
   parameter's names (optax and jax.tree.map carry the nnx metadata), so they follow it."""
-  tx, schedule = make_optimizer(config.optim, config.data.batch_size, total_steps)
+  if groups is None:
+    tx, schedule = make_optimizer(config.optim, config.data.batch_size, total_steps)
+  else:
+    tx, schedule = groups.optimizer(), groups.schedule
   ema = config.optim.ema_decay > 0
 
   def init() -> TrainState:
@@ -167,6 +234,7 @@ def state_layout(
       graphdef=graphdef,
       tx=tx,
       schedule=schedule,
+      groups=groups,
       mesh=mesh,
       rules=config.sharding_rules,
       shardings=shardings,
@@ -189,7 +257,9 @@ def compile_train_step(
   replicated = sharding.replicated(mesh)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   step = jax.jit(
-      make_train_step(layout.graphdef, loss_fn, layout.tx, layout.schedule, ema_decay),
+      make_train_step(
+          layout.graphdef, loss_fn, layout.tx, layout.schedule, ema_decay, layout.groups
+      ),
       in_shardings=(layout.shardings, batch_sharding, frozen_shardings),
       out_shardings=(layout.shardings, replicated),
       donate_argnums=0,

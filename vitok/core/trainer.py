@@ -16,6 +16,7 @@ import time
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -107,7 +108,8 @@ def configure_runtime(config) -> None:
 def create_layout(task, config, mesh=None) -> ts.StateLayout:
   """The TrainState layout of `task` on `mesh` (default: the config's mesh over all devices)."""
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-  return ts.state_layout(task.create_model, config, mesh, config.total_steps)
+  groups = task.param_groups(config.total_steps) if hasattr(task, 'param_groups') else None
+  return ts.state_layout(task.create_model, config, mesh, config.total_steps, groups)
 
 
 def check_batch_fits(config, mesh) -> None:
@@ -163,6 +165,13 @@ def restore_or_init(layout, checkpointer, train_iter, config, workdir: str):
         f"Resume with the run's own config, or start this one in another --workdir"
     ) from None
   return state, checkpointer.restored_step, checkpointer.last_restore_had_data
+
+
+def warm_started(state: ts.TrainState, params) -> ts.TrainState:
+  """A fresh state whose parameters (and EMA) start from `params` (e.g. a finished stage-1 run);
+  the optimizer state is the fresh one (its moments do not depend on the parameter values)."""
+  ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+  return state.replace(params=params, ema_params=ema)
 
 
 def positioned_iterator(task, sources, train_iter, start: int, restored: bool, process: dict):
@@ -275,6 +284,8 @@ def start_run(config, workdir: str, task) -> Run:
   state, resumed, iterator_restored = restore_or_init(
       layout, checkpointer, train_iter, config, workdir
   )
+  if resumed is None and hasattr(task, 'warm_start'):
+    state = warm_started(state, task.warm_start(state.params, mesh))
   start = int(state.step)
   if resumed is not None:
     train_iter = positioned_iterator(task, sources, train_iter, start, iterator_restored, process)
@@ -323,7 +334,7 @@ def start_run(config, workdir: str, task) -> Run:
       frozen=frozen,
       step_fn=step_fn,
       compile_report=report,
-      evaluators=list(task.evaluators()),
+      evaluators=[e for e in task.evaluators() if e.during_training],
   )
 
 
