@@ -258,15 +258,19 @@ def test_stage2_start_up_errors_name_the_problem_and_write_nothing(stage1_and_st
   stage1_dir, _, config, _, _ = stage1_and_stage2
   for field, value, message in [
       ('stage1', '', 'config.stage1 is empty'),
-      ('model.channels', 8, 'model.channels=8 but the stage-1 run has 4'),
       ('stage1', str(tmp_path / 'missing'), 'is not a tokenizer'),
   ]:
     bad = config.copy_and_resolve_references()
     _set_fields(bad, {field: value})
-    workdir = str(tmp_path / 'run')
     with pytest.raises(config_checks.ConfigError, match=re.escape(message)):
-      trainer.train(bad, workdir, stage2.Stage2Task(bad))
-    assert not os.path.exists(workdir)
+      stage2.Stage2Task(bad).warm_start(None, None)  # fails before reading anything
+  # Through the trainer: a tokenizer that differs from the stage-1 run's.
+  bad = config.copy_and_resolve_references()
+  bad.model.channels = 8
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(config_checks.ConfigError, match='model.channels=8 but the stage-1 run has 4'):
+    trainer.train(bad, workdir, stage2.Stage2Task(bad))
+  assert not os.path.exists(workdir)
 
 
 @pytest.mark.slow
