@@ -72,3 +72,19 @@ def test_fvd_features_lengthen_short_clips_and_resize_to_224():
   assert fvd.fvd_frames(8) == 16 and fvd.fvd_frames(16) == 16 and fvd.fvd_frames(3) == 9
   with pytest.raises(ValueError, match='T >= 9'):
     i3d.logits(i3d.load_params(), jnp.zeros((1, 8, 224, 224, 3)))
+
+
+def test_damaged_cached_statistics_are_recomputed_not_used(tmp_path):
+  from vitok import stage1
+
+  path = str(tmp_path / 'stats.npz')
+  assert stage1._cached_statistics(path) is None  # missing
+  stats = fvd.FeatureStatistics(4)
+  stats.update(np.eye(4))
+  stats.save(path)
+  assert stage1._cached_statistics(path).count == 4
+  data = open(path, 'rb').read()
+  for damaged in (data[: len(data) // 2], b'not an npz file'):
+    with open(path, 'wb') as f:
+      f.write(damaged)
+    assert stage1._cached_statistics(path) is None

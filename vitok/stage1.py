@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from typing import Any, NamedTuple
 
 import jax
@@ -62,8 +63,8 @@ def reconstruction_loss(recon, video, mean, logvar, frozen, loss_cfg, lpips_key)
   return loss, terms
 
 
-# Ranges of the loss and evaluation fields (the model's fields are checked by TokenizerConfig, the shared ones by
-# vitok.core.config_checks.TRAINING_FIELDS).
+# Ranges of the loss and evaluation fields (the model's fields are checked by TokenizerConfig, the
+# shared ones by vitok.core.config_checks.TRAINING_FIELDS).
 LOSS_FIELDS = {
     'loss.l2': config_checks.NON_NEGATIVE,
     'loss.l1': config_checks.NON_NEGATIVE,
@@ -383,7 +384,7 @@ def evaluate_fvd(task: TokenizerTask, context: task_lib.EvalContext) -> dict:
   pair = metrics.best_baseline_pair({p: means[f'{p[0]}x{p[1]}'] for p in pairs}, T, res, res)
 
   try:
-    weights = _i3d_weights()
+    weights = i3d.load_params()
   except (ImportError, OSError) as e:  # reported, never silently skipped
     return {
         'step': int(context.step),
@@ -392,17 +393,17 @@ def evaluate_fvd(task: TokenizerTask, context: task_lib.EvalContext) -> dict:
     }
   weights = sharding.place(weights, sharding.abstract_placed(weights, mesh, cfg.sharding_rules))
   path = _real_statistics_path(cfg)
-  cached = os.path.exists(path)
+  real = _cached_statistics(path)
   stats = {k: fvd.FeatureStatistics(i3d.FEATURES) for k in ('real', 'recon', 'baseline')}
   run = _fvd_fn(context.graphdef, pair, mesh)
   for video, mask in _global_eval_batches(cfg, source, mesh):
     with sharding.activation_sharding(mesh, cfg.sharding_rules):
-      features = jax.device_get(run(context.params, video, weights, with_real=not cached))
+      features = jax.device_get(run(context.params, video, weights, with_real=real is None))
     mask = jax.device_get(mask)
     for k, v in features.items():
       stats[k].update(v, mask)
-  if cached:
-    stats['real'] = fvd.FeatureStatistics.load(path)
+  if real is not None:
+    stats['real'] = real
   elif jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     stats['real'].save(path)
@@ -416,9 +417,19 @@ def evaluate_fvd(task: TokenizerTask, context: task_lib.EvalContext) -> dict:
   }
 
 
-@functools.lru_cache(maxsize=1)
-def _i3d_weights():
-  return i3d.load_params()
+def _cached_statistics(path: str):
+  """The cached real-clip statistics, or None when they must be computed: when the file is
+  missing or unreadable (it is then rewritten), or missing on any process (every process must
+  run the same program)."""
+  try:
+    stats = fvd.FeatureStatistics.load(path)
+  except FileNotFoundError:
+    stats = None
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    print(f'ignoring the unreadable FVD statistics {path} ({type(e).__name__}: {e}); recomputing')
+    stats = None
+  everywhere = multihost_utils.process_allgather(np.array(stats is not None)).all()
+  return stats if everywhere else None
 
 
 def write_samples(samples, directory: str, step: int) -> None:
