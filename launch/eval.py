@@ -53,8 +53,8 @@ def main(argv):
     path = os.path.join(common.workdir(), f'eval_step{run.step}.md')
     with open(path, 'w') as f:
       f.write(markdown_table(result, f'{run.task.name} run {common.workdir()}, step {run.step}'))
-    print(json.dumps(result))
     print(f'wrote {path}')
+    print(json.dumps(result))  # last: scripts read the final line
 
 
 def markdown_table(result: dict, title: str) -> str:

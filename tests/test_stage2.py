@@ -19,6 +19,7 @@ from vitok import discriminator as disc_lib
 from vitok import stage1, stage2, tokenizer
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import config_checks, signals, trainer
+from vitok.core import task as task_lib
 from vitok.core import train_state as ts
 
 # --- the discriminator ---
@@ -312,3 +313,36 @@ def test_stage2_resumes_bit_exact_after_sigterm(
     assert a.keys() == b.keys()
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=f'{name}{k}')
+
+
+@pytest.mark.slow
+def test_rfvd_of_a_stage2_run_beside_the_pooled_codec(stage1_and_stage2, tmp_path):
+  """rFVD end to end (I3D on real clips, reconstructions and the pooled codec), on the training
+  split of the tiny data (its held-out split has one clip, and a covariance needs two)."""
+  _, stage2_dir, config, state, _ = stage1_and_stage2
+  config = config.copy_and_resolve_references()
+  config.data.eval_split = 'train'
+  config.data.data_dir = str(tmp_path)  # a fresh statistics cache (the dataset is rebuilt here)
+  task = stage2.Stage2Task(config)
+  mesh = jax.make_mesh((8, 1), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  layout = trainer.create_layout(task, config, mesh)
+  params = jax.device_put(state.ema_params, layout.shardings.params)
+  context = task_lib.EvalContext(
+      graphdef=layout.graphdef,
+      params=params,
+      frozen=None,
+      sources=trainer.prepare_data(task),
+      step=RESUME_STEPS,
+      workdir=stage2_dir,
+      mesh=mesh,
+  )
+  first = stage1.evaluate_fvd(task, context)
+  assert first['rfvd'] > 0 and first['baseline_rfvd'] > 0
+  protocol = first['fvd_protocol']
+  assert protocol['clips'] >= 2 and protocol['split'] == 'train' and protocol['i3d_frames'] == 12
+  cache = os.listdir(os.path.join(str(tmp_path), 'fvd_statistics'))
+  assert len(cache) == 1 and cache[0].startswith(f'{config.data.name}-train-')
+  # The second evaluation reads the cached statistics of the real clips: the same numbers.
+  second = stage1.evaluate_fvd(task, context)
+  assert second['rfvd'] == pytest.approx(first['rfvd'], rel=1e-9)
+  assert second['baseline_rfvd'] == pytest.approx(first['baseline_rfvd'], rel=1e-9)

@@ -380,6 +380,13 @@ def evaluate_fvd(task: TokenizerTask, context: task_lib.EvalContext) -> dict:
         {f'{a}x{b}': v for (a, b), v in jax.device_get(psnr_fn(video)).items()},
         jax.device_get(mask),
     )
+  clips = accumulator.count(f'{pairs[0][0]}x{pairs[0][1]}')
+  if clips < 2:  # a covariance needs two feature vectors
+    return {
+        'step': int(context.step),
+        'rfvd_unavailable': f'rFVD needs at least 2 clips; data.eval_split='
+        f'{cfg.data.eval_split!r} of data.name={cfg.data.name!r} has {clips}',
+    }
   means = accumulator.result()
   pair = metrics.best_baseline_pair({p: means[f'{p[0]}x{p[1]}'] for p in pairs}, T, res, res)
 
