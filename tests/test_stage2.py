@@ -224,11 +224,14 @@ def _set_fields(config, fields):
 
 @pytest.fixture(scope='module')
 def stage1_and_stage2(tiny_config, tmp_path_factory):
-  """A 2-step stage-1 run and a 12-step stage-2 run from it, in-process on 8 devices."""
-  stage1_dir = str(tmp_path_factory.mktemp('stage1') / 'run')
+  """A stage-1 tokenizer (an export of freshly initialised parameters, as `launch.export` writes
+  it: stage 2 reads exports and training workdirs alike) and a 12-step stage-2 run from it,
+  in-process on 8 devices."""
+  stage1_dir = str(tmp_path_factory.mktemp('stage1') / 'export')
   config1 = tiny_config.copy_and_resolve_references()
-  config1.update(total_steps=2, eval_every=1000, num_eval_videos=0)
-  trainer.train(config1, stage1_dir, stage1.TokenizerTask(config1))
+  model = stage1.TokenizerTask(config1).create_model(nnx.Rngs(7))
+  ckpt_lib.export_params(nnx.state(model, nnx.Param), os.path.join(stage1_dir, 'params'))
+  trainer.write_config(config1, stage1_dir)
 
   config = stage2_config.get_config(TINY)
   config.data = tiny_config.data.copy_and_resolve_references()
@@ -244,7 +247,7 @@ def stage1_and_stage2(tiny_config, tmp_path_factory):
 def test_stage2_starts_from_the_stage1_run_and_reads_back_as_a_tokenizer(stage1_and_stage2):
   stage1_dir, stage2_dir, config, state, result = stage1_and_stage2
   assert {'psnr', 'ssim', 'lpips', 'baseline_psnr'} <= set(result)
-  source = _named_leaves(stage1.open_tokenizer(stage1_dir).params)  # its EMA
+  source = _named_leaves(stage1.open_tokenizer(stage1_dir).params)
   tuned = stage1.open_tokenizer(stage2_dir)  # stage 2's EMA, tokenizer part only
   assert tuned.source.startswith(f'step {RESUME_STEPS} of {stage2_dir} (EMA')
   tuned = _named_leaves(tuned.params)
