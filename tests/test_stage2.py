@@ -187,6 +187,23 @@ def test_stage2_steps_keep_the_encoder_side_bit_for_bit_and_train_the_rest_at_th
   np.testing.assert_allclose([m['gan_weight'] for _, m in history], [0.0, 0.05, 0.1], rtol=1e-6)
 
 
+def test_the_stage1_check_names_differing_fields_and_defaults_fields_an_old_run_lacks(tmp_path):
+  config = _stage2_config()
+  saved = stage2_config.get_config(TINY)
+  del saved.model['scan']  # a run saved before model.scan existed: its default (False)
+  with open(tmp_path / 'config.json', 'w') as f:
+    f.write(saved.to_json())
+  stage2.check_same_tokenizer(config, str(tmp_path))  # the same tokenizer: no error
+  config.model.update(channels=8, variant='cpu128-cpu256/2x8')
+  with pytest.raises(config_checks.ConfigError) as error:
+    stage2.check_same_tokenizer(config, str(tmp_path))
+  assert "model.variant='cpu128-cpu256/2x8' but the stage-1 run has 'cpu128-cpu128/2x8'" in str(
+      error.value
+  )
+  assert 'model.channels=8 but the stage-1 run has 4' in str(error.value)
+  assert 'scan' not in str(error.value)
+
+
 # --- end to end: warm start, reading a stage-2 run as a tokenizer, resume after SIGTERM ---
 
 RESUME_STEPS = 12

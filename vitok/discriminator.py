@@ -41,10 +41,10 @@ class DiscriminatorConfig:
   channels: int = 64  # width of the first block; doubled per block up to max_channels
   max_channels: int = 512
   dtype: str = 'float32'  # compute dtype; parameters stay float32
-  frames: int = 0  # frames per clip a 2-D discriminator judges each step (0 = all); see stage2
 
   @classmethod
   def from_config(cls, disc_cfg) -> 'DiscriminatorConfig':
+    # (config.disc.frames, the frames judged per step, is the objective's: see vitok.stage2.)
     return cls(**{f.name: disc_cfg[f.name] for f in dataclasses.fields(cls)})
 
   def levels(self, res: int) -> int:

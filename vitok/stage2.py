@@ -27,6 +27,7 @@ exactly that EMA.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -303,10 +304,13 @@ def check_same_tokenizer(config, source: str) -> None:
   """Raises ConfigError naming every parameter-shaping model field that differs from the stage-1
   run in `source` (its config.json)."""
   theirs = stage1.read_tokenizer_config(source).model
+  # A run saved before a field existed has that field's default.
+  defaults = {f.name: f.default for f in dataclasses.fields(tokenizer.TokenizerConfig)}
+  theirs = {k: theirs.get(k, defaults[k]) for k in _PARAMETER_FIELDS}
   differ = [
-      f'model.{k}={config.model[k]!r} but the stage-1 run has {theirs.get(k)!r}'
+      f'model.{k}={config.model[k]!r} but the stage-1 run has {theirs[k]!r}'
       for k in _PARAMETER_FIELDS
-      if theirs.get(k) != config.model[k]
+      if theirs[k] != config.model[k]
   ]
   if differ:
     raise config_checks.ConfigError(
