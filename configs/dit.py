@@ -120,6 +120,13 @@ def base_config() -> ml_collections.ConfigDict:
           real_clips=200,  # real held-out clips for the classifier's ceiling
       )
   )
+  # gFVD / gFID of generated clips against every real held-out clip (dit/evaluation.py).
+  c.generation = ml_collections.ConfigDict(
+      dict(
+          every=0,  # steps between evaluations (0 = only in launch.eval)
+          clips=0,  # generated clips, classes in turn (0 = as many as the real held-out clips)
+      )
+  )
   return c
 
 

@@ -60,9 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
       )
   )
 
-  # rFVD of the held-out split (I3D features; `launch.eval` always computes it): every this many
-  # steps during training, and at the last step; 0 = not during training.
+  # rFVD / rFID of the held-out split (I3D per clip / Inception-v3 per frame; `launch.eval` always
+  # computes them): every this many steps during training, and at the last step; 0 = not during
+  # training.
   c.fvd_every = 0
+  c.fid_every = 0
 
   c.loss = ml_collections.ConfigDict(
       dict(

@@ -19,7 +19,9 @@ held-out latents with fixed noise; 'samples' (every `sample.every` steps, and at
 of generated clips per class, decoded to PNG and mp4; 'class_accuracy' (with
 `accuracy.classifier`, every `accuracy.every` steps): the share of generated clips, with and
 without guidance, that an independent classifier assigns to the class they were sampled for,
-beside its accuracy on real held-out clips and on their reconstructions by the frozen tokenizer.
+beside its accuracy on real held-out clips and on their reconstructions by the frozen tokenizer;
+'generation' (every `generation.every` steps when > 0, always in launch.eval): gFVD and gFID
+against the real held-out clips (dit/evaluation.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from dit import diffusion, encoding
+from dit import evaluation as dit_evaluation
 from dit import latents as latents_lib
 from dit import model as dit_model
 from vitok import digit_classifier, layers, stage1, tokenizer
@@ -62,6 +65,8 @@ FIELDS = {
     'accuracy.every': config_checks.Range(0, note='0 = only at the end'),
     'accuracy.per_class': config_checks.AT_LEAST_1,
     'accuracy.real_clips': config_checks.AT_LEAST_1,
+    'generation.every': config_checks.Range(0, note='0 = gFVD / gFID only in launch.eval'),
+    'generation.clips': config_checks.Range(0, note='0 = as many as the real held-out clips'),
     'latents.source': config_checks.OneOf(('cache', 'video')),
     'latents.stats_clips': config_checks.AT_LEAST_1,
 }
@@ -373,30 +378,44 @@ class DiTTask:
 
   def evaluators(self) -> list[task_lib.Evaluator]:
     levels = tuple(f'eval_mse_{int(100 * level)}' for level in EVAL_LEVELS)
-    return [
-        task_lib.Evaluator(
-            'loss',
-            every=self.config.eval_every,
-            metrics=('eval_mse',) + levels,
-            run=self.evaluate_loss,
-        ),
-        task_lib.Evaluator(
-            'samples',
-            every=self.config.sample.every or self.config.total_steps,
-            metrics=(),
-            run=self.evaluate_samples,
-        ),
-    ] + (
+    return (
         [
             task_lib.Evaluator(
-                'class_accuracy',
-                every=self.config.accuracy.every or self.config.total_steps,
-                metrics=('accuracy_guided', 'accuracy_unguided'),
-                run=self.evaluate_class_accuracy,
+                'loss',
+                every=self.config.eval_every,
+                metrics=('eval_mse',) + levels,
+                run=self.evaluate_loss,
+            ),
+            task_lib.Evaluator(
+                'samples',
+                every=self.config.sample.every or self.config.total_steps,
+                metrics=(),
+                run=self.evaluate_samples,
+            ),
+        ]
+        + (
+            [
+                task_lib.Evaluator(
+                    'class_accuracy',
+                    every=self.config.accuracy.every or self.config.total_steps,
+                    metrics=('accuracy_guided', 'accuracy_unguided'),
+                    run=self.evaluate_class_accuracy,
+                )
+            ]
+            if self.config.accuracy.classifier
+            else []
+        )
+        + [
+            # gFVD / gFID against the real held-out clips (feature networks on many decoded clips:
+            # costly on a CPU): every `generation.every` steps when > 0; always in launch.eval.
+            task_lib.Evaluator(
+                'generation',
+                every=max(dit_evaluation.generation_config(self.config).every, 1),
+                metrics=('gfvd', 'gfid'),
+                run=functools.partial(dit_evaluation.evaluate_generation, self),
+                during_training=dit_evaluation.generation_config(self.config).every > 0,
             )
         ]
-        if self.config.accuracy.classifier
-        else []
     )
 
   def evaluate_loss(self, context: task_lib.EvalContext) -> dict:

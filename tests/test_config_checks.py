@@ -67,7 +67,7 @@ def test_float_fields_reject_nan_and_infinity():
         (
             {'keep_best': 1, 'best_metric': 'psnrr'},
             r"best_metric='psnrr' is not a metric of the vitok "
-            r'evaluation \(psnr, ssim, lpips, baseline_psnr\)',
+            r'evaluation \(psnr, ssim, lpips, lpips_alex, baseline_psnr\)',
         ),
     ],
 )

@@ -327,9 +327,13 @@ def test_encoding_on_the_fly_trains_as_the_cache_would(tiny_config, tokenizer_di
 
 
 @pytest.mark.slow
-def test_video_to_generated_video_through_the_commands(tokenizer_dir, tmp_path):
+def test_video_to_generated_video_through_the_commands(
+    tokenizer_dir, tmp_path, fid_weights_file, monkeypatch
+):
   """A tokenizer's run directory -> launch.encode -> launch.train of a DiT on 2 devices ->
-  launch.sample on 1 device: the clips equal those the DiT generates in this process on 8."""
+  launch.sample on 1 device: the clips equal those the DiT generates in this process on 8; and
+  the DiT's generation metrics."""
+  monkeypatch.setenv('VITOK_FID_WEIGHTS', fid_weights_file)
   import subprocess
   import sys
 
@@ -412,3 +416,38 @@ def test_video_to_generated_video_through_the_commands(tokenizer_dir, tmp_path):
   dit_task.write_sample_grid(videos, labels, ours, 'samples')
   mine = np.asarray(Image.open(os.path.join(ours, 'samples_grid.png'))).astype(int)
   assert np.abs(mine - grid).max() <= 2 and np.mean(mine != grid) < 0.01
+  _check_generation_metrics(task, layout, params, mesh, dit_dir)
+
+
+def _check_generation_metrics(task, layout, params, mesh, dit_dir):
+  """gFID of the DiT's samples against the real held-out clips of the data the latents were
+  encoded from, equal to the Frechet distance of Inception features computed here; gFVD reported
+  unavailable (one real held-out clip: one I3D feature vector) with the reason."""
+  from dit import evaluation as dit_evaluation
+  from vitok import fvd, inception, tokenizer
+  from vitok.core import task as task_lib
+  from vitok.data import builders, pipeline
+
+  task.config.generation.clips = 3
+  context = task_lib.EvalContext(layout.graphdef, params, task.frozen(mesh), {}, 4, dit_dir, mesh)
+  result = dit_evaluation.evaluate_generation(task, context)
+  assert result['gfvd_unavailable'] == 'gfvd needs at least 2 feature vectors a side; got 1'
+  protocol = result['fid_protocol']
+  assert protocol['clips'] == 1 and protocol['generated_clips'] == 3
+  assert (protocol['sampler'], protocol['steps'], protocol['guidance']) == ('euler', 4, 2.0)
+
+  data_cfg = dit_evaluation.real_data_config(task)
+  real = builders.prepare(data_cfg)[data_cfg.eval_split]
+  batch = next(pipeline.eval_batches(data_cfg, real))
+  real_video = batch['video'][batch['mask']]
+  weights = inception.load_params()
+  frames = lambda v: tokenizer.to_unit_range(v.reshape(-1, *v.shape[2:]))
+  real_features = np.asarray(inception.fid_features(weights, frames(real_video)))
+  labels = np.zeros(3, np.int32)
+  generated = task.generate(layout.graphdef, params, context.frozen, labels, mesh, seed=0)
+  generated_features = np.asarray(inception.fid_features(weights, frames(generated)))
+  stats = [fvd.FeatureStatistics(inception.FEATURES) for _ in range(2)]
+  stats[0].update(real_features)
+  stats[1].update(generated_features)
+  assert result['gfid'] == pytest.approx(stats[1].distance(stats[0]), rel=1e-3)
+  assert os.listdir(os.path.join(data_cfg.data_dir, 'feature_statistics'))

@@ -75,16 +75,16 @@ def test_short_clips_are_lengthened_to_what_i3d_needs_and_shorter_inputs_fail():
 
 
 def test_damaged_cached_statistics_are_recomputed_not_used(tmp_path):
-  from vitok import stage1
+  from vitok import evaluation
 
   path = str(tmp_path / 'stats.npz')
-  assert stage1._cached_statistics(path) is None  # missing
+  assert evaluation.cached_statistics(path) is None  # missing
   stats = fvd.FeatureStatistics(4)
   stats.update(np.eye(4))
   stats.save(path)
-  assert stage1._cached_statistics(path).count == 4
+  assert evaluation.cached_statistics(path).count == 4
   data = open(path, 'rb').read()
   for damaged in (data[: len(data) // 2], b'not an npz file'):
     with open(path, 'wb') as f:
       f.write(damaged)
-    assert stage1._cached_statistics(path) is None
+    assert evaluation.cached_statistics(path) is None

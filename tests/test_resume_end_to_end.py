@@ -173,7 +173,9 @@ def test_resume_skips_a_damaged_checkpoint_moves_it_aside_and_checks_the_data_po
 def test_eval_and_export_skip_a_damaged_newest_checkpoint(tiny_config, tmp_path, four_steps):
   workdir = _copy(four_steps[0], tmp_path)
   _damage(os.path.join(workdir, 'checkpoints', '4'))
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')  # 8 devices trained, 1 reads
+  missing = str(tmp_path / 'no_fid_weights.npz')
+  # 8 devices trained, 1 reads; the FID weights are missing
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', VITOK_FID_WEIGHTS=missing)
   out = subprocess.run(
       [sys.executable, '-m', 'launch.eval', f'--workdir={workdir}'],
       cwd=REPO,
@@ -185,16 +187,28 @@ def test_eval_and_export_skip_a_damaged_newest_checkpoint(tiny_config, tmp_path,
   assert out.returncode == 0, out.stderr[-3000:]
   assert re.search(r'SKIPPED checkpoint step 4 in .* is damaged: ValueError', out.stderr)
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  for key in ('step', 'split', 'psnr', 'ssim', 'lpips', 'baseline_psnr'):
+  for key in ('step', 'split', 'psnr', 'ssim', 'lpips', 'lpips_alex', 'baseline_psnr'):
     assert key in result
   assert result['step'] == 2 and result['split'] == 'test' and result['clips'] >= 1
-  assert np.isfinite(result['psnr']) and 0 < result['ssim'] <= 1 and result['lpips'] >= 0
+  assert (
+      np.isfinite(result['psnr'])
+      and 0 < result['ssim'] <= 1
+      and result['lpips'] >= 0
+      and result['lpips_alex'] >= 0
+  )
   assert result['baseline_floats'] <= result['latent_floats']
-  # rFVD is reported as unavailable, with the reason, on a held-out split of one clip.
-  assert result['clips'] == 1 and 'rfvd' not in result
-  assert result['rfvd_unavailable'].startswith('rFVD needs at least 2 clips')
+  # Unavailable metrics are reported with the reason: rFVD on a held-out split of one clip, rFID
+  # (one feature vector per frame: enough rows) for want of its weights, naming the file.
+  assert result['clips'] == 1 and 'rfvd' not in result and 'rfid' not in result
+  assert result['rfvd_unavailable'].startswith('rfvd needs at least 2 feature vectors')
+  assert result['rfid_unavailable'].startswith(
+      f'MissingWeightsError: the FID Inception-v3 weights {missing} do not exist'
+  )
+  assert 'python -m launch.fid_weights' in result['rfid_unavailable']
   table = open(os.path.join(workdir, 'eval_step2.md')).read()
-  assert '| rfvd_unavailable | rFVD needs at least 2 clips' in table and '| psnr |' in table
+  assert (
+      '| rfvd_unavailable | rfvd needs at least 2 feature vectors' in table and '| psnr |' in table
+  )
   lines = open(os.path.join(workdir, 'metrics.jsonl')).read().splitlines()
   assert len(lines) == 2 and json.loads(lines[-1]) == result
   samples = os.listdir(os.path.join(workdir, 'samples'))

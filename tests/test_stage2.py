@@ -16,7 +16,7 @@ from flax import nnx
 from configs import vitok_stage2 as stage2_config
 from tests.conftest import TINY
 from vitok import discriminator as disc_lib
-from vitok import stage1, stage2, tokenizer
+from vitok import evaluation, stage1, stage2, tokenizer
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import config_checks, signals, trainer
 from vitok.core import task as task_lib
@@ -338,9 +338,13 @@ def test_stage2_resumes_bit_exact_after_sigterm(
 
 
 @pytest.mark.slow
-def test_rfvd_of_a_stage2_run_beside_the_pooled_codec(stage1_and_stage2, tmp_path):
-  """rFVD end to end (I3D on real clips, reconstructions and the pooled codec), on the training
-  split of the tiny data (its held-out split has one clip, and a covariance needs two)."""
+def test_rfvd_and_rfid_of_a_stage2_run_beside_the_pooled_codec(
+    stage1_and_stage2, tmp_path, fid_weights_file, monkeypatch
+):
+  """rFVD and rFID end to end (I3D on real clips, reconstructions and the pooled codec; Inception
+  on their frames), on the training split of the tiny data (its held-out split has one clip, and a
+  covariance needs two feature vectors)."""
+  monkeypatch.setenv('VITOK_FID_WEIGHTS', fid_weights_file)
   _, stage2_dir, config, state, _ = stage1_and_stage2
   config = config.copy_and_resolve_references()
   config.data.eval_split = 'train'
@@ -358,13 +362,17 @@ def test_rfvd_of_a_stage2_run_beside_the_pooled_codec(stage1_and_stage2, tmp_pat
       workdir=stage2_dir,
       mesh=mesh,
   )
-  first = stage1.evaluate_fvd(task, context)
-  assert first['rfvd'] > 0 and first['baseline_rfvd'] > 0
-  protocol = first['fvd_protocol']
-  assert protocol['clips'] >= 2 and protocol['split'] == 'train' and protocol['i3d_frames'] == 12
-  cache = os.listdir(os.path.join(str(tmp_path), 'fvd_statistics'))
-  assert len(cache) == 1 and cache[0].startswith(f'{config.data.name}-train-')
+  for network, frames in ((evaluation.FID, 1), (evaluation.FVD, 12)):
+    name = f'r{network.name}'
+    first = evaluation.evaluate_reconstruction(network, task, context)
+    assert first[name] > 0 and first[f'baseline_{name}'] > 0, first
+    protocol = first[f'{network.name}_protocol']
+    assert protocol['clips'] >= 2 and protocol['split'] == 'train'
+    assert protocol['network_frames'] == frames and protocol['features'] == network.protocol
   # The second evaluation reads the cached statistics of the real clips: the same numbers.
-  second = stage1.evaluate_fvd(task, context)
-  assert second['rfvd'] == pytest.approx(first['rfvd'], rel=1e-9)
-  assert second['baseline_rfvd'] == pytest.approx(first['baseline_rfvd'], rel=1e-9)
+  second = evaluation.evaluate_reconstruction(network, task, context)
+  assert second[name] == pytest.approx(first[name], rel=1e-9)
+  assert second[f'baseline_{name}'] == pytest.approx(first[f'baseline_{name}'], rel=1e-9)
+  cache = sorted(os.listdir(os.path.join(str(tmp_path), 'feature_statistics')))
+  names = [c.split('-train-')[0] for c in cache]
+  assert names == [f'fid-{config.data.name}', f'fvd-{config.data.name}']

