@@ -1,5 +1,7 @@
 r"""Evaluate the latest checkpoint of a run on its held-out split with every evaluation of its family
-(for a tokenizer: PSNR, SSIM, LPIPS and rFVD, each beside the pooled codec's): prints the metrics
+(for a tokenizer: PSNR, SSIM, LPIPS, rFVD and rFID, each beside the pooled codec's; for a DiT: the
+loss at fixed noise levels, samples, gFVD, gFID and, with a classifier, class accuracy; a metric that
+cannot be computed is reported as `<metric>_unavailable` with the reason): prints the metrics
 as JSON, appends them to WORKDIR/metrics.jsonl, writes them as a markdown table to
 WORKDIR/eval_stepN.md (plus sample PNG/mp4 files in WORKDIR/samples).
 

@@ -137,7 +137,7 @@ class TokenizerTask:
         source=sources[d.train_split],
     )
 
-  # --- frozen networks: VGG16 LPIPS (no logical axes: replicated) ---
+  # --- frozen networks: LPIPS, VGG16 and AlexNet (no logical axes: replicated) ---
 
   def abstract_frozen(self, mesh):
     return sharding.abstract_placed(self._frozen_params(), mesh, self.config.sharding_rules)
