@@ -378,45 +378,42 @@ class DiTTask:
 
   def evaluators(self) -> list[task_lib.Evaluator]:
     levels = tuple(f'eval_mse_{int(100 * level)}' for level in EVAL_LEVELS)
-    return (
-        [
-            task_lib.Evaluator(
-                'loss',
-                every=self.config.eval_every,
-                metrics=('eval_mse',) + levels,
-                run=self.evaluate_loss,
-            ),
-            task_lib.Evaluator(
-                'samples',
-                every=self.config.sample.every or self.config.total_steps,
-                metrics=(),
-                run=self.evaluate_samples,
-            ),
-        ]
-        + (
-            [
-                task_lib.Evaluator(
-                    'class_accuracy',
-                    every=self.config.accuracy.every or self.config.total_steps,
-                    metrics=('accuracy_guided', 'accuracy_unguided'),
-                    run=self.evaluate_class_accuracy,
-                )
-            ]
-            if self.config.accuracy.classifier
-            else []
+    generation = dit_evaluation.generation_config(self.config)
+    evaluators = [
+        task_lib.Evaluator(
+            'loss',
+            every=self.config.eval_every,
+            metrics=('eval_mse',) + levels,
+            run=self.evaluate_loss,
+        ),
+        task_lib.Evaluator(
+            'samples',
+            every=self.config.sample.every or self.config.total_steps,
+            metrics=(),
+            run=self.evaluate_samples,
+        ),
+    ]
+    if self.config.accuracy.classifier:
+      evaluators.append(
+          task_lib.Evaluator(
+              'class_accuracy',
+              every=self.config.accuracy.every or self.config.total_steps,
+              metrics=('accuracy_guided', 'accuracy_unguided'),
+              run=self.evaluate_class_accuracy,
+          )
+      )
+    # gFVD / gFID against the real held-out clips (feature networks on many decoded clips:
+    # costly on a CPU): every `generation.every` steps when > 0; always in launch.eval.
+    evaluators.append(
+        task_lib.Evaluator(
+            'generation',
+            every=max(generation.every, 1),
+            metrics=('gfvd', 'gfid'),
+            run=functools.partial(dit_evaluation.evaluate_generation, self),
+            during_training=generation.every > 0,
         )
-        + [
-            # gFVD / gFID against the real held-out clips (feature networks on many decoded clips:
-            # costly on a CPU): every `generation.every` steps when > 0; always in launch.eval.
-            task_lib.Evaluator(
-                'generation',
-                every=max(dit_evaluation.generation_config(self.config).every, 1),
-                metrics=('gfvd', 'gfid'),
-                run=functools.partial(dit_evaluation.evaluate_generation, self),
-                during_training=dit_evaluation.generation_config(self.config).every > 0,
-            )
-        ]
     )
+    return evaluators
 
   def evaluate_loss(self, context: task_lib.EvalContext) -> dict:
     """The objective's MSE at fixed noise levels on the held-out latents, with fixed noise."""

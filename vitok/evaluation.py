@@ -66,7 +66,6 @@ FID = FeatureNetwork(
     rows_per_clip=lambda t: t,
     input_frames=lambda t: 1,
 )
-NETWORKS = {n.name: n for n in (FVD, FID)}
 
 
 def global_eval_batches(cfg, eval_source, mesh):
@@ -152,19 +151,16 @@ def frame_mask(mask, rows_per_clip: int):
 @functools.lru_cache(maxsize=8)
 def _reconstruction_features_fn(graphdef, pair, mesh, network: FeatureNetwork):
   """Jitted per-batch features (replicated, so every process reads the whole batch's) of the
-  tokenizer's mean reconstructions, of the pooled codec at `pair`, and optionally of the clips."""
+  tokenizer's mean reconstructions and of the pooled codec at `pair`."""
 
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh), static_argnames='with_real')
-  def run(params, video_uint8, weights, with_real):
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def run(params, video_uint8, weights):
     video = tokenizer.to_unit_range(video_uint8)
     recon = jnp.clip(nnx.merge(graphdef, params)(video)[0], -1.0, 1.0)
-    out = {
+    return {
         'recon': network.features(weights, recon),
         'baseline': network.features(weights, metrics.pool_and_resize(video, *pair)),
     }
-    if with_real:
-      out['real'] = network.features(weights, video)
-    return out
 
   return run
 
@@ -214,26 +210,20 @@ def evaluate_reconstruction(network: FeatureNetwork, task, context: task_lib.Eva
   weights, reason = load_weights(network, mesh, cfg.sharding_rules)
   if weights is None:
     return {'step': int(context.step), f'{name}_unavailable': reason}
-  path = real_statistics_path(network, cfg)
-  real = cached_statistics(path)
-  stats = {k: fvd.FeatureStatistics(network.dim) for k in ('real', 'recon', 'baseline')}
-  run = _reconstruction_features_fn(context.graphdef, pair, mesh, network)
   source = context.sources[cfg.data.eval_split]
+  real = real_statistics(network, cfg, source, mesh, weights)
+  stats = {k: fvd.FeatureStatistics(network.dim) for k in ('recon', 'baseline')}
+  run = _reconstruction_features_fn(context.graphdef, pair, mesh, network)
   for video, mask in global_eval_batches(cfg, source, mesh):
     with sharding.activation_sharding(mesh, cfg.sharding_rules):
-      features = jax.device_get(run(context.params, video, weights, with_real=real is None))
+      features = jax.device_get(run(context.params, video, weights))
     mask = frame_mask(jax.device_get(mask), network.rows_per_clip(cfg.data.frames))
     for k, v in features.items():
       stats[k].update(v, mask)
-  if real is not None:
-    stats['real'] = real
-  elif jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    stats['real'].save(path)
   return {
       'step': int(context.step),
-      name: stats['recon'].distance(stats['real']),
-      f'baseline_{name}': stats['baseline'].distance(stats['real']),
+      name: stats['recon'].distance(real),
+      f'baseline_{name}': stats['baseline'].distance(real),
       f'{network.name}_protocol': dict(
           protocol(network, cfg, clips),
           reconstruction='posterior mean, clipped to [-1, 1]',
@@ -242,7 +232,7 @@ def evaluate_reconstruction(network: FeatureNetwork, task, context: task_lib.Eva
   }
 
 
-# --- generation: the real split's statistics alone, and features of given clips ---
+# --- the real split's statistics, and features of given clips (generated samples) ---
 
 
 @functools.lru_cache(maxsize=8)
