@@ -107,6 +107,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     fail(_flag_error_message(e, argv))
 
 
+def config_argument() -> str:
+  """The --config argument as given ('configs/sweeps/vitok_sizes.py:demo')."""
+  return _config_file_argument(sys.argv) or ''
+
+
 def _config_file_argument(argv: list[str]) -> str | None:
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
@@ -230,6 +235,13 @@ def load_config(allow_workdir_config: bool = False) -> ml_collections.ConfigDict
         config = ml_collections.ConfigDict(json.load(f))
     except (OSError, ValueError) as e:
       fail(f"cannot read the run's config {saved}: {type(e).__name__}: {e}; pass --config")
+    try:
+      family = tasks.family_of(config)
+    except config_checks.ConfigError as e:
+      fail(f'bad config {saved}: {e}')
+    added = config_checks.add_missing_defaults(config, family.base_config())
+    if added:
+      print(f'{saved} predates {", ".join(added)}: their defaults are used')
   try:
     config.keys()  # a --config file that failed to load raises on first access
   except OSError as e:

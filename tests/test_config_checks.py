@@ -67,7 +67,7 @@ def test_float_fields_reject_nan_and_infinity():
         (
             {'keep_best': 1, 'best_metric': 'psnrr'},
             r"best_metric='psnrr' is not a metric of the vitok "
-            r'evaluation \(psnr, ssim, lpips, lpips_alex, baseline_psnr\)',
+            r'evaluation \(psnr, ssim, lpips, lpips_alex, baseline_psnr, baseline_ssim\)',
         ),
     ],
 )
@@ -189,3 +189,17 @@ def test_eval_on_a_run_whose_config_json_is_unreadable_is_one_line(tmp_path):
       f"cannot read the run's config {tmp_path}/config.json: JSONDecodeError: Expecting value: "
       'line 1 column 11 (char 10); pass --config'
   ]
+
+
+def test_a_saved_config_gets_the_fields_it_lacks_with_their_defaults():
+  defaults = vitok_config.get_config('')
+  saved = vitok_config.get_config('demo')
+  del saved['fid_every'], saved.model['scan']
+  saved.model.channels = 7
+  assert config_checks.add_missing_defaults(saved, defaults) == [
+      'config.fid_every',
+      'config.model.scan',
+  ]
+  assert saved.fid_every == defaults.fid_every and saved.model.scan == defaults.model.scan
+  assert saved.model.channels == 7  # what the run saved is kept
+  assert config_checks.add_missing_defaults(saved, defaults) == []

@@ -173,6 +173,11 @@ def test_resume_skips_a_damaged_checkpoint_moves_it_aside_and_checks_the_data_po
 def test_eval_and_export_skip_a_damaged_newest_checkpoint(tiny_config, tmp_path, four_steps):
   workdir = _copy(four_steps[0], tmp_path)
   _damage(os.path.join(workdir, 'checkpoints', '4'))
+  # A run saved before fid_every and model.scan existed reads back with their defaults.
+  config_path = os.path.join(workdir, 'config.json')
+  saved = json.load(open(config_path))
+  del saved['fid_every'], saved['model']['scan']
+  json.dump(saved, open(config_path, 'w'))
   missing = str(tmp_path / 'no_fid_weights.npz')
   # 8 devices trained, 1 reads; the FID weights are missing
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', VITOK_FID_WEIGHTS=missing)
@@ -186,8 +191,20 @@ def test_eval_and_export_skip_a_damaged_newest_checkpoint(tiny_config, tmp_path,
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert re.search(r'SKIPPED checkpoint step 4 in .* is damaged: ValueError', out.stderr)
+  assert f'{config_path} predates config.fid_every, config.model.scan: their defaults are used' in (
+      out.stdout
+  )
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  for key in ('step', 'split', 'psnr', 'ssim', 'lpips', 'lpips_alex', 'baseline_psnr'):
+  for key in (
+      'step',
+      'split',
+      'psnr',
+      'ssim',
+      'lpips',
+      'lpips_alex',
+      'baseline_psnr',
+      'baseline_ssim',
+  ):
     assert key in result
   assert result['step'] == 2 and result['split'] == 'test' and result['clips'] >= 1
   assert (
@@ -195,6 +212,7 @@ def test_eval_and_export_skip_a_damaged_newest_checkpoint(tiny_config, tmp_path,
       and 0 < result['ssim'] <= 1
       and result['lpips'] >= 0
       and result['lpips_alex'] >= 0
+      and 0 < result['baseline_ssim'] <= 1
   )
   assert result['baseline_floats'] <= result['latent_floats']
   # Unavailable metrics are reported with the reason: rFVD on a held-out split of one clip, rFID

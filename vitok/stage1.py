@@ -158,7 +158,7 @@ class TokenizerTask:
         task_lib.Evaluator(
             name='reconstruction',
             every=self.config.eval_every,
-            metrics=('psnr', 'ssim', 'lpips', 'lpips_alex', 'baseline_psnr'),
+            metrics=('psnr', 'ssim', 'lpips', 'lpips_alex', 'baseline_psnr', 'baseline_ssim'),
             run=lambda c: evaluate(
                 self,
                 c.graphdef,
@@ -235,7 +235,9 @@ def _eval_fn(graphdef, baseline_pairs, mesh, batch_sharding):
     if 'lpips_alex' in frozen:
       out['lpips_alex'] = lpips_lib.video_lpips(frozen['lpips_alex'], recon, video, net='alexnet')
     for st, s in baseline_pairs:
-      out[f'baseline_{st}x{s}'] = metrics.psnr(metrics.pool_and_resize(video, st, s), video)
+      pooled = metrics.pool_and_resize(video, st, s)
+      out[f'baseline_{st}x{s}'] = metrics.psnr(pooled, video)
+      out[f'baseline_ssim_{st}x{s}'] = metrics.ssim(pooled, video)
     return out, mask, tokenizer.to_uint8(recon)
 
   return run
@@ -285,6 +287,7 @@ def evaluate(
       'ssim': means['ssim'],
       'lpips': means['lpips'],
       'baseline_psnr': means[f'baseline_{st}x{s}'],
+      'baseline_ssim': means[f'baseline_ssim_{st}x{s}'],  # at the pooling of the best PSNR
       'baseline_floats': metrics.baseline_floats(T, res, res, st, s),
       'baseline_pool': [st, s, s],
       'latent_floats': task.latent_floats,

@@ -118,6 +118,21 @@ def check_known_fields(config, reference, path: str = 'config') -> None:
       check_known_fields(config[key], reference[key], f'{path}.{key}')
 
 
+def add_missing_defaults(config, defaults, path: str = 'config') -> list[str]:
+  """Gives `config` (a run's saved config.json) every field of `defaults` (its family's current
+  config) that it lacks, with the default value; returns their dotted names. A field added to a
+  family keeps the old behaviour as its default, so an older run reads back as it ran."""
+  added = []
+  for key in defaults.keys():
+    if key not in config:
+      with config.unlocked():
+        config[key] = defaults[key]
+      added.append(f'{path}.{key}')
+    elif hasattr(config[key], 'keys') and hasattr(defaults[key], 'keys'):
+      added += add_missing_defaults(config[key], defaults[key], f'{path}.{key}')
+  return added
+
+
 def unknown_field_message(dotted: str, reference) -> str:
   """The message for the first component of `dotted` ('config.a.b') that `reference` (the whole
   config) lacks."""
