@@ -30,7 +30,6 @@ import time
 
 from absl import flags
 
-from configs import dit as dit_configs
 from launch import common, sweep_emit
 from vitok.core import sweep, sweep_report
 
@@ -135,15 +134,21 @@ def check_members(sweep_config, members: list[sweep.Member]) -> None:
       common.make_task(sweep.member_config(sweep_config, member))
     except ValueError as e:  # ConfigError is a ValueError
       common.fail(f'bad sweep {common.config_argument()}: member {member.name}: {e}')
-  if sweep_config.get('dit'):
-    try:
-      dit_configs.get_config(sweep_config.dit)
-    except ValueError as e:
-      common.fail(f'bad sweep {common.config_argument()}: dit={sweep_config.dit!r}: {e}')
+    if sweep_config.get('dit'):  # fully checked once its latents exist, by launch.train
+      try:
+        sweep.member_dit_config(sweep_config, member)
+      except ValueError as e:
+        common.fail(f'bad sweep {common.config_argument()}: dit={sweep_config.dit!r}: {e}')
+    elif sweep.dit_fields(member):
+      common.fail(
+          f'bad sweep {common.config_argument()}: member {member.name} sets DiT fields '
+          f'({", ".join(sweep.dit_fields(member))}) but the sweep chains no DiT (dit is empty)'
+      )
 
 
 def main(argv):
   del argv
+  common.quiet_library_logs()
   directory = common.workdir()
   sweep_config = common.load_config()
   try:

@@ -89,7 +89,7 @@ def test_member_configs_apply_the_fields_and_name_a_bad_one():
 
 
 def test_steps_are_the_launch_commands_with_a_dit_chained():
-  config = _sweep_config([{'model.channels': 8}], dit='digits,steps=20')
+  config = _sweep_config([{'model.channels': 8, 'dit.sample.guidance': 2.0}], dit='digits,steps=20')
   (member,) = sweep.members(config)
   steps = sweep.steps(config, member, '/runs')
   assert [s.name for s in steps] == ['train', 'eval', 'encode', 'dit', 'dit_eval']
@@ -99,6 +99,9 @@ def test_steps_are_the_launch_commands_with_a_dit_chained():
   )  # fmt: skip
   assert steps[2].args[-2:] == ('--tokenizer=/runs/base/tokenizer', '--out=/runs/base/latents')
   assert '--config.latents.dir=/runs/base/latents' in steps[3].args
+  assert '--config.sample.guidance=2.0' in steps[3].args  # a 'dit.' field goes to the DiT
+  assert sweep.member_dit_config(config, member).sample.guidance == 2.0
+  assert sweep.member_config(config, member).model.channels == 8
 
 
 # --- emitted scripts ---

@@ -4,7 +4,8 @@ A sweep config file (e.g. configs/sweeps/vitok_sizes.py) holds
 
     base     the config every member starts from, as `--config` takes it ('configs/vitok.py:demo')
     members  a list of {dotted field: value}, built with the helpers below
-    dit      '' or the argument of configs/dit.py for a DiT chained on every member's latents
+    dit      '' or the argument of configs/dit.py for a DiT chained on every member's latents;
+             a member's fields that start with 'dit.' set that DiT's fields ('dit.total_steps')
     evaluate whether `launch.eval` evaluates every tokenizer after training (every metric,
              rFVD / rFID included); False keeps the training run's own final evaluation
 
@@ -167,9 +168,31 @@ def set_fields(config, fields: dict[str, Any], where: str) -> ml_collections.Con
   return config
 
 
+DIT = 'dit.'  # the prefix of a member's fields that belong to its chained DiT
+
+
+def tokenizer_fields(member: Member) -> dict[str, Any]:
+  return {k: v for k, v in member.fields.items() if not k.startswith(DIT)}
+
+
+def dit_fields(member: Member) -> dict[str, Any]:
+  return {k[len(DIT) :]: v for k, v in member.fields.items() if k.startswith(DIT)}
+
+
 def member_config(sweep_config, member: Member) -> ml_collections.ConfigDict:
-  """The full training config of `member`: the base config with its fields set."""
-  return set_fields(load_config_file(sweep_config.base), member.fields, f'member {member.name}')
+  """The full training config of `member`'s tokenizer: the base config with its fields set."""
+  return set_fields(
+      load_config_file(sweep_config.base), tokenizer_fields(member), f'member {member.name}'
+  )
+
+
+def member_dit_config(sweep_config, member: Member) -> ml_collections.ConfigDict:
+  """The config of `member`'s chained DiT (its latents are filled in when they exist)."""
+  return set_fields(
+      load_config_file(f'configs/dit.py:{sweep_config.dit}'),
+      dit_fields(member),
+      f'member {member.name} (its DiT)',
+  )
 
 
 def _flag_value(value: Any) -> str:
@@ -180,7 +203,7 @@ def steps(sweep_config, member: Member, directory: str) -> list[Step]:
   """The launch commands of `member`, in order, with its runs under directory/<name>/."""
   root = os.path.join(directory, member.name)
   tokenizer_dir = os.path.join(root, 'tokenizer')
-  fields = [f'--config.{k}={_flag_value(v)}' for k, v in member.fields.items()]
+  fields = [f'--config.{k}={_flag_value(v)}' for k, v in tokenizer_fields(member).items()]
   result = [
       Step(
           'train',
@@ -198,6 +221,7 @@ def steps(sweep_config, member: Member, directory: str) -> list[Step]:
         Step(
             'dit',
             ('-m', 'launch.train', f'--config=configs/dit.py:{sweep_config.dit}',
+             *(f'--config.{k}={_flag_value(v)}' for k, v in dit_fields(member).items()),
              f'--config.latents.dir={latents}', f'--workdir={dit_dir}'),
         ),
         Step('dit_eval', ('-m', 'launch.eval', f'--workdir={dit_dir}')),
