@@ -278,6 +278,10 @@ def test_collect_aggregates_partial_results_into_table_and_plots(tmp_path):
       json.dumps({'state': 'failed', 'error': 'train exited with 2: bad data'})
   )
   rows = {r['name']: r for r in sweep_report.collect(config, runs, directory, sweep_cli.describe)}
+  assert rows[unevaluated.name]['state'] == 'running'  # trained, not evaluated at its last step
+  (tmp_path / unevaluated.name / 'status.json').write_text(json.dumps({'state': 'done'}))
+  rows = {r['name']: r for r in sweep_report.collect(config, runs, directory, sweep_cli.describe)}
+  assert rows[unevaluated.name]['state'] == 'no evaluation at step 10'
   first = rows[runs[0].name]
   assert first['state'] == 'done' and first['E'] == 32 * 2  # 2x8 tubelets of 4x32x32: 32 tokens
   assert first['psnr_margin'] == pytest.approx(20.0 - 19.0)
@@ -286,7 +290,6 @@ def test_collect_aggregates_partial_results_into_table_and_plots(tmp_path):
   assert first['steps'] == 10 and first['params_total_M'] > 0 and first['gmacs_per_clip'] > 0
   assert rows[runs[6].name]['params_encoder_M'] > first['params_encoder_M']
   assert rows[runs[6].name]['params_decoder_M'] == first['params_decoder_M']
-  assert rows[unevaluated.name]['state'] == 'running'  # trained, not evaluated at its last step
   assert rows[failed.name]['state'] == 'failed'
   assert rows[failed.name]['error'] == 'train exited with 2: bad data'
   assert rows[pending.name]['state'] == 'pending'
