@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evaluate = True  # launch.eval after training: every metric (False: training's final one)
   preset = arg or 'demo'
   if preset == 'demo':
-    # 32x32 crops of the real-video demo data, 8 frames: each run is 1500 steps of batch 8 on
+    # 32x32 crops of the real-video demo data, 8 frames: each run is 1200 steps of batch 8 on
     # L2 + KL (LPIPS in the loss took 91% of a 1.1 s step at this size on a 2-core CPU; without
     # it a cpu128-cpu128/4x8 step takes 0.06 s). Evaluated by training's final evaluation (PSNR,
     # SSIM, LPIPS, the pooled codec's PSNR / SSIM); --config.evaluate=True adds launch.eval's
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             sweep('model.channels', [8]),
         ),
     )
-    common = {'total_steps': 1500, 'eval_every': 1500, 'ckpt_every': 500, 'loss.lpips': 0.0}
+    common = {'total_steps': 1200, 'eval_every': 1200, 'ckpt_every': 400, 'loss.lpips': 0.0}
     c.members = [{**m, **common} for m in c.members]
   elif preset == 'ucf101':
     c.base = 'configs/vitok.py:ucf101'
