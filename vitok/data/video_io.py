@@ -105,34 +105,102 @@ def read_image(path, short_side: int | None = None) -> np.ndarray:
     raise VideoDecodeError(path, f'{type(e).__name__}: {e}') from e
 
 
-def write_mp4(path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> None:
-  """Writes (T, H, W, 3) uint8 frames as an H.264 (libx264, yuv420p) mp4.
+def iter_frames(path):
+  """The frames of the first video stream of `path`, one uint8 (H, W, 3) array at a time (for
+  videos too long to hold whole). Raises VideoDecodeError as `read_video` does."""
+  count = 0
+  try:
+    with av.open(str(path)) as container:
+      if not container.streams.video:
+        raise VideoDecodeError(path, 'no video stream')
+      stream = container.streams.video[0]
+      stream.thread_type = 'AUTO'
+      for frame in container.decode(stream):
+        count += 1
+        yield frame.to_ndarray(format='rgb24')
+  except VideoDecodeError:
+    raise
+  except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+    raise VideoDecodeError(path, f'{type(e).__name__}: {e}') from e
+  if not count:
+    raise VideoDecodeError(path, 'no frames decoded')
 
-  yuv420p (what browsers and players expect) needs even sizes, so odd heights
-  or widths are padded with one black row/column at the bottom/right.
-  `crf` is x264's quality knob (0 lossless .. 51 worst; 18 ~ visually clean). Lossy encodes
-  are not reproducible bit for bit (x264's decisions vary between writes of the same frames);
-  lossless ones decode to the same pixels every time.
-  """
+
+def probe(path) -> tuple[int, int, int, float]:
+  """(frames, height, width, frames per second) of the first video stream of `path`, the frames
+  counted by decoding (container headers are often wrong or absent)."""
+  frames, height, width = 0, 0, 0
+  for frame in iter_frames(path):
+    frames, (height, width) = frames + 1, frame.shape[:2]
+  with av.open(str(path)) as container:
+    rate = container.streams.video[0].average_rate
+  return frames, height, width, float(rate) if rate else 8.0
+
+
+class Mp4Writer:
+  """Writes uint8 (H, W, 3) frames one at a time as an H.264 mp4 (libx264).
+
+  Even sizes use yuv420p, what browsers and players expect. Odd sizes, which yuv420p cannot hold,
+  are padded with one black row / column at the bottom / right, or, with `exact_size=True`,
+  written in yuv444p at exactly their size (players other than browsers show it).
+  `crf` is x264's quality knob (0 lossless .. 51 worst; 18 ~ visually clean). Lossy encodes are
+  not reproducible bit for bit (x264's decisions vary between writes of the same frames);
+  lossless ones decode to the same pixels every time."""
+
+  def __init__(self, path, fps: float = 8, crf: int = 18, exact_size: bool = False):
+    self.path, self.fps, self.crf, self.exact_size = str(path), fps, crf, exact_size
+    self._container = self._stream = None
+    self._pad = (0, 0)
+
+  def write(self, frame: np.ndarray) -> None:
+    frame = np.asarray(frame)
+    if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+      raise ValueError(
+          f'Mp4Writer expects uint8 frames of shape (H, W, 3), got {frame.dtype} {frame.shape}'
+      )
+    if self._stream is None:
+      self._open(*frame.shape[:2])
+    if any(self._pad):
+      frame = np.pad(frame, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)))
+    self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+
+  def _open(self, height: int, width: int) -> None:
+    odd = bool(height % 2 or width % 2)
+    if not self.exact_size:
+      self._pad = (height % 2, width % 2)
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    self._container = av.open(self.path, mode='w')
+    stream = self._container.add_stream('libx264', rate=Fraction(self.fps).limit_denominator())
+    stream.width, stream.height = width + self._pad[1], height + self._pad[0]
+    stream.pix_fmt = 'yuv444p' if odd and self.exact_size else 'yuv420p'
+    stream.options = {'crf': str(self.crf)}
+    self._stream = stream
+
+  def close(self) -> None:
+    if self._container is not None:
+      self._container.mux(self._stream.encode())  # flush the encoder's buffered frames
+      self._container.close()
+      self._container = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def write_mp4(path, frames: np.ndarray, fps: int = 8, crf: int = 18) -> None:
+  """Writes (T, H, W, 3) uint8 frames as an H.264 (libx264, yuv420p) mp4 (see Mp4Writer; odd
+  sizes are padded by one black row / column)."""
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
     raise ValueError(
         'write_mp4 expects uint8 frames of shape (T, H, W, 3), '
         f'got {frames.dtype} {frames.shape}'
     )
-  _, height, width, _ = frames.shape
-  pad_h, pad_w = height % 2, width % 2
-  if pad_h or pad_w:
-    frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with av.open(str(path), mode='w') as container:
-    stream = container.add_stream('libx264', rate=Fraction(fps).limit_denominator())
-    stream.width, stream.height = width + pad_w, height + pad_h
-    stream.pix_fmt = 'yuv420p'
-    stream.options = {'crf': str(crf)}
+  with Mp4Writer(path, fps, crf) as writer:
     for frame in frames:
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
-    container.mux(stream.encode())  # flush the encoder's buffered frames
+      writer.write(frame)
 
 
 def write_png(path, image: np.ndarray) -> None:
