@@ -103,3 +103,74 @@ def test_bad_tiling_names_the_axis():
     tiling.TilePlan.make((8, 32, 32), tile=(8, 16, 16), overlap=(0, 16, 0))
   with pytest.raises(ValueError, match='0 frames'):
     tiling.TilePlan.make((0, 32, 32), tile=(8, 16, 16), overlap=(0, 0, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Latents of long videos, with a real (untrained) tokenizer: q = 2, 4-frame 16 x 16 clips.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def tiny_tokenizer():
+  import jax
+  from flax import nnx
+
+  from vitok import tokenizer
+
+  cfg = tokenizer.TokenizerConfig(variant='cpu128-cpu128/2x8', channels=4)
+  model = tokenizer.ViTok(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  encode = jax.jit(lambda clips: nnx.merge(graphdef, params).encode(clips))
+  decode = jax.jit(lambda z: nnx.merge(graphdef, params).decode(z))
+  return model, encode, decode
+
+
+def test_tiled_encode_equals_whole_clip_encode_of_every_tile(tiny_tokenizer):
+  model, encode, _ = tiny_tokenizer
+  video = _video(12, 16, 16)  # three 4-frame clips
+  latents = tiling.encode_video(video, clip_frames=4, q=2, encode=encode)
+  assert latents.shape == (6, 2, 2, 4)
+  for i in range(3):
+    whole = np.asarray(model.encode(video[None, 4 * i : 4 * i + 4]))[0]
+    np.testing.assert_allclose(latents[2 * i : 2 * i + 2], whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('frames', [1, 3, 5, 13])  # 1, 2q - 1, 2q + 1, a prime
+def test_latent_sequences_of_any_length_decode_to_exactly_their_frames(tiny_tokenizer, frames):
+  _, encode, decode = tiny_tokenizer
+  video = _video(frames, 16, 16)
+  latents = tiling.encode_video(video, clip_frames=4, q=2, encode=encode)
+  assert latents.shape[0] == -(-frames // 2)
+  for overlap in (0, 1):
+    out = list(tiling.decode_latents(latents, 2, overlap, q=2, decode=decode, frames=frames))
+    assert np.stack(out).shape == video.shape
+
+
+def test_latent_windows_without_overlap_decode_as_separate_clips(tiny_tokenizer):
+  model, encode, decode = tiny_tokenizer
+  latents = tiling.encode_video(_video(8, 16, 16), clip_frames=4, q=2, encode=encode)
+  out = np.stack(list(tiling.decode_latents(latents, 2, 0, q=2, decode=decode)))
+  expected = np.concatenate([np.asarray(model.decode(latents[None, i : i + 2]))[0] for i in (0, 2)])
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_overlapping_latent_windows_blend_linearly_across_the_shared_frames():
+  """A stand-in decoder that paints every frame of window k with the value k: the output ramps
+  from one window's value to the next over the shared frames and is exact elsewhere."""
+  calls = []
+
+  def decode(window):
+    calls.append(len(calls))
+    return np.full((1, 8, 1, 1, 3), float(calls[-1]), np.float32)
+
+  latents = np.zeros((7, 1, 1, 4), np.float32)  # windows of 4 latent frames, sharing 1: starts 0, 3
+  out = np.stack(list(tiling.decode_latents(latents, 4, 1, q=2, decode=decode)))[:, 0, 0, 0]
+  assert out.shape == (14,)
+  np.testing.assert_allclose(out[:6], 0.0)
+  np.testing.assert_allclose(out[6:8], [1 / 3, 2 / 3], atol=1e-6)  # the two shared frames
+  np.testing.assert_allclose(out[8:], 1.0)
+
+
+def test_encode_video_rejects_a_clip_length_the_tubelet_does_not_divide():
+  with pytest.raises(ValueError, match='clip_frames=5 is not divisible by the tubelet size q=2'):
+    tiling.encode_video(_video(8, 16, 16), 5, 2, lambda clips: clips)

@@ -13,6 +13,10 @@ them, so the working memory depends on F, H and W, not on T.
     plan = TilePlan.make((T, H, W), tile=(16, 128, 128), overlap=(4, 32, 32))
     for frame in reconstruct_frames(plan, frames, codec):   # codec: (n, F, R, R, 3) -> same
       ...
+
+A long video's latents are one sequence of latent frames (`encode_video`: consecutive clips,
+no overlap), the form a DiT generates; `decode_latents` turns a sequence of any length back into
+frames in overlapping windows of the trained length, blended the same way.
 """
 
 import dataclasses
@@ -40,7 +44,8 @@ def blend_weights(length: int, tile: int, starts: list[int]) -> list[np.ndarray]
   """Per tile, the weight (tile,) of each of its positions in the blend: a linear ramp across the
   part it shares with the previous and with the next tile, normalised so that at every position
   of [0, length) the weights of the tiles covering it sum to one. Positions past `length` (the
-  padding of a single short tile) get weight 0."""
+  padding of a short video, or the part of a last latent window past the frames asked for) get
+  weight 0."""
   raw = []
   for i, start in enumerate(starts):
     position = np.arange(tile, dtype=np.float64)
@@ -53,7 +58,7 @@ def blend_weights(length: int, tile: int, starts: list[int]) -> list[np.ndarray]
       weight = np.minimum(weight, (tile - position) / (shared + 1))
     weight[start + position >= length] = 0.0
     raw.append(weight)
-  total = np.zeros(max(length, tile))
+  total = np.zeros(max(length, starts[-1] + tile))
   for start, weight in zip(starts, raw):
     total[start : start + tile] += weight
   return [
@@ -129,37 +134,112 @@ def reconstruct_frames(
   temporal tile: the batch has one shape for the whole video, so it compiles once)."""
   T, H, W = plan.shape
   F, R, _ = plan.tile
-  source = iter(frames)
-  window, window_start = [], 0  # input frames [window_start, window_start + len(window))
-  accumulator = np.zeros((0, H, W, 3), np.float32)  # output frames from `emitted` on
-  emitted = 0
-  time_starts = plan.starts[0]
-  for i, start in enumerate(time_starts):
-    while window_start + len(window) < min(start + F, T):
-      window.append(np.asarray(next(source)))
-    clip = np.stack(window[start - window_start : start + F - window_start])
-    clip = _pad_to(clip, (F, max(H, R), max(W, R)))
-    tiles = np.stack([clip[:, top : top + R, left : left + R] for top, left in plan.spatial_tiles])
-    decoded = np.asarray(codec(tiles), np.float32)
-    count = min(F, T - start)  # frames of this tile inside the video
-    blended = np.zeros((F, H, W, 3), np.float32)
-    for tile, (top, left) in zip(decoded, plan.spatial_tiles):
-      h, w = min(R, H - top), min(R, W - left)
-      weight = np.multiply.outer(
-          plan.weights[1][plan.starts[1].index(top)][:h],
-          plan.weights[2][plan.starts[2].index(left)][:w],
-      )
-      blended[:, top : top + h, left : left + w] += tile[:, :h, :w] * weight[None, :, :, None]
-    blended *= plan.weights[0][i][:, None, None, None]
+
+  def decoded_clips():
+    source = iter(frames)
+    window, window_start = [], 0  # input frames [window_start, window_start + len(window))
+    for start in plan.starts[0]:
+      while window_start + len(window) < min(start + F, T):
+        window.append(np.asarray(next(source)))
+      drop = start - window_start  # frames no later tile reads
+      window, window_start = window[drop:], start
+      clip = _pad_to(np.stack(window[:F]), (F, max(H, R), max(W, R)))
+      tiles = [clip[:, top : top + R, left : left + R] for top, left in plan.spatial_tiles]
+      yield _blend_in_space(plan, np.asarray(codec(np.stack(tiles)), np.float32))
+
+  return blend_in_time(T, F, plan.starts[0], plan.weights[0], decoded_clips())
+
+
+def _blend_in_space(plan: TilePlan, decoded: np.ndarray) -> np.ndarray:
+  """The spatial tiles (n, F, R, R, 3) of one temporal tile -> its frames (F, H, W, 3)."""
+  _, H, W = plan.shape
+  R = plan.tile[1]
+  blended = np.zeros((decoded.shape[1], H, W, 3), np.float32)
+  for tile, (top, left) in zip(decoded, plan.spatial_tiles):
+    h, w = min(R, H - top), min(R, W - left)
+    weight = np.multiply.outer(
+        plan.weights[1][plan.starts[1].index(top)][:h],
+        plan.weights[2][plan.starts[2].index(left)][:w],
+    )
+    blended[:, top : top + h, left : left + w] += tile[:, :h, :w] * weight[None, :, :, None]
+  return blended
+
+
+def blend_in_time(
+    length: int,
+    tile: int,
+    starts: list[int],
+    weights: list[np.ndarray],
+    clips: Iterable[np.ndarray],
+) -> Iterator[np.ndarray]:
+  """Frames [0, length) of the weighted sum of `clips` (tile, H, W, 3), one per start, yielded
+  as soon as no later clip covers them (copies, not views of the working buffer)."""
+  accumulator, emitted = None, 0  # output frames [emitted, emitted + len(accumulator))
+  for i, (start, clip) in enumerate(zip(starts, clips)):
+    count = min(tile, length - start)  # frames of this clip inside the video
+    if accumulator is None:
+      accumulator = np.zeros((0, *clip.shape[1:]), np.float32)
     needed = start + count - emitted
     if len(accumulator) < needed:
-      grown = np.zeros((needed, H, W, 3), np.float32)
+      grown = np.zeros((needed, *clip.shape[1:]), np.float32)
       grown[: len(accumulator)] = accumulator
       accumulator = grown
-    accumulator[start - emitted : start - emitted + count] += blended[:count]
-    # Frames before the next tile's start are final: hand them on and forget them.
-    final = (time_starts[i + 1] if i + 1 < len(time_starts) else T) - emitted
-    yield from (frame.copy() for frame in accumulator[:final])  # not views of the buffer
+    accumulator[start - emitted : start - emitted + count] += (
+        clip[:count] * weights[i][:count, None, None, None]
+    )
+    final = (starts[i + 1] if i + 1 < len(starts) else length) - emitted
+    yield from (frame.copy() for frame in accumulator[:final])
     accumulator, emitted = accumulator[final:], emitted + final
-    drop = min(time_starts[i + 1], T) - window_start if i + 1 < len(time_starts) else 0
-    window, window_start = window[drop:], window_start + drop
+
+
+# ----------------------------------------------------------------------------------------------
+# Latents of long videos: a sequence of latent frames, coded clip by clip.
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_video(
+    video: np.ndarray, clip_frames: int, q: int, encode: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+  """Latents (ceil(T / q), h, w, c) of a video (T, H, W, 3) at the trained frame size, encoded in
+  consecutive clips of `clip_frames` that do not overlap (the last one edge-padded): the latent
+  sequence a DiT generates or is trained on. `encode` maps clips (n, F, H, W, 3) to latents
+  (n, F / q, h, w, c)."""
+  T = video.shape[0]
+  if clip_frames % q:
+    raise ValueError(f'clip_frames={clip_frames} is not divisible by the tubelet size q={q}')
+  clips = [
+      _pad_to(video[start : start + clip_frames], (clip_frames, *video.shape[1:3]))
+      for start in range(0, T, clip_frames)
+  ]
+  latents = np.asarray(encode(np.stack(clips)))
+  latents = latents.reshape(-1, *latents.shape[2:])  # clips one after another in time
+  return latents[: -(-T // q)]
+
+
+def decode_latents(
+    latents: np.ndarray,
+    clip_latents: int,
+    overlap_latents: int,
+    q: int,
+    decode: Callable[[np.ndarray], np.ndarray],
+    frames: int | None = None,
+) -> Iterator[np.ndarray]:
+  """Frames (H, W, 3) of a latent sequence (t, h, w, c) of any length, decoded in windows of the
+  trained `clip_latents` latent frames that overlap by `overlap_latents` and blended linearly
+  over the shared frames (Movie Gen's tiled decoding); `frames` (default t * q) crops the end.
+  `decode` maps one window (1, clip_latents, h, w, c) to frames (1, clip_latents * q, H, W, 3)."""
+  t = latents.shape[0]
+  length = t * q if frames is None else frames
+  if not (t - 1) * q < length <= t * q:
+    raise ValueError(f'{t} latent frames of {q} frames each cannot give {length} frames')
+  starts = [s * q for s in tile_starts(t, clip_latents, overlap_latents)]
+  tile = clip_latents * q
+  weights = blend_weights(length, tile, starts)
+
+  def decoded_clips():
+    for start in starts:
+      window = latents[start // q : start // q + clip_latents]
+      window = _pad_to(window, (clip_latents, *window.shape[1:3]))  # a sequence shorter than one
+      yield np.asarray(decode(window[None]), np.float32)[0]
+
+  return blend_in_time(length, tile, starts, weights, decoded_clips())

@@ -105,9 +105,10 @@ def read_image(path, short_side: int | None = None) -> np.ndarray:
     raise VideoDecodeError(path, f'{type(e).__name__}: {e}') from e
 
 
-def iter_frames(path):
+def iter_frames(path, short_side: int | None = None):
   """The frames of the first video stream of `path`, one uint8 (H, W, 3) array at a time (for
-  videos too long to hold whole). Raises VideoDecodeError as `read_video` does."""
+  videos too long to hold whole), each resized as `read_video` does when `short_side` is given.
+  Raises VideoDecodeError as `read_video` does."""
   count = 0
   try:
     with av.open(str(path)) as container:
@@ -117,7 +118,10 @@ def iter_frames(path):
       stream.thread_type = 'AUTO'
       for frame in container.decode(stream):
         count += 1
-        yield frame.to_ndarray(format='rgb24')
+        if short_side is None:
+          yield frame.to_ndarray(format='rgb24')
+        else:
+          yield _resize(frame.to_image(), short_side)
   except VideoDecodeError:
     raise
   except (av.FFmpegError, OSError, ValueError, EOFError) as e:
