@@ -21,19 +21,59 @@ Classifier-free guidance scales only the noise / velocity prediction, never the 
 channels: out = uncond + g (cond - uncond); g = 1 is plain conditional sampling (one model
 call, no null-class batch). Guidance may be limited to an interval of noise levels.
 Every sampler is one `lax.fori_loop`, reproducible from its key.
+
+Known frames (`Known`: a (B, t) mask over latent frames and their clean values): every loss and
+sampler puts the clean values in place of the noisy ones wherever the mask is set, before each
+model call and after each step, and tells the model the mask (`model_fn(..., known=mask)`); the
+losses average over the unknown frames only. So conditioning frames are never noised, never
+changed by sampling, and never trained on. Other per-clip conditions (`conditions`, e.g. the
+frame stride) reach the model as keyword arguments; guidance keeps them in both of its halves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+ModelFn = Callable[..., jax.Array]  # (x, t_model, labels, **conditions) -> output
+
+
+class Known(NamedTuple):
+  """Latent frames given clean: `mask` (B, t) bool and `values` (B, t, ...) (read where set). A
+  pytree: it passes into and out of jitted functions."""
+
+  mask: jax.Array
+  values: jax.Array
+
+  def frames(self, x: jax.Array) -> jax.Array:
+    """The mask broadcast over x (B, t, ...)."""
+    return self.mask.reshape(self.mask.shape + (1,) * (x.ndim - 2))
+
+  def apply(self, x: jax.Array) -> jax.Array:
+    """x with the known frames put in place."""
+    return jnp.where(self.frames(x), self.values.astype(x.dtype), x)
+
+
+def _conditions(known: Known | None, conditions: dict | None) -> dict:
+  out = dict(conditions or {})
+  if known is not None:
+    out['known'] = known.mask.astype(jnp.float32)
+  return out
+
+
+def _mean_over_unknown(x: jax.Array, known: Known | None) -> jax.Array:
+  """Per-example mean of x (B, t, ...) over the frames the mask does not give (all frames
+  without a mask); 0 for an example whose frames are all given."""
+  if known is None:
+    return _mean_per_example(x)
+  weight = jnp.broadcast_to(1.0 - known.frames(x).astype(jnp.float32), x.shape)
+  total = (x * weight).reshape(x.shape[0], -1).sum(axis=-1)
+  return total / jnp.maximum(weight.reshape(x.shape[0], -1).sum(axis=-1), 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,23 +198,32 @@ def _mean_per_example(x: jax.Array) -> jax.Array:
 
 
 def ddpm_loss_terms(
-    schedule: Schedule, model_fn: ModelFn, x0: jax.Array, labels: jax.Array, key: jax.Array
+    schedule: Schedule,
+    model_fn: ModelFn,
+    x0: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    known: Known | None = None,
+    conditions: dict | None = None,
 ) -> dict:
   """Per-example loss terms of one training batch (t uniform over the steps): 'mse' of the noise
   prediction, 'vb' in bits per dimension (learned variance; stop-gradient on the mean), and
-  'loss' = mse + vb."""
+  'loss' = mse + vb; over the unknown frames only when `known` is given."""
   t_key, noise_key = jax.random.split(key)
   t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_steps)
   noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
   xt = q_sample(schedule, x0, t, noise)
-  out = model_fn(xt, jnp.asarray(schedule.timesteps)[t].astype(jnp.float32), labels)
+  if known is not None:
+    xt = known.apply(xt)
+  model_t = jnp.asarray(schedule.timesteps)[t].astype(jnp.float32)
+  out = model_fn(xt, model_t, labels, **_conditions(known, conditions))
   eps, v = jnp.split(out, 2, axis=-1)
-  mse = _mean_per_example(jnp.square(noise - eps))
+  mse = _mean_over_unknown(jnp.square(noise - eps), known)
   # VB trains only the variance: the mean comes from a frozen copy of the noise prediction.
   mean, logvar, _ = p_mean_variance(schedule, jax.lax.stop_gradient(eps), v, xt, t)
   true_mean, true_logvar = q_posterior(schedule, x0, xt, t)
-  kl = _mean_per_example(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2.0)
-  nll = _mean_per_example(gaussian_nll(x0, mean, logvar)) / math.log(2.0)
+  kl = _mean_over_unknown(normal_kl(true_mean, true_logvar, mean, logvar), known) / math.log(2.0)
+  nll = _mean_over_unknown(gaussian_nll(x0, mean, logvar), known) / math.log(2.0)
   vb = jnp.where(t == 0, nll, kl) * (schedule.num_steps / 1000.0)
   return {'mse': mse, 'vb': vb, 'loss': mse + vb, 't': t}
 
@@ -207,13 +256,19 @@ def flow_loss_terms(
     key: jax.Array,
     t_mean: float = 0.0,
     t_std: float = 1.0,
+    known: Known | None = None,
+    conditions: dict | None = None,
 ) -> dict:
-  """Per-example velocity MSE ('mse' = 'loss') at logit-normal times."""
+  """Per-example velocity MSE ('mse' = 'loss') at logit-normal times; over the unknown frames
+  only when `known` is given."""
   t_key, noise_key = jax.random.split(key)
   t = logit_normal(t_key, x0.shape[0], t_mean, t_std)
   noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-  out = model_fn(flow_interpolate(x0, noise, t), 1000.0 * t, labels)
-  mse = _mean_per_example(jnp.square(out - flow_target(x0, noise)))
+  xt = flow_interpolate(x0, noise, t)
+  if known is not None:
+    xt = known.apply(xt)
+  out = model_fn(xt, 1000.0 * t, labels, **_conditions(known, conditions))
+  mse = _mean_over_unknown(jnp.square(out - flow_target(x0, noise)), known)
   return {'mse': mse, 'loss': mse, 't': t}
 
 
@@ -233,17 +288,23 @@ class Guidance:
   high: float = 1.0
 
 
-def guided(model_fn: ModelFn, guidance: Guidance, guided_channels: int) -> Callable:
+def guided(
+    model_fn: ModelFn, guidance: Guidance, guided_channels: int, conditions: dict | None = None
+) -> Callable:
   """(x, t_model, labels, level) -> output with the first `guided_channels` channels (noise or
-  velocity) guided; the others (variance) are the conditional prediction's."""
+  velocity) guided; the others (variance) are the conditional prediction's. `conditions` (per
+  clip) reach both halves: only the class is dropped."""
+  conditions = conditions or {}
   if guidance.scale == 1.0:
-    return lambda x, t, labels, level: model_fn(x, t, labels)
+    return lambda x, t, labels, level: model_fn(x, t, labels, **conditions)
+  doubled = jax.tree.map(lambda a: jnp.concatenate([a, a]), conditions)
 
   def fn(x, t, labels, level):
     both = model_fn(
         jnp.concatenate([x, x]),
         jnp.concatenate([t, t]),
         jnp.concatenate([labels, jnp.full_like(labels, guidance.null_class)]),
+        **doubled,
     )
     cond, uncond = jnp.split(both, 2)
     scale = jnp.where((level >= guidance.low) & (level <= guidance.high), guidance.scale, 1.0)
@@ -263,12 +324,15 @@ def ddpm_sample(
     key: jax.Array,
     guidance: Guidance = Guidance(),
     eta: float | None = None,
+    known: Known | None = None,
+    conditions: dict | None = None,
 ):
   """Samples x_0 by the reverse process on `schedule` (respace it for fewer steps): ancestral
   with the learned variance when `eta` is None, DDIM with that eta otherwise (0: deterministic).
-  The model's output has [eps, v] channels."""
+  The model's output has [eps, v] channels. `known` frames are kept at their values."""
   n, channels = schedule.num_steps, shape[-1]
-  fn = guided(model_fn, guidance, channels)
+  fn = guided(model_fn, guidance, channels, _conditions(known, conditions))
+  keep = known.apply if known is not None else lambda x: x
   abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
   abar_prev = jnp.asarray(schedule.alphas_cumprod_prev, jnp.float32)
   timesteps = jnp.asarray(schedule.timesteps, jnp.float32)
@@ -282,15 +346,15 @@ def ddpm_sample(
     noise = jax.random.normal(jax.random.fold_in(loop_key, i), shape)
     if eta is None:
       mean, logvar, _ = p_mean_variance(schedule, eps, v, x, t)
-      return mean + jnp.where(step > 0, jnp.exp(0.5 * logvar), 0.0) * noise
+      return keep(mean + jnp.where(step > 0, jnp.exp(0.5 * logvar), 0.0) * noise)
     x0 = (x - jnp.sqrt(1.0 - abar[step]) * eps) / jnp.sqrt(abar[step])
     sigma = eta * jnp.sqrt(
         (1.0 - abar_prev[step]) / (1.0 - abar[step]) * (1.0 - abar[step] / abar_prev[step])
     )
     direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev[step] - sigma**2, 0.0)) * eps
-    return jnp.sqrt(abar_prev[step]) * x0 + direction + sigma * noise
+    return keep(jnp.sqrt(abar_prev[step]) * x0 + direction + sigma * noise)
 
-  return jax.lax.fori_loop(0, n, body, jax.random.normal(x_key, shape))
+  return jax.lax.fori_loop(0, n, body, keep(jax.random.normal(x_key, shape)))
 
 
 def flow_sample(
@@ -301,12 +365,16 @@ def flow_sample(
     steps: int = 50,
     method: str = 'euler',
     guidance: Guidance = Guidance(),
+    known: Known | None = None,
+    conditions: dict | None = None,
 ):
   """Integrates dx/dt = v(x, t) from noise at t = 1 to data at t = 0 in `steps` uniform steps,
-  by Euler or Heun (Heun's correction is skipped on the last step, which ends at t = 0)."""
+  by Euler or Heun (Heun's correction is skipped on the last step, which ends at t = 0).
+  `known` frames are kept at their values."""
   if method not in ('euler', 'heun'):
     raise ValueError(f"sampler must be 'euler' or 'heun', got {method!r}")
-  fn = guided(model_fn, guidance, shape[-1])
+  fn = guided(model_fn, guidance, shape[-1], _conditions(known, conditions))
+  keep = known.apply if known is not None else lambda x: x
   times = jnp.linspace(1.0, 0.0, steps + 1)
 
   def velocity(x, t):
@@ -315,10 +383,10 @@ def flow_sample(
   def body(i, x):
     t, t_next = times[i], times[i + 1]
     v = velocity(x, t)
-    x_euler = x + (t_next - t) * v
+    x_euler = keep(x + (t_next - t) * v)
     if method == 'euler':
       return x_euler
-    heun = lambda: x + (t_next - t) * 0.5 * (v + velocity(x_euler, t_next))
+    heun = lambda: keep(x + (t_next - t) * 0.5 * (v + velocity(x_euler, t_next)))
     return jax.lax.cond(i == steps - 1, lambda: x_euler, heun)
 
-  return jax.lax.fori_loop(0, steps, body, jax.random.normal(key, shape))
+  return jax.lax.fori_loop(0, steps, body, keep(jax.random.normal(key, shape)))

@@ -8,6 +8,15 @@
 Every block starts as the identity: the modulation that scales and gates each residual branch
 is zero-initialised, and so is the final projection, so the untrained network outputs zeros.
 
+Options for long video (NUWA-XL, W.A.L.T, ExVideo):
+  frame_mask  known latent frames: the input gains one channel, 1 on the latent frames whose values
+              are given clean (the diffusion code puts them in place of the noisy ones), 0 on those
+              to generate; one model then generates, continues, infills and interpolates.
+  strides     the frame stride of the clip (keyframes far apart, or consecutive frames), embedded
+              like the class and added to the conditioning vector.
+The token grid is the input's: a clip longer than the trained one gets positions past the trained
+range (sin-cos and RoPE are both functions of the frame index).
+
 Recipes (`DiTConfig.recipe`):
   'vitok'    what ViTok used downstream: gated MLP (SwiGLU, hidden int(2.67 w)), q/k/v without
              bias, 3-D RoPE over the latent (t, h, w) grid, one DiT token per latent token (p = 1),
@@ -88,6 +97,8 @@ class DiTConfig:
   learn_sigma: bool = True  # output 2c channels: noise and the variance interpolation
   num_classes: int = 101
   rope_theta: float = 10000.0
+  frame_mask: bool = False  # a known-frames mask channel at the input (see the module doc)
+  strides: tuple[int, ...] = ()  # the frame strides it is told (empty: no stride conditioning)
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat: str = 'none'
   scan: bool = False  # blocks as one lax.scan over stacked parameters (see layers.make_blocks)
@@ -101,6 +112,10 @@ class DiTConfig:
     _, p = parse_variant(self.variant)
     config_checks.check_fields({'model': dataclasses.asdict(self)}, MODEL_FIELDS)
     layers.check_attention(self.attention, self.dtype)
+    if any(s < 1 for s in self.strides) or len(set(self.strides)) != len(self.strides):
+      raise config_checks.ConfigError(
+          f'model.strides={list(self.strides)} must be distinct positive frame strides'
+      )
     t, h, w = self.grid
     if h % p or w % p:
       raise config_checks.ConfigError(
@@ -115,6 +130,10 @@ class DiTConfig:
   @property
   def patch(self) -> int:
     return parse_variant(self.variant)[1]
+
+  @property
+  def in_channels(self) -> int:
+    return self.channels + (1 if self.frame_mask else 0)
 
   @property
   def out_channels(self) -> int:
@@ -244,7 +263,7 @@ class DiT(nnx.Module):
         nnx.initializers.normal(0.02), axes, eager_sharding=False
     )
     self.patch_embed = layers.dense(
-        cfg.channels * p * p, width, ('latent', 'embed'), dtype=dtype, rngs=rngs
+        cfg.in_channels * p * p, width, ('latent', 'embed'), dtype=dtype, rngs=rngs
     )
     self.t_embed1 = nnx.Linear(
         FREQUENCY_DIM,
@@ -265,6 +284,11 @@ class DiT(nnx.Module):
     self.y_embed = nnx.Embed(
         cfg.num_classes + 1, width, embedding_init=normal((None, 'embed')), rngs=rngs
     )
+    if cfg.strides:
+      # Zero-initialised: added to a trained model, stride conditioning starts as a no-op.
+      self.stride_embed = nnx.Embed(
+          len(cfg.strides), width, embedding_init=_zeros((None, 'embed')), rngs=rngs
+      )
     self.blocks = layers.make_blocks(
         lambda r: DiTBlock(cfg, dtype=dtype, rngs=r), size.depth, cfg.scan, rngs
     )
@@ -279,9 +303,25 @@ class DiT(nnx.Module):
         rngs=rngs,
     )
 
-  def __call__(self, latents: jax.Array, t: jax.Array, labels: jax.Array) -> jax.Array:
+  def __call__(
+      self,
+      latents: jax.Array,
+      t: jax.Array,
+      labels: jax.Array,
+      known: jax.Array | None = None,
+      stride: jax.Array | None = None,
+  ) -> jax.Array:
+    """latents (B, t, h, w, c) of any t; `known` (B, t): the latent frames given clean (with
+    `frame_mask`; None: none); `stride` (B,): each clip's frame stride, one of `strides`."""
     cfg, p = self.cfg, self.cfg.patch
-    grid = cfg.token_grid
+    b, frames, height, width, _ = latents.shape
+    grid = (frames, height // p, width // p)
+    if cfg.frame_mask:
+      known = jnp.zeros((b, frames)) if known is None else known
+      mask = jnp.broadcast_to(known[:, :, None, None, None], (b, frames, height, width, 1))
+      latents = jnp.concatenate([latents, mask.astype(latents.dtype)], axis=-1)
+    elif known is not None:
+      raise ValueError('known frames given to a DiT without model.frame_mask')
     tokens = rearrange(latents, 'b t (h p) (w k) c -> b (t h w) (p k c)', p=p, k=p)
     x = self.patch_embed(tokens)
     # Absolute positions for both recipes: RoPE alone tells attention only relative offsets, and
@@ -296,6 +336,11 @@ class DiT(nnx.Module):
     x = constrain(x, layers.TOKENS)
     t_emb = self.t_embed2(jax.nn.silu(self.t_embed1(timestep_features(t))))
     cond = t_emb + self.y_embed(labels)
+    if cfg.strides:
+      if stride is None:
+        raise ValueError(f"a DiT with model.strides={list(cfg.strides)} needs each clip's stride")
+      index = jnp.argmax(stride[:, None] == jnp.asarray(cfg.strides)[None], axis=1)
+      cond = cond + self.stride_embed(index)
     x = layers.apply_blocks(self.blocks, x, cond, angles, scan=cfg.scan, remat=cfg.remat)
     shift, scale = jnp.unstack(self.final_modulation(jax.nn.silu(cond)), axis=1)
     out = self.final(modulate(self.final_norm(x), shift, scale)).astype(jnp.float32)
@@ -322,6 +367,6 @@ def forward_macs(cfg: DiTConfig) -> int:
   tokens, p = cfg.tokens, cfg.patch
   mlp = (2 if cfg.recipe == 'classic' else 3) * width * cfg.mlp_hidden
   per_block = tokens * (4 * width * width + mlp) + 2 * tokens * tokens * width + 6 * width * width
-  embed = tokens * cfg.channels * p * p * width + FREQUENCY_DIM * width + width * width
+  embed = tokens * cfg.in_channels * p * p * width + FREQUENCY_DIM * width + width * width
   final = 2 * width * width + tokens * width * p * p * cfg.out_channels
   return embed + depth * per_block + final

@@ -110,3 +110,38 @@ def test_sizes_are_named_apart_from_the_tokenizers():
     M.DiTConfig(variant='DiT-S/3', grid=(1, 8, 8))
   with pytest.raises(ValueError, match='model.recipe'):
     M.DiTConfig(recipe='llama')
+
+
+def test_frame_mask_and_stride_conditioning_reach_the_output_and_start_as_no_ops():
+  model = _model(frame_mask=True, strides=(1, 2, 4))
+  assert model.patch_embed.kernel.shape[0] == 5  # c + the mask channel
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 4, 4, 4))
+  t, y = jnp.array([10.0, 10.0]), jnp.array([1, 1])
+  with pytest.raises(ValueError, match='needs each clip'):
+    model(x, t, y)
+  for path, var in nnx.iter_graph(model):  # away from the zero initialisation, as training would
+    if isinstance(var, nnx.Param) and not np.any(var[...]):
+      var[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(len(path)), var.shape)
+  stride = jnp.array([1, 1])
+  base = model(x, t, y, known=jnp.zeros((2, 2)), stride=stride)
+  np.testing.assert_array_equal(base, model(x, t, y, stride=stride))  # no mask = nothing known
+  known = model(x, t, y, known=jnp.array([[1.0, 0.0], [1.0, 0.0]]), stride=stride)
+  assert not np.allclose(base, known)
+  other = model(x, t, y, known=jnp.zeros((2, 2)), stride=jnp.array([4, 2]))
+  assert not np.allclose(base[0], other[0]) and not np.allclose(base[1], other[1])
+  with pytest.raises(ValueError, match='without model.frame_mask'):
+    _model()(x, t, y, known=jnp.zeros((2, 2)))
+  with pytest.raises(Exception, match='distinct positive frame strides'):
+    M.DiTConfig(**{**TINY, 'strides': (1, 1)})
+
+
+def test_a_clip_longer_than_trained_runs_with_positions_past_the_trained_range():
+  """ExVideo's question: the same parameters on 4x the trained latent frames; the first frames'
+  output changes (attention now sees more frames) but the shapes follow the input."""
+  model = _model()
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param) and not np.any(var[...]):
+      var[...] = 0.05 * jax.random.normal(jax.random.PRNGKey(len(path)), var.shape)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 4, 4, 4))
+  out = model(x, jnp.array([10.0]), jnp.array([1]))
+  assert out.shape == (1, 8, 4, 4, 8) and np.isfinite(out).all()
