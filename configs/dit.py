@@ -9,6 +9,9 @@ r"""DiT training on the latents of a frozen ViTok tokenizer (class-conditional g
   presets   demo      -- a small DiT for the 2-core CPU (rectified flow, a few minutes)
             digits    -- the DiT stage of launch.demo, on moving-digits latents, with the class
                          accuracy of its samples measured by an independent digit classifier
+            long_digits -- the DiT stage of launch.long_demo: windows of long moving-digit videos
+                         at several strides, with known frames (hierarchical / autoregressive
+                         long generation, dit/long_video.py)
             ucf101    -- ViTok's video recipe: DiT-L on S-B/4x8 latents of 16x128x128 UCF-101
                          clips (1024 tokens), DDPM with learned variance, batch 256, LR 1e-4
             imagenet  -- DiT-XL on S-B/16 latents of 256x256 images (256 tokens)
@@ -63,6 +66,14 @@ def base_config() -> ml_collections.ConfigDict:
           remat='none',
           scan=False,  # blocks as one lax.scan over stacked parameters (as configs/vitok.py)
           attention='xla',  # 'xla' | 'cudnn' | 'blockwise' | 'pallas_tpu' (as configs/vitok.py)
+          # Long video (dit/model.py, dit/long_video.py): a known-frames mask channel at the
+          # input (continuation, infilling: see `known`); the latent-frame strides the model is
+          # told, e.g. '1,3,9' ('' = none; with windows of K latent frames each stride must be
+          # K - 1 times the next finer one, for hierarchical generation); a learned per-frame
+          # embedding table of this many latent frames (0 = none).
+          frame_mask=False,
+          strides='',
+          frame_positions=0,
       )
   )
   # The frozen tokenizer: `dir` (an export or a training workdir; '' = the one the latent cache was
@@ -81,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
           train_split='train',  # of the cache ('video' reads data.train_split / eval_split)
           eval_split='test',
           stats_clips=1024,  # 'video': training clips the per-channel statistics are measured on
+          # Latent frames per training clip, drawn from the cache's longer latent sequences at a
+          # random start and one of model.strides (0 = the cached clip whole).
+          window=0,
           sample_posterior=True,  # z = mean + sigma eps each step (else the posterior mean)
           # Filled in by the run from the cache's latents.json (grid, statistics, tokenizer), or
           # measured encoding on the fly, so that they travel in the run's config.json: sampling
@@ -96,6 +110,17 @@ def base_config() -> ml_collections.ConfigDict:
           t_std=1.0,
       )
   )
+  # Which latent frames a training clip is given clean (with model.frame_mask; the loss covers
+  # the others): relative weights of the kinds of mask drawn per clip (dit/known_frames.py).
+  c.known = ml_collections.ConfigDict(dict(none=1.0, prefix=0.0, ends=0.0, sparse=0.0))
+  # Post-tuning (ExVideo): start from a finished DiT run (its workdir) and train `trainable`
+  # parameters only: 'all', or 'time' (the stride and per-frame embeddings); parameters whose
+  # shape changed (a longer frame table) are initialised from the run's cyclically.
+  c.finetune = ml_collections.ConfigDict(dict(start='', trainable='all'))
+  # Long generation (launch.sample_long, launch.long_demo): the latent frames each autoregressive
+  # window (and the hierarchy's top level, when it has more keyframes than one window) is
+  # conditioned on.
+  c.long = ml_collections.ConfigDict(dict(context=1))
   c.sample = ml_collections.ConfigDict(
       dict(
           every=0,  # steps between sample grids (0 = only at the end)
@@ -159,6 +184,22 @@ def _preset(config, name: str):
     config.log_every = 100
     config.eval_every = 1000
     config.ckpt_every = 1000
+  elif name == 'long_digits':
+    _preset(config, 'digits')
+    # The DiT stage of launch.long_demo: windows of 4 latent frames (16 frames) from 128-frame
+    # moving-digit videos encoded clip after clip, at strides 1, 3 and 9 latent frames, with a
+    # known-frames mask, so that one model generates keyframes, fills between them and
+    # continues (dit/long_video.py): 256 frames = 64 latent frames = 8 keyframes at stride 9.
+    config.data.update(name='moving_digits', frames=128, res=64, hflip=False)
+    config.latents.window = 4
+    config.model.update(frame_mask=True, strides='1,3,9')
+    # Hierarchical generation uses 'none' (the first keyframes), 'prefix' (more keyframes) and
+    # 'ends' (every fill); autoregressive generation 'none' and 'prefix'.
+    config.known.update(none=0.25, prefix=0.3, ends=0.35, sparse=0.1)
+    config.accuracy.update(every=0, per_class=10)
+    config.total_steps = 10000
+    config.eval_every = 2500
+    config.ckpt_every = 2500
   elif name == 'ucf101':
     config.model.update(variant='DiT-L/1', num_classes=101)
     config.tokenizer.update(variant='S-B/4x8', channels=16)
@@ -178,7 +219,10 @@ def _preset(config, name: str):
     config.eval_every = 20_000
     config.ckpt_every = 20_000
   else:
-    raise ValueError(f'unknown preset {name!r} in configs/dit.py (demo | ucf101 | imagenet)')
+    raise ValueError(
+        f'unknown preset {name!r} in configs/dit.py (demo | digits | long_digits | ucf101 | '
+        'imagenet)'
+    )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

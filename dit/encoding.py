@@ -13,6 +13,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -22,16 +23,34 @@ from vitok.core import sharding, trainer
 from vitok.data import DataError, builders, pipeline
 
 
-def encode_function(graphdef, params, mesh, rules, batch_sharding):
+def in_clips(code, video: jax.Array, clip: int) -> jax.Array:
+  """`code` (a tokenizer's encode or decode, (B, t, ...) -> (B, t', ...)) applied to consecutive,
+  non-overlapping clips of `clip` frames along axis 1, the results put back one after another:
+  a sequence longer than the tokenizer's trained clip is coded as the clips it was trained on."""
+  b, t = video.shape[:2]
+  if t <= clip:
+    return code(video)
+  if t % clip:
+    raise ValueError(f'{t} frames do not split into clips of {clip}')
+  out = code(video.reshape(b * (t // clip), clip, *video.shape[2:]))
+  return out.reshape(b, t // clip * out.shape[1], *out.shape[2:])
+
+
+def encode_function(graphdef, params, mesh, rules, batch_sharding, clip_frames: int | None = None):
   """(video uint8, label, mask) -> (mean, logvar, label, mask) of the whole global batch as host
   arrays on every process, each process giving its rows; the tokenizer `graphdef` + `params`
-  (sharded by `rules` on `mesh`) encodes them in one jitted program."""
+  (sharded by `rules` on `mesh`) encodes them in one jitted program, in consecutive clips of
+  `clip_frames` (the tokenizer's trained length; None: whole)."""
   replicated = sharding.replicated(mesh)
 
   @jax.jit
   def run(params, video, label, mask):
     model = nnx.merge(graphdef, params)
-    mean, logvar = model.encode_moments(tokenizer.to_unit_range(video))
+    moments = lambda clips: jnp.concatenate(
+        model.encode_moments(tokenizer.to_unit_range(clips)), axis=-1
+    )
+    both = in_clips(moments, video, clip_frames or video.shape[1])
+    mean, logvar = jnp.split(both, 2, axis=-1)
     return jax.lax.with_sharding_constraint((mean, logvar, label, mask), replicated)
 
   def encode_batch(video, label, mask):
@@ -91,13 +110,23 @@ def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
   frozen = stage1.open_tokenizer(tokenizer_dir)
   mesh = sharding.make_mesh(frozen.config.mesh)
   data_cfg = data_cfg.copy_and_resolve_references()
+  clip_frames = int(frozen.config.data.frames)  # what the tokenizer was trained on
+  if data_cfg.frames > clip_frames and data_cfg.frames % clip_frames:
+    raise DataError(
+        f'data.frames={data_cfg.frames} is longer than the clips of {clip_frames} frames the '
+        f'tokenizer was trained on, and not a multiple of them: long videos are encoded clip '
+        f'after clip'
+    )
+  clip_frames = min(clip_frames, data_cfg.frames)
   grid = frozen.task.model_cfg.latent_grid(data_cfg.frames, data_cfg.res)
+  clip_latents = frozen.task.model_cfg.latent_grid(clip_frames, data_cfg.res)[0]
   rules = frozen.config.sharding_rules
   data_cfg.eval_batch_size = encoding_batch_size(batch, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   print(
       f'encoding with {frozen.source}: clips {data_cfg.frames}x{data_cfg.res}x{data_cfg.res} '
-      f'-> latents {grid} x {frozen.task.model_cfg.channels}',
+      f'-> latents {grid} x {frozen.task.model_cfg.channels}'
+      + (f', in clips of {clip_frames} frames' if clip_frames < data_cfg.frames else ''),
       flush=True,
   )
 
@@ -107,7 +136,9 @@ def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
       return builders.prepare(data_cfg)
 
   sources = trainer.prepare_data(_Data())
-  encode_batch = encode_function(frozen.graphdef, frozen.params, mesh, rules, batch_sharding)
+  encode_batch = encode_function(
+      frozen.graphdef, frozen.params, mesh, rules, batch_sharding, clip_frames
+  )
   splits = {}
   for split in dict.fromkeys((data_cfg.train_split, data_cfg.eval_split)):
     source = sources[split]
@@ -127,6 +158,7 @@ def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
       channel_std=(),
       tokenizer=os.path.abspath(tokenizer_dir),
       data=json.loads(data_cfg.to_json_best_effort()),
+      clip_latents=int(clip_latents),
   )
   train = latents_lib.LatentSource(out, data_cfg.train_split, metadata)
   mean, std = latents_lib.channel_statistics(

@@ -24,7 +24,15 @@ def real_data_config(task) -> ml_collections.ConfigDict | None:
   if task.on_the_fly:
     return task.config.data
   recorded = task.latents.data if task.latents is not None else None
-  return ml_collections.ConfigDict(recorded) if recorded else None
+  if not recorded:
+    return None
+  data_cfg = ml_collections.ConfigDict(recorded)
+  if task.window:  # the DiT generates windows of the cached long videos: real clips as long
+    stored = builders.storage_params(data_cfg)['clip_frames']
+    data_cfg.update(
+        frames=task.window * task.tokenizer_cfg.parsed.q, frame_stride=1, clip_frames=stored
+    )
+  return data_cfg
 
 
 def generation_config(config) -> ml_collections.ConfigDict:

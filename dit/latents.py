@@ -5,6 +5,10 @@ training, so the DiT never runs the tokenizer per step.
                                         the tokenizer and the data they came from
     DIR/<split>/c<chunk>.array_record   records of consecutive examples, in dataset order
 
+A record may be one clip or a long video's whole latent sequence, encoded in consecutive clips of
+the tokenizer's trained length (`clip_latents` latent frames each); a DiT then trains on windows
+of it (`latents.window`).
+
 A record is raw little-endian bytes: the posterior mean, float32 (t, h, w, c); its log-variance,
 float32 (t, h, w, c); the label, int32 (so training can sample z = mean + sigma eps). No pickle.
 
@@ -44,6 +48,9 @@ class Metadata:
   channel_std: tuple
   tokenizer: str  # what the latents were encoded with
   data: dict  # the data fields of the encoded dataset
+  # Latent frames per clip the tokenizer coded at once: a cached sequence longer than this is a
+  # long video encoded clip after clip (0: written before the field existed, one clip).
+  clip_latents: int = 0
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -191,3 +198,39 @@ def channel_statistics(examples, channels: int) -> tuple[np.ndarray, np.ndarray]
   mu = total / n
   var = total_sq / n - mu**2 + total_var / n
   return mu, np.sqrt(np.maximum(var, 1e-12))
+
+
+class LatentWindows(grain.transforms.RandomMap):
+  """A window of `window` latent frames of a cached sequence (mean, logvar), evenly spaced by a
+  stride drawn uniformly from `strides` (those whose span fits the sequence; (1,) when empty)
+  at a start drawn uniformly where it fits: clips at several frame rates from long videos, for
+  stride conditioning. With `strides` the example gains 'stride' (int32)."""
+
+  def __init__(self, window: int, strides=()):
+    self.window, self.strides = int(window), tuple(strides)
+
+  def _cut(self, element: dict, start: int, stride: int) -> dict:
+    index = slice(start, start + (self.window - 1) * stride + 1, stride)
+    out = {
+        'mean': np.ascontiguousarray(element['mean'][index]),
+        'logvar': np.ascontiguousarray(element['logvar'][index]),
+        'label': element['label'],
+    }
+    if self.strides:
+      out['stride'] = np.int32(stride)
+    return out
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    length = element['mean'].shape[0]
+    fits = [s for s in self.strides or (1,) if (self.window - 1) * s + 1 <= length]
+    if not fits:
+      raise DataError(
+          f'a cached sequence of {length} latent frames holds no window of {self.window}'
+      )
+    stride = fits[rng.integers(len(fits))]
+    start = rng.integers(length - (self.window - 1) * stride)
+    return self._cut(element, int(start), int(stride))
+
+  def first(self, element: dict) -> dict:
+    """The held-out view: the first window at the finest stride."""
+    return self._cut(element, 0, min(self.strides or (1,)))

@@ -14,8 +14,13 @@ Options for long video (NUWA-XL, W.A.L.T, ExVideo):
               to generate; one model then generates, continues, infills and interpolates.
   strides     the frame stride of the clip (keyframes far apart, or consecutive frames), embedded
               like the class and added to the conditioning vector.
+  frame_positions
+              a learned per-latent-frame embedding (zero-initialised, so it starts as a no-op),
+              added to every token of the frame: with the stride embedding, the parameters
+              ExVideo-style post-tuning trains to extend the model to longer clips.
 The token grid is the input's: a clip longer than the trained one gets positions past the trained
-range (sin-cos and RoPE are both functions of the frame index).
+range (sin-cos and RoPE are both functions of the frame index; a learned table must be as long
+as the clip).
 
 Recipes (`DiTConfig.recipe`):
   'vitok'    what ViTok used downstream: gated MLP (SwiGLU, hidden int(2.67 w)), q/k/v without
@@ -99,6 +104,7 @@ class DiTConfig:
   rope_theta: float = 10000.0
   frame_mask: bool = False  # a known-frames mask channel at the input (see the module doc)
   strides: tuple[int, ...] = ()  # the frame strides it is told (empty: no stride conditioning)
+  frame_positions: int = 0  # length of the learned per-frame embedding table (0: none)
   dtype: str = 'float32'  # compute dtype; parameters stay float32
   remat: str = 'none'
   scan: bool = False  # blocks as one lax.scan over stacked parameters (see layers.make_blocks)
@@ -115,6 +121,10 @@ class DiTConfig:
     if any(s < 1 for s in self.strides) or len(set(self.strides)) != len(self.strides):
       raise config_checks.ConfigError(
           f'model.strides={list(self.strides)} must be distinct positive frame strides'
+      )
+    if self.frame_positions < 0:
+      raise config_checks.ConfigError(
+          f'model.frame_positions={self.frame_positions} must be >= 0 (0: no learned table)'
       )
     t, h, w = self.grid
     if h % p or w % p:
@@ -289,6 +299,10 @@ class DiT(nnx.Module):
       self.stride_embed = nnx.Embed(
           len(cfg.strides), width, embedding_init=_zeros((None, 'embed')), rngs=rngs
       )
+    if cfg.frame_positions:
+      self.frame_embed = nnx.Embed(
+          cfg.frame_positions, width, embedding_init=_zeros((None, 'embed')), rngs=rngs
+      )
     self.blocks = layers.make_blocks(
         lambda r: DiTBlock(cfg, dtype=dtype, rngs=r), size.depth, cfg.scan, rngs
     )
@@ -329,6 +343,14 @@ class DiT(nnx.Module):
     # them a small DiT could not even overfit one latent per class (measured: sampling error 1.4
     # vs 0.7 with them, in units of the latents' std, after 400 steps).
     x = x + jnp.asarray(sincos_positions(grid, cfg.size.width), x.dtype)
+    if cfg.frame_positions:
+      if frames > cfg.frame_positions:
+        raise ValueError(
+            f'a clip of {frames} latent frames is longer than the learned frame table '
+            f'(model.frame_positions={cfg.frame_positions})'
+        )
+      per_frame = jnp.repeat(self.frame_embed(jnp.arange(frames)), grid[1] * grid[2], axis=0)
+      x = x + per_frame.astype(x.dtype)[None]
     angles = None
     if cfg.rope:
       head_dim = cfg.size.width // cfg.size.heads

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dit import diffusion, encoding
+from dit import diffusion, encoding, known_frames, post_tuning
 from dit import evaluation as dit_evaluation
 from dit import latents as latents_lib
 from dit import model as dit_model
@@ -69,6 +69,14 @@ FIELDS = {
     'generation.clips': config_checks.Range(0, note='0 = as many as the real held-out clips'),
     'latents.source': config_checks.OneOf(('cache', 'video')),
     'latents.stats_clips': config_checks.AT_LEAST_1,
+    'latents.window': config_checks.Range(0, note='0 = the cached clip whole'),
+    'model.frame_positions': config_checks.Range(0, note='0 = no learned frame table'),
+    'known.none': config_checks.Range(0),
+    'known.prefix': config_checks.Range(0),
+    'known.ends': config_checks.Range(0),
+    'known.sparse': config_checks.Range(0),
+    'finetune.trainable': config_checks.OneOf(('all', 'time')),
+    'long.context': config_checks.AT_LEAST_1,
 }
 EVAL_LEVELS = (0.1, 0.5, 0.9)  # noise levels of the 'loss' evaluator (fraction of the way to noise)
 
@@ -109,6 +117,7 @@ class DiTTask:
             f'{self.latents.channels} channels but the tokenizer {self.tokenizer_dir} makes '
             f'{channels}: the DiT and the tokenizer do not fit together'
         )
+    grid = self._window_grid(config, tuple(grid))
     if not num_classes and self.on_the_fly:
       num_classes = self._data_classes(config.data)
     if not num_classes:
@@ -127,7 +136,11 @@ class DiTTask:
         remat=config.model.remat,
         scan=config.model.scan,
         attention=config.model.attention,
+        frame_mask=bool(config.model.frame_mask),
+        strides=self.strides,
+        frame_positions=int(config.model.frame_positions),
     )
+    self._check_long_video_fields(config)
     layers.check_attention(self.model_cfg.attention, self.model_cfg.dtype, jax.default_backend())
     self.tokens_per_clip = self.model_cfg.tokens
     self.schedule = diffusion.linear_schedule(1000)
@@ -158,6 +171,82 @@ class DiTTask:
           f'config.sample.sampler={s.sampler!r} does not sample the {config.diffusion.objective} '
           "objective: ddpm samples with 'ddim' or 'ancestral', flow with 'euler' or 'heun'"
       )
+
+  def _window_grid(self, config, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The DiT's latent grid: the cached one, or `latents.window` latent frames of it; sets
+    `self.window` (0: none) and `self.strides` (parsed model.strides)."""
+    try:
+      self.strides = tuple(
+          int(s) for s in str(config.model.strides).replace(' ', '').split(',') if s
+      )
+    except ValueError:
+      raise config_checks.ConfigError(
+          f'config.model.strides={config.model.strides!r} must be comma-separated integers, '
+          "e.g. '1,3,9'"
+      ) from None
+    self.window = int(config.latents.window)
+    if not self.window:
+      if self.strides:
+        raise config_checks.ConfigError(
+            f'config.model.strides={config.model.strides!r} needs clips at several strides: '
+            'set config.latents.window to the latent frames of a training clip, drawn from '
+            "the cache's longer sequences"
+        )
+      return grid
+    if self.on_the_fly:
+      raise config_checks.ConfigError(
+          f'config.latents.window={self.window} draws windows from cached latent sequences; '
+          "config.latents.source='video' encodes single clips: use a cache (launch.encode)"
+      )
+    strides = self.strides or (1,)
+    span = (self.window - 1) * max(strides) + 1
+    if span > grid[0]:
+      raise config_checks.ConfigError(
+          f'config.latents.window={self.window} at stride {max(strides)} spans {span} latent '
+          f'frames, but the cached sequences have {grid[0]}: encode longer videos or lower '
+          'model.strides / latents.window'
+      )
+    return (self.window, *grid[1:])
+
+  def _check_long_video_fields(self, config) -> None:
+    k = config.known
+    weights = (k.none, k.prefix, k.ends, k.sparse)
+    if sum(weights) <= 0:
+      raise config_checks.ConfigError('config.known: at least one kind of mask needs a weight > 0')
+    if any(weights[1:]) and not config.model.frame_mask:
+      raise config_checks.ConfigError(
+          'config.known gives some training clips known frames, which the model is only told '
+          'with config.model.frame_mask=True'
+      )
+    self.known_weights = tuple(float(w) for w in weights)
+    # Generated clips are decoded in the tokenizer's own clips (of clip_latents latent frames).
+    t, clip = self.model_cfg.grid[0], self.clip_latents
+    if t > clip and t % clip:
+      raise config_checks.ConfigError(
+          f'the DiT generates clips of {t} latent frames, which do not split into the '
+          f"tokenizer's clips of {clip} (config.latents.window)"
+      )
+    f = config.finetune
+    if f.trainable != 'all' and not f.start:
+      raise config_checks.ConfigError(
+          f'config.finetune.trainable={f.trainable!r} post-tunes a trained DiT: set '
+          'config.finetune.start to its run directory'
+      )
+    if f.trainable == 'time' and not (self.strides or config.model.frame_positions):
+      raise config_checks.ConfigError(
+          "config.finetune.trainable='time' trains the stride and frame embeddings, but the "
+          'model has neither (config.model.strides, config.model.frame_positions)'
+      )
+
+  @property
+  def clip_latents(self) -> int:
+    """Latent frames per clip the frozen tokenizer codes at once."""
+    if self.latents is not None and self.latents.clip_latents:
+      return self.latents.clip_latents
+    if self.tokenizer_dir:
+      frames = int(stage1.read_tokenizer_config(self.tokenizer_dir).data.frames)
+      return self.tokenizer_cfg.latent_grid(frames, self.tokenizer_cfg.parsed.p)[0]
+    return self.model_cfg.grid[0]
 
   @staticmethod
   def _latent_description(config) -> latents_lib.Metadata | None:
@@ -223,21 +312,69 @@ class DiTTask:
 
   def loss_fn(self, model, batch, rng, frozen, step=None):
     del step  # no schedule inside the objective
-    z_key, drop_key, loss_key = jax.random.split(rng, 3)
+    z_key, drop_key, loss_key, mask_key = jax.random.split(rng, 4)
     x0 = self.normalized_latents(batch, frozen, z_key)
     drop = jax.random.bernoulli(drop_key, self.config.diffusion.label_dropout, batch['label'].shape)
     labels = jnp.where(drop, self.model_cfg.num_classes, batch['label'])
-    terms = self.loss_terms(model, x0, labels, loss_key)
+    known = None
+    if self.model_cfg.frame_mask:  # W.A.L.T: some latent frames given clean, the rest generated
+      mask = known_frames.training_masks(mask_key, *x0.shape[:2], self.known_weights)
+      known = diffusion.Known(mask, x0)
+    terms = self.loss_terms(model, x0, labels, loss_key, known, self.conditions(batch))
     metrics = {'mse': jnp.mean(terms['mse'])}
     if 'vb' in terms:
       metrics['vb'] = jnp.mean(terms['vb'])
     return jnp.mean(terms['loss']), metrics
 
-  def loss_terms(self, model, x0, labels, key):
+  def conditions(self, batch) -> dict:
+    """The per-clip conditions besides the class the model is told (the frame stride)."""
+    return {'stride': batch['stride']} if self.strides else {}
+
+  def loss_terms(self, model, x0, labels, key, known=None, conditions=None):
     if self.config.diffusion.objective == 'ddpm':
-      return diffusion.ddpm_loss_terms(self.schedule, model, x0, labels, key)
+      return diffusion.ddpm_loss_terms(
+          self.schedule, model, x0, labels, key, known=known, conditions=conditions
+      )
     d = self.config.diffusion
-    return diffusion.flow_loss_terms(model, x0, labels, key, d.t_mean, d.t_std)
+    return diffusion.flow_loss_terms(
+        model, x0, labels, key, d.t_mean, d.t_std, known=known, conditions=conditions
+    )
+
+  def sample_latents(self, model, labels, key, guide, steps, known=None, conditions=None):
+    """Normalised latents (B, *grid_of_known_or_model, c) of the classes `labels` by the config's
+    sampler; `known` frames (diffusion.Known) are kept as given."""
+    s = self.config.sample
+    tail = (
+        known.values.shape[1:]
+        if known is not None
+        else (*self.model_cfg.grid, self.model_cfg.channels)
+    )
+    shape = (labels.shape[0], *tail)
+    if self.config.diffusion.objective == 'ddpm':
+      schedule = diffusion.respace(self.schedule, steps)
+      eta = None if s.sampler == 'ancestral' else s.eta
+      return diffusion.ddpm_sample(
+          schedule, model, shape, labels, key, guide, eta=eta, known=known, conditions=conditions
+      )
+    return diffusion.flow_sample(
+        model, shape, labels, key, steps, s.sampler, guide, known=known, conditions=conditions
+    )
+
+  def guidance(self, scale=None) -> diffusion.Guidance:
+    s = self.config.sample
+    return diffusion.Guidance(
+        scale=s.guidance if scale is None else scale,
+        null_class=self.model_cfg.num_classes,
+        low=s.guidance_low,
+        high=s.guidance_high,
+    )
+
+  def decode_latents(self, frozen, x):
+    """Normalised latents (B, t, h, w, c) -> uint8 clips, decoded by the frozen tokenizer in its
+    own clips of `clip_latents` latent frames, one after another (traceable)."""
+    z = x * frozen['stats']['std'] + frozen['stats']['mean']
+    decoder = nnx.merge(self.tokenizer_graphdef, frozen['tokenizer'])
+    return tokenizer.to_uint8(encoding.in_clips(decoder.decode, z, self.clip_latents))
 
   def latent_moments(self, batch, frozen):
     """The posterior mean and log-variance of the batch's clips: cached, or encoded here by the
@@ -264,11 +401,14 @@ class DiTTask:
           'video': jax.ShapeDtypeStruct((b, d.frames, d.res, d.res, 3), np.uint8),
           'label': jax.ShapeDtypeStruct((b,), np.int32),
       }
-    return {
+    batch = {
         'mean': jax.ShapeDtypeStruct((b, *shape), np.float32),
         'logvar': jax.ShapeDtypeStruct((b, *shape), np.float32),
         'label': jax.ShapeDtypeStruct((b,), np.int32),
     }
+    if self.strides:
+      batch['stride'] = jax.ShapeDtypeStruct((b,), np.int32)
+    return batch
 
   def prepare_data(self) -> dict:
     if self.on_the_fly:
@@ -302,10 +442,22 @@ class DiTTask:
           f'{self.config.latents.train_split!r}'
       )
     examples = grain.MapDataset.source(source).seed(d.seed).shuffle().repeat()
+    if self.window:  # a window of each long sequence, at a random start and stride
+      examples = examples.random_map(latents_lib.LatentWindows(self.window, self.strides))
     ds = pipeline.process_batches(
         examples, d.batch_size, process_index, process_count, d.num_workers
     )
     return pipeline.positioned(ds, start_step, d.num_workers)
+
+  # --- post-tuning (ExVideo, dit/post_tuning.py) ---
+
+  def param_groups(self, total_steps: int):
+    return post_tuning.param_groups(self.config, total_steps)
+
+  def warm_start(self, params, mesh):
+    params, report = post_tuning.warm_start(self.config, self.model_cfg, params, mesh)
+    self.trainable_report = report
+    return params
 
   # --- frozen: latent statistics and the tokenizer (sharded by the rules) ---
 
@@ -425,7 +577,13 @@ class DiTTask:
       clips = [view.map(source[i]) for i in range(n)]
       batch = {k: np.stack([clip[k] for clip in clips]) for k in ('video', 'label')}
     else:
-      batch = {k: np.stack([source[i][k] for i in range(n)]) for k in ('mean', 'logvar', 'label')}
+      view = (
+          latents_lib.LatentWindows(self.window, self.strides).first if self.window else lambda x: x
+      )
+      examples = [view(source[i]) for i in range(n)]
+      batch = {k: np.stack([x[k] for x in examples]) for k in examples[0] if k != 'stride'}
+      if self.strides:
+        batch['stride'] = np.stack([x['stride'] for x in examples])
     run = _eval_loss_fn(self, context.graphdef, context.mesh)
     per_level = jax.device_get(run(context.params, context.frozen, batch))
     result = {'step': context.step, 'split': self.eval_split, 'clips': int(n)}
@@ -472,9 +630,9 @@ class DiTTask:
       )
       decoded = np.concatenate(
           [
-              _reconstruct_fn(self.tokenizer_graphdef)(
-                  context.frozen['tokenizer'], real[i : i + 50]
-              )
+              _reconstruct_fn(
+                  self.tokenizer_graphdef, self.clip_latents * self.tokenizer_cfg.parsed.q
+              )(context.frozen['tokenizer'], real[i : i + 50])
               for i in range(0, len(real), 50)
           ]
       )
@@ -490,14 +648,10 @@ class DiTTask:
   def generate(self, graphdef, params, frozen, labels, mesh, seed=0, guidance=None, steps=None):
     """Clips (N, T, H, W, 3) uint8 of the classes `labels`, sampled with the config's sampler
     and decoded by the frozen tokenizer."""
-    s = self.config.sample
-    guide = diffusion.Guidance(
-        scale=s.guidance if guidance is None else guidance,
-        null_class=self.model_cfg.num_classes,
-        low=s.guidance_low,
-        high=s.guidance_high,
+    guide = self.guidance(guidance)
+    run = _sample_fn(
+        self, graphdef, self.tokenizer_graphdef, mesh, guide, steps or self.config.sample.steps
     )
-    run = _sample_fn(self, graphdef, self.tokenizer_graphdef, mesh, guide, steps or s.steps)
     out = run(params, frozen, jnp.asarray(labels), jax.random.PRNGKey(seed))
     return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
@@ -513,6 +667,15 @@ class DiTTask:
         'params_M': round(dit_model.count_params(cfg) / 1e6, 2),
         'gmacs_per_clip': round(dit_model.forward_macs(cfg) / 1e9, 3),
         'latents': 'encoded on the fly' if self.on_the_fly else 'cache',
+        **(
+            {
+                'window_latent_frames': self.window,
+                'strides': list(self.strides),
+                'frame_mask': cfg.frame_mask,
+            }
+            if self.window
+            else {}
+        ),
         **(
             {'encoder_gmacs_per_clip': round(self._encoder_macs() / 1e9, 3)}
             if self.on_the_fly
@@ -536,12 +699,13 @@ def _eval_loss_fn(task: DiTTask, graphdef, mesh):
       if task.config.diffusion.objective == 'ddpm':
         step = jnp.full((n,), int(level * 999), jnp.int32)
         xt = diffusion.q_sample(task.schedule, x0, step, noise)
-        eps = jnp.split(model(xt, step.astype(jnp.float32), batch['label']), 2, axis=-1)[0]
+        out_ = model(xt, step.astype(jnp.float32), batch['label'], **task.conditions(batch))
+        eps = jnp.split(out_, 2, axis=-1)[0]
         out.append(jnp.mean(jnp.square(eps - noise)))
       else:
         t = jnp.full((n,), level)
         xt = diffusion.flow_interpolate(x0, noise, t)
-        v = model(xt, 1000.0 * t, batch['label'])
+        v = model(xt, 1000.0 * t, batch['label'], **task.conditions(batch))
         out.append(jnp.mean(jnp.square(v - diffusion.flow_target(x0, noise))))
     return jnp.stack(out)
 
@@ -551,36 +715,28 @@ def _eval_loss_fn(task: DiTTask, graphdef, mesh):
 @functools.lru_cache(maxsize=4)
 def _sample_fn(task: DiTTask, graphdef, tokenizer_graphdef, mesh, guide, steps: int):
   """Jitted: labels -> decoded uint8 clips, the sampling loop and the decoder in one program."""
-  cfg = task.model_cfg
-  shape_tail = (*cfg.grid, cfg.channels)
-  s = task.config.sample
+  del tokenizer_graphdef, mesh  # part of the cache key: the program is specific to them
 
   @jax.jit
   def run(params, frozen, labels, key):
     model = nnx.merge(graphdef, params)
-    shape = (labels.shape[0], *shape_tail)
-    if task.config.diffusion.objective == 'ddpm':
-      schedule = diffusion.respace(task.schedule, steps)
-      eta = None if s.sampler == 'ancestral' else s.eta
-      x = diffusion.ddpm_sample(schedule, model, shape, labels, key, guide, eta=eta)
-    else:
-      x = diffusion.flow_sample(model, shape, labels, key, steps, s.sampler, guide)
-    z = x * frozen['stats']['std'] + frozen['stats']['mean']
-    video = nnx.merge(tokenizer_graphdef, frozen['tokenizer']).decode(z)
-    return tokenizer.to_uint8(video)
+    # Plain clips at the full frame rate (the finest stride), nothing known.
+    conditions = {'stride': jnp.ones_like(labels)} if task.strides else None
+    x = task.sample_latents(model, labels, key, guide, steps, conditions=conditions)
+    return task.decode_latents(frozen, x)
 
   return run
 
 
 @functools.lru_cache(maxsize=2)
-def _reconstruct_fn(tokenizer_graphdef):
+def _reconstruct_fn(tokenizer_graphdef, clip_frames: int):
   """Jitted: uint8 clips -> the frozen tokenizer's reconstructions (posterior means), uint8."""
 
   @jax.jit
   def run(params, videos):
     model = nnx.merge(tokenizer_graphdef, params)
-    mean, _ = model.encode_moments(tokenizer.to_unit_range(videos))
-    return tokenizer.to_uint8(model.decode(mean))
+    code = lambda clips: model.decode(model.encode_moments(tokenizer.to_unit_range(clips))[0])
+    return tokenizer.to_uint8(encoding.in_clips(code, videos, clip_frames))
 
   return lambda params, videos: np.asarray(
       multihost_utils.process_allgather(run(params, videos), tiled=True)

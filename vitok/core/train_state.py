@@ -96,7 +96,7 @@ class ParamGroups:
   def labels(self, params) -> Any:
     """The group name of every leaf of `params` (`_FROZEN` for frozen ones)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: self.group(_names(path)) or _FROZEN, params
+        lambda path, _: self.group(names(path)) or _FROZEN, params
     )
 
   def optimizer(self) -> optax.GradientTransformation:
@@ -113,7 +113,7 @@ class ParamGroups:
 _FROZEN = 'frozen'
 
 
-def _names(path) -> tuple[str, ...]:
+def names(path) -> tuple[str, ...]:
   """A pytree key path as attribute / key names (the Variable's own 'value' key included)."""
   return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
