@@ -119,8 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune = ml_collections.ConfigDict(dict(start='', trainable='all'))
   # Long generation (launch.sample_long, launch.long_demo): the latent frames each autoregressive
   # window (and the hierarchy's top level, when it has more keyframes than one window) is
-  # conditioned on.
-  c.long = ml_collections.ConfigDict(dict(context=1))
+  # conditioned on; the most windows one sampler batch runs (a call's windows are independent:
+  # more are run in chunks; on a 2-core CPU ~32 windows of 64 tokens were fastest per window,
+  # 0 = a call's windows in one batch, for accelerators).
+  c.long = ml_collections.ConfigDict(dict(context=1, max_windows=32))
   c.sample = ml_collections.ConfigDict(
       dict(
           every=0,  # steps between sample grids (0 = only at the end)

@@ -201,10 +201,13 @@ def run_plan(
     length: int,
     latent_shape: tuple[int, ...],
     key: jax.Array,
+    max_windows: int = 0,
 ) -> np.ndarray:
   """Latents (B, length, *latent_shape) of one long video per label, by `plan`: every call
-  samples its windows of every video in one batch (windows of a video together, videos one after
-  another), with its own key folded from `key`."""
+  samples its windows of every video together (windows of a video together, videos one after
+  another), with its own key folded from `key`. `max_windows` > 0 runs a call's batch in chunks
+  of at most that many windows (the call's windows are independent given its known frames; on a
+  CPU big batches run slower per window), each chunk with its key folded from the call's."""
   labels = np.asarray(labels)
   videos = np.zeros((len(labels), length, *latent_shape), np.float32)
   for call, windows in enumerate(plan):
@@ -213,14 +216,20 @@ def run_plan(
     strides = np.broadcast_to(np.array([w.stride for w in windows]), (len(labels), len(windows)))
     values = videos[:, index]  # (B, W, K, ...)
     flat = lambda x: x.reshape(-1, *x.shape[2:])
-    sampled = sample_windows(
-        flat(values),
-        flat(known),
-        flat(strides),
-        np.repeat(labels, len(windows)),
-        jax.random.fold_in(key, call),
-    )
-    sampled = np.asarray(sampled).reshape(values.shape)
+    rows = (flat(values), flat(known), flat(strides), np.repeat(labels, len(windows)))
+    call_key = jax.random.fold_in(key, call)
+    size = max_windows if max_windows > 0 else len(rows[0])
+    sampled = np.concatenate(
+        [
+            np.asarray(
+                sample_windows(
+                    *(x[start : start + size] for x in rows),
+                    call_key if size >= len(rows[0]) else jax.random.fold_in(call_key, start),
+                )
+            )
+            for start in range(0, len(rows[0]), size)
+        ]
+    ).reshape(values.shape)
     for b in range(len(labels)):
       for w, window in enumerate(windows):
         new = ~np.asarray(window.known)
@@ -382,7 +391,8 @@ def generate(
   sampler = sampler or window_sampler(task, graphdef, params, mesh, guidance, steps)
   shape = (*task.model_cfg.grid[1:], task.model_cfg.channels)
   started = time.perf_counter()
-  latents = run_plan(plan, sampler, labels, length, shape, jax.random.PRNGKey(seed))
+  key = jax.random.PRNGKey(seed)
+  latents = run_plan(plan, sampler, labels, length, shape, key, task.config.long.max_windows)
   sampled = time.perf_counter()
   videos = np.stack([decode(task, frozen, video, frames) for video in latents])
   return LongVideos(videos, latents, plan, owner, sampled - started, time.perf_counter() - sampled)

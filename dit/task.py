@@ -77,6 +77,7 @@ FIELDS = {
     'known.sparse': config_checks.Range(0),
     'finetune.trainable': config_checks.OneOf(('all', 'time')),
     'long.context': config_checks.AT_LEAST_1,
+    'long.max_windows': config_checks.Range(0, note='0 = no limit'),
 }
 EVAL_LEVELS = (0.1, 0.5, 0.9)  # noise levels of the 'loss' evaluator (fraction of the way to noise)
 

@@ -16,6 +16,16 @@ Every stage is the same code as its own command (launch.train, launch.encode), a
 finished stage is skipped, an interrupted one resumes from its checkpoint. --tokenizer and --dit
 take the argument of their config file (e.g. --dit=digits,steps=3000); any other field is set with
 the separate commands.
+
+    python -m launch.demo --long --workdir=/tmp/vitok-long-demo
+
+The long-video demo: the same tokenizer; every 128-frame moving-digits video encoded clip after
+clip into a latent sequence (stage 2); a DiT trained on windows of those sequences at several
+strides, with known frames (configs/dit.py:long_digits, stage 3); then (stage 4, `long`)
+--frames-frame videos of every digit generated hierarchically (diffusion over diffusion) and
+autoregressively, with their wall times, sequential DiT evaluations, class consistency and motion
+continuity against real videos (launch/long_demo.py), into WORKDIR/long/, the report and
+metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -30,19 +40,27 @@ from absl import flags
 from configs import dit as dit_configs
 from configs import vitok as vitok_configs
 from dit import encoding
-from launch import common
+from launch import common, long_demo
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import signals, trainer
 
 _TOKENIZER = flags.DEFINE_string(
     'tokenizer', 'digits', 'Argument of configs/vitok.py for the tokenizer stage.'
 )
-_DIT = flags.DEFINE_string('dit', 'digits', 'Argument of configs/dit.py for the DiT stage.')
+_DIT = flags.DEFINE_string(
+    'dit',
+    '',
+    "Argument of configs/dit.py for the DiT stage ('': digits, or long_digits with --long).",
+)
+_LONG = flags.DEFINE_bool('long', False, 'The long-video demo (see above) instead.')
+_FRAMES = flags.DEFINE_integer('frames', 256, '--long: frames of each generated video.')
+_PER_CLASS = flags.DEFINE_integer('per_class', 2, '--long: generated videos per digit class.')
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', '', "Where the moving-digits data set is built (default: the config's)."
 )
 
 STAGES = ('tokenizer', 'latents', 'dit')
+LONG_STAGES = STAGES + ('long',)
 
 
 def _finished_step(workdir: str) -> int | None:
@@ -151,11 +169,13 @@ def main(argv):
   # Both config arguments are read before any work, and the tokenizer's config is checked: a bad
   # one is one line and nothing runs. (The DiT's is checked in full once its latents exist.)
   tokenizer_config = _load(vitok_configs, _TOKENIZER.value, 'tokenizer')
-  dit_config = _load(dit_configs, _DIT.value, 'dit')
+  dit_config = _load(dit_configs, _DIT.value or ('long_digits' if _LONG.value else 'digits'), 'dit')
   if _DATA_DIR.value:
     tokenizer_config.data.data_dir = _DATA_DIR.value
+    dit_config.data.data_dir = _DATA_DIR.value
   common.make_task_or_exit(tokenizer_config)
-  paths = {stage: os.path.join(workdir, stage) for stage in STAGES}
+  stages = LONG_STAGES if _LONG.value else STAGES
+  paths = {stage: os.path.join(workdir, stage) for stage in stages}
   dit_config.latents.dir = paths['latents']
   seconds = {}
 
@@ -166,7 +186,9 @@ def main(argv):
 
   started = time.perf_counter()
   _stage(2, 'latents', paths['latents'])
-  encoding.encode(paths['tokenizer'], paths['latents'], tokenizer_config.data, batch=64)
+  # The clips the tokenizer trained on, or (--long) the DiT config's long videos, clip by clip.
+  data = dit_config.data if _LONG.value else tokenizer_config.data
+  encoding.encode(paths['tokenizer'], paths['latents'], data, batch=64)
   seconds['latents'] = round(time.perf_counter() - started)
 
   started = time.perf_counter()
@@ -174,7 +196,14 @@ def main(argv):
   outcome = _train(dit_config, paths['dit'])
   seconds['dit'] = round(time.perf_counter() - started) if outcome == 'trained' else None
 
-  summary = report(workdir, seconds)
+  if _LONG.value:
+    started = time.perf_counter()
+    _stage(4, 'long', paths['long'])
+    long = long_demo.measure(paths['dit'], paths['long'], _FRAMES.value, _PER_CLASS.value)
+    seconds['long'] = round(time.perf_counter() - started)
+    summary = long_report(workdir, long, seconds)
+  else:
+    summary = report(workdir, seconds)
   print(json.dumps(summary), flush=True)
   print(f'report: {os.path.join(workdir, "report.md")}', flush=True)
 
@@ -187,7 +216,25 @@ def _load(module, argument: str, flag: str):
 
 
 def _stage(number: int, name: str, path: str) -> None:
-  print(f'--- stage {number}/{len(STAGES)}: {name} -> {path}', flush=True)
+  total = len(LONG_STAGES if _LONG.value else STAGES)
+  print(f'--- stage {number}/{total}: {name} -> {path}', flush=True)
+
+
+def long_report(workdir: str, long: dict, seconds: dict) -> dict:
+  """WORKDIR/report.md and a summary line in WORKDIR/metrics.jsonl for the long-video demo."""
+  tokenizer_eval = _read_metrics(os.path.join(workdir, 'tokenizer'))[-1]
+  accuracy = [m for m in _read_metrics(os.path.join(workdir, 'dit')) if 'accuracy_guided' in m]
+  summary = {'stage': 'long_demo', **long, 'tokenizer_psnr': tokenizer_eval['psnr']}
+  summary['seconds'] = seconds
+  if accuracy:
+    summary['accuracy_guided'] = accuracy[-1]['accuracy_guided']
+    summary['accuracy_unguided'] = accuracy[-1]['accuracy_unguided']
+  trainer.append_metrics(workdir, summary)
+  text = long_demo.report_text(long, tokenizer_eval, accuracy[-1] if accuracy else None, seconds)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'report.md'), 'w') as f:
+      f.write(text)
+  return summary
 
 
 if __name__ == '__main__':

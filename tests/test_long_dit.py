@@ -243,3 +243,45 @@ def test_long_videos_are_encoded_clip_after_clip_as_the_tokenizer_was_trained():
   np.testing.assert_array_equal(out, expected)
   with pytest.raises(ValueError, match='do not split into clips of 5'):
     encoding.in_clips(code, video, 5)
+
+
+@pytest.mark.slow
+def test_sample_long_writes_videos_and_names_the_nearest_reachable_lengths(trained, tmp_path):
+  import json
+  import subprocess
+  import sys
+
+  from tests.conftest import REPO
+  from vitok.data import video_io
+
+  _, _, workdir, _ = trained
+  out = str(tmp_path / 'long')
+
+  def run(*flags):
+    return subprocess.run(
+        [sys.executable, '-m', 'launch.sample_long', f'--workdir={workdir}', f'--out={out}']
+        + list(flags),
+        cwd=REPO,
+        env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+  bad = run('--frames=21', '--method=hierarchical')
+  assert bad.returncode != 0
+  assert 'nearest reachable frame counts are 19-20 and 25-26' in bad.stderr + bad.stdout
+  done = run('--class=0,2', '--frames=20', '--method=hierarchical', '--steps=2', '--filmstrip=5')
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert summary['sequential_calls'] == 2 and summary['sequential_dit_evaluations'] == 4
+  assert summary['levels'] == [
+      {'stride': 3, 'calls': 1, 'windows': 1},
+      {'stride': 1, 'calls': 1, 'windows': 3},
+  ]
+  for label in (0, 2):
+    name = os.path.join(out, f'hierarchical_class{label}_{label // 2}')
+    assert video_io.probe(name + '.mp4')[:3] == (20, 16, 16)
+    assert os.path.exists(name + '.png')
+  with open(os.path.join(out, 'hierarchical.json')) as f:
+    assert json.load(f) == summary

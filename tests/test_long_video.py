@@ -146,6 +146,23 @@ def test_a_plan_keeps_every_known_frame_and_batches_the_windows_of_a_call():
   assert not np.allclose(other, videos)
 
 
+def test_a_call_runs_in_chunks_of_at_most_max_windows_with_the_same_conditions():
+  plan = L.hierarchical_plan(10, 4, STRIDES)
+  labels = np.array([1, 5])
+  sizes = []
+
+  def keyless(values, known, strides, labels, key):  # a sampler that ignores its key
+    sizes.append(len(labels))
+    return values + 1.0 + labels[:, None, None, None, None]
+
+  whole = L.run_plan(plan, keyless, labels, 10, (1, 1, 1), jax.random.PRNGKey(0))
+  assert sizes == [2, 6]
+  sizes.clear()
+  chunked = L.run_plan(plan, keyless, labels, 10, (1, 1, 1), jax.random.PRNGKey(0), max_windows=4)
+  assert sizes == [2, 4, 2]
+  np.testing.assert_array_equal(chunked, whole)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training masks.
 # ----------------------------------------------------------------------------------------------
@@ -186,3 +203,41 @@ def test_known_frames_reach_the_model_as_a_mask_channel_and_values_stay_in_place
   known = diffusion.Known(jnp.array([[True, False]]), jnp.ones((1, 2, 1, 1, 1)))
   x = jnp.zeros((1, 2, 1, 1, 1))
   np.testing.assert_array_equal(known.apply(x)[0, :, 0, 0, 0], [1.0, 0.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Coherence measures (dit/long_evaluation.py).
+# ----------------------------------------------------------------------------------------------
+
+
+def _moving_square(frames=10, speed=3, teleport=None):
+  video = np.zeros((1, frames, 48, 48, 3), np.uint8)
+  for t in range(frames):
+    x = 2 + speed * t + (8 if teleport is not None and t > teleport else 0)
+    video[0, t, 10:16, x : x + 6] = 255
+  return video
+
+
+def test_centroid_jumps_are_the_digit_moves_at_seams_and_inside_segments():
+  from dit import long_evaluation
+
+  steady = long_evaluation.centroid_jumps(_moving_square())
+  assert steady['jump_mean'] == pytest.approx(3.0, abs=1e-3)
+  boundary = np.zeros(9, bool)
+  boundary[4] = True  # the change from frame 4 to frame 5
+  jumped = long_evaluation.centroid_jumps(_moving_square(teleport=4), boundary)
+  assert jumped['jump_boundary'] == pytest.approx(11.0, abs=1e-3)
+  assert jumped['jump_inside'] == pytest.approx(3.0, abs=1e-3)
+
+
+def test_real_long_videos_keep_their_class_and_move_by_the_generators_physics():
+  """The references of the long-video demo: the classifier's per-frame ceiling on real 64-frame
+  videos, and their centroid jumps (speed canvas / 32 to canvas / 16 pixels a frame)."""
+  from dit import long_evaluation
+
+  videos, labels = long_evaluation.real_videos(20, 64, 64)
+  assert videos.shape == (20, 64, 64, 64, 3)
+  measured = long_evaluation.coherence(videos, labels, None)
+  assert measured['class_consistency_first_quarter'] > 0.85
+  assert measured['class_consistency_last_quarter'] > 0.85
+  assert 2.0 <= measured['jump_mean'] <= 4.0 + 1e-6

@@ -24,18 +24,38 @@ CROP = 16  # side of the resized digit window, pixels
 THRESHOLD = 0.25  # brightness (in [0, 1]) below which a pixel does not pull the window
 
 
+def _grey(videos: np.ndarray) -> np.ndarray:
+  """uint8 (..., H, W, 3) -> float32 frames (N, H, W) in [0, 1] (the digits are white on black)."""
+  frames = np.asarray(videos).astype(np.float32).mean(axis=-1) / 255.0
+  return frames.reshape(-1, *frames.shape[-2:])
+
+
+def _centres(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The intensity-weighted centre (y, x) of the bright pixels of each grey frame (N, H, W)."""
+  weight = np.clip(frames - THRESHOLD, 0.0, None)
+  mass = weight.sum(axis=(1, 2)) + 1e-6
+  grid_y = np.arange(frames.shape[1], dtype=np.float32)
+  grid_x = np.arange(frames.shape[2], dtype=np.float32)
+  y = (weight.sum(axis=2) * grid_y).sum(axis=1) / mass
+  x = (weight.sum(axis=1) * grid_x).sum(axis=1) / mass
+  return y, x
+
+
+def centroids(videos: np.ndarray) -> np.ndarray:
+  """uint8 clips (N, T, H, W, 3) -> (N, T, 2): each frame's digit position, the intensity-weighted
+  centre (y, x) of its bright pixels, in pixels."""
+  videos = np.asarray(videos)
+  y, x = _centres(_grey(videos))
+  return np.stack([y, x], axis=-1).reshape(*videos.shape[:2], 2)
+
+
 def digit_windows(videos: np.ndarray) -> np.ndarray:
   """uint8 clips (N, T, H, W, 3) -> float32 (N * T, CROP * CROP): per frame, the glyph-sized
   window around the bright pixels' centre, resized to CROP x CROP, in [0, 1]."""
-  frames = videos.astype(np.float32).mean(axis=-1) / 255.0  # grey: the digits are white on black
-  frames = frames.reshape(-1, *frames.shape[-2:])
+  frames = _grey(videos)
   side = frames.shape[-1]
   window = max(2, round(side / 3))
-  weight = np.clip(frames - THRESHOLD, 0.0, None)
-  mass = weight.sum(axis=(1, 2)) + 1e-6
-  grid = np.arange(side, dtype=np.float32)
-  centre_y = (weight.sum(axis=2) * grid).sum(axis=1) / mass
-  centre_x = (weight.sum(axis=1) * grid).sum(axis=1) / mass
+  centre_y, centre_x = _centres(frames)
   top = np.clip(np.round(centre_y - window / 2), 0, side - window).astype(int)
   left = np.clip(np.round(centre_x - window / 2), 0, side - window).astype(int)
   out = np.empty((len(frames), CROP * CROP), np.float32)
@@ -72,6 +92,11 @@ class DigitClassifier:
     videos = np.asarray(videos)
     per_frame = self._svc.decision_function(digit_windows(videos))
     return per_frame.reshape(len(videos), -1, moving_digits.NUM_CLASSES).mean(axis=1)
+
+  def frame_predictions(self, videos: np.ndarray) -> np.ndarray:
+    """uint8 clips (N, T, H, W, 3) -> (N, T): the class of every frame on its own."""
+    videos = np.asarray(videos)
+    return self._svc.predict(digit_windows(videos)).reshape(videos.shape[:2])
 
   def predict(self, videos: np.ndarray) -> np.ndarray:
     return np.argmax(self.scores(videos), axis=1)
