@@ -200,12 +200,19 @@ class DiTTask:
           "config.latents.source='video' encodes single clips: use a cache (launch.encode)"
       )
     strides = self.strides or (1,)
-    span = (self.window - 1) * max(strides) + 1
+    span = (self.window - 1) * min(strides) + 1
     if span > grid[0]:
       raise config_checks.ConfigError(
-          f'config.latents.window={self.window} at stride {max(strides)} spans {span} latent '
+          f'config.latents.window={self.window} at stride {min(strides)} spans {span} latent '
           f'frames, but the cached sequences have {grid[0]}: encode longer videos or lower '
-          'model.strides / latents.window'
+          'latents.window'
+      )
+    unfit = [s for s in strides if (self.window - 1) * s + 1 > grid[0]]
+    if unfit:  # e.g. post-tuning on longer windows: those strides keep what they learned
+      print(
+          f'windows of {self.window} latent frames at strides {unfit} do not fit the cached '
+          f'sequences of {grid[0]}: training draws the other strides only',
+          flush=True,
       )
     return (self.window, *grid[1:])
 
@@ -623,7 +630,9 @@ class DiTTask:
       videos = self.generate(
           context.graphdef, context.params, context.frozen, labels, context.mesh, guidance=guidance
       )
-      judge = digit_classifier.trained(videos.shape[1], videos.shape[2])
+      # Trained on real clips of up to 16 frames (its SVC grows with the frames); it scores
+      # clips of any length, frame by frame.
+      judge = digit_classifier.trained(min(videos.shape[1], 16), videos.shape[2])
       result[f'accuracy_{name}'] = judge.accuracy(videos, labels)
     if self._ceilings is None:
       real, real_labels = digit_classifier.real_clips(

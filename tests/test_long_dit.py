@@ -228,7 +228,7 @@ def test_long_video_config_errors_name_the_field(cache):
     return str(e.value)
 
   assert 'config.latents.window' in error(**{'latents.window': 0})
-  assert 'spans 28 latent frames' in error(**{'model.strides': '1,3,9'})
+  assert 'spans 25 latent frames' in error(**{'latents.window': 25})
   assert 'model.frame_mask=True' in error(**{'model.frame_mask': False})
   assert 'config.finetune.start' in error(**{'finetune.trainable': 'time'})
   assert 'must be comma-separated integers' in error(**{'model.strides': '1;3'})
