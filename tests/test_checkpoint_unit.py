@@ -2,9 +2,13 @@
 keep-best retention, the data iterator in the checkpoint, params-only restores and exports, damage
 detection. The end-to-end resume tests (training runs, signals) are in test_resume_end_to_end.py."""
 
+import asyncio
+import gc
 import json
+import logging
 import os
 import shutil
+import traceback
 
 import grain
 import jax
@@ -405,6 +409,35 @@ def test_other_arrays_are_a_mismatch_not_damage_and_older_steps_are_not_tried(tm
     checkpointer.restore(no_ema)
   assert checkpointer.skipped == []
   checkpointer.close()
+
+
+def _failing_read(filename):
+  """A coroutine that fails as a read of a missing array does, its code in file `filename`."""
+  namespace = {}
+  source = 'async def read():\n  raise ValueError("NOT_FOUND: an array\'s metadata")\n'
+  exec(compile(source, filename, 'exec'), namespace)  # pylint: disable=exec-used
+  return namespace['read']()
+
+
+def test_late_reports_of_failed_orbax_reads_are_dropped_and_no_others(caplog):
+  """Under load, the reads of a damaged checkpoint's other arrays fail after the restore raised
+  and was handled; asyncio reports each such task when it is collected, with a traceback (stray
+  lines after the one that names the damage). Those reports are dropped once a restore ran, and
+  only those: the failed coroutine must be Orbax's."""
+  ckpt_lib._drop_late_read_reports()  # pylint: disable=protected-access  # what a restore does
+  orbax_file = os.path.join(os.sep, 'venv', 'site-packages', 'orbax', 'serialization.py')
+  our_file = os.path.join(os.sep, 'project', 'reader.py')
+  with caplog.at_level(logging.INFO, logger='asyncio'):
+    for filename in (orbax_file, our_file):
+      loop = asyncio.new_event_loop()
+      task = loop.create_task(_failing_read(filename))
+      loop.run_until_complete(asyncio.wait([task]))  # done; its exception never retrieved
+      loop.close()
+      del task
+      gc.collect()  # the task reports now
+  reports = [r for r in caplog.records if 'exception was never retrieved' in r.getMessage()]
+  assert len(reports) == 1 and reports[0].levelno == logging.ERROR
+  assert traceback.extract_tb(reports[0].exc_info[2])[-1].filename == our_file
 
 
 def test_checkpoints_without_a_manifest_still_restore(tmp_path):

@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from typing import Any
 
 import grain
@@ -486,13 +487,18 @@ def _describe(error: Exception) -> str:
   return line if isinstance(error, manifest.Damaged) else f'{type(error).__name__}: {line}'[:400]
 
 
-def _drop_closed_loop_reports() -> None:
-  """A TensorStore read that fails leaves callbacks that later try to wake Orbax's event loop after
-  it closed, from TensorStore's threads, at any time after the restore returned; Python reports
-  each as an unraisable RuntimeError('Event loop is closed'), hundreds per damaged checkpoint.
-  They say nothing the restore error did not: drop those reports, and only those, from then on."""
+def _drop_late_read_reports() -> None:
+  """A TensorStore read that fails leaves work behind that reports later, from TensorStore's and
+  Orbax's threads, at any time after the restore returned and its error was handled:
+  - callbacks that try to wake Orbax's event loop after it closed, each reported as an unraisable
+    RuntimeError('Event loop is closed'), hundreds per damaged checkpoint;
+  - reads of the other arrays that failed after the first, whose tasks asyncio reports as 'Task
+    exception was never retrieved' with a traceback when they are garbage collected (under load,
+    after the restore's own collection; at the latest when the interpreter exits).
+  They say nothing the restore error did not: from then on, drop those reports, and only those
+  (the second kind only where the failed coroutine is Orbax's)."""
   previous = sys.unraisablehook
-  if getattr(previous, 'drops_closed_loop_reports', False):
+  if getattr(previous, 'drops_late_read_reports', False):
     return
 
   def hook(unraisable):
@@ -502,8 +508,22 @@ def _drop_closed_loop_reports() -> None:
     ):
       previous(unraisable)
 
-  hook.drops_closed_loop_reports = True
+  hook.drops_late_read_reports = True
   sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_unretrieved_orbax_errors_dropped)
+
+
+def _unretrieved_orbax_errors_dropped(record: logging.LogRecord) -> bool:
+  """A logging filter: False (dropped, logged at debug level here) for asyncio's report of an
+  Orbax read task whose error nobody retrieved; True for every other record."""
+  message = str(record.msg)
+  if 'exception was never retrieved' not in message or not record.exc_info:
+    return True
+  frames = traceback.extract_tb(record.exc_info[2])
+  if not any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames):
+    return True
+  log.debug('ignored: %s', record.exc_info[1])
+  return False
 
 
 @contextlib.contextmanager
@@ -512,7 +532,7 @@ def _quiet_async_errors():
   Python reports as tracebacks ('Exception ignored in ...', 'Future exception was never
   retrieved') after the error itself was raised and handled. Collect them while the restore runs
   and log those reports at debug level only."""
-  _drop_closed_loop_reports()
+  _drop_late_read_reports()
   hooks = sys.unraisablehook, sys.excepthook
   asyncio_log = logging.getLogger('asyncio')
   level = asyncio_log.level
