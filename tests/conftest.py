@@ -16,17 +16,15 @@ from absl import flags  # noqa: E402
 # grain workers and absl-flag-reading code need parsed flags; pytest never parses them.
 flags.FLAGS.mark_as_parsed()
 
-# The files with the longest tests, longest first (measured on 2 cores, fixtures included: about
-# 9, 6.5, 6, 5, 2.5, 2 and 1.5 minutes): xdist hands files to workers in collection order, and a long
-# file started last runs alone at the end while the other workers idle.
+# The files with the longest tests (measured on 2 cores, about 4-13 minutes each), started first:
+# xdist hands files to workers in collection order, and a long file started last runs alone at the
+# end while the other workers idle.
 LONGEST_FIRST = (
-    'test_resume_end_to_end.py',
     'test_stage2.py',
-    'test_demo.py',
+    'test_resume_end_to_end.py',
     'test_dit_task.py',
+    'test_demo.py',
     'test_multiprocess.py',
-    'test_long_dit.py',
-    'test_sweep.py',
 )
 
 
