@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from launch import tasks
 from vitok.core import checkpoint as ckpt_lib
-from vitok.core import config_checks, trainer
+from vitok.core import config_checks, hardware, trainer
 from vitok.core import task as task_lib
 from vitok.data import DataError
 
@@ -74,12 +74,15 @@ def run(main: Callable, on_interrupt: Callable[[], str] | None = None) -> None:
   """absl's app.run for the launch scripts. Everything that stops a command before its work is one
   line: a bad flag (unknown or mistyped --config.<field>, a bad --config argument), a bad config
   (`config_checks.ConfigError`), data that cannot be used (`DataError`: a missing folder, a split
-  without clips), a checkpoint that cannot be used (`CheckpointError`), and Ctrl-C
+  without clips), a checkpoint that cannot be used (`CheckpointError`), accelerators that JAX does
+  not use (`hardware.HardwareError`: JAX installed without TPU / CUDA support), and Ctrl-C
   outside the training loop (which handles it itself): `on_interrupt()` says what was kept."""
 
   def guarded(argv):
     try:
       return main(argv)
+    except hardware.HardwareError as e:  # a ConfigError, but about the installation, not the config
+      fail(str(e), code=1)
     except config_checks.ConfigError as e:
       fail(f'bad config: {e}')
     except DataError as e:
@@ -95,6 +98,9 @@ def run(main: Callable, on_interrupt: Callable[[], str] | None = None) -> None:
           exit_now=True,
       )
 
+  # Before anything starts a JAX backend: with libtpu installed on a host without TPU chips JAX
+  # would start its TPU backend anyway, and libtpu would print errors about the missing TPU.
+  hardware.skip_absent_tpu_backend()
   app.run(guarded, flags_parser=_parse_flags)
 
 
@@ -183,10 +189,12 @@ def mesh_override(config, default: str = '') -> None:
 
 def init_distributed() -> None:
   """jax.distributed for multi-process runs (explicit flags, SLURM or a TPU pod); else nothing.
-  Must run before anything touches a device."""
+  Then raises `hardware.HardwareError` when the host's TPU chips or GPUs are left unused by a JAX
+  running on the CPU. Must run before anything touches a device."""
   from vitok.core import distributed
 
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  hardware.check_backend_matches_hardware()
 
 
 def quiet_library_logs() -> None:

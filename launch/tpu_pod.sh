@@ -12,6 +12,7 @@
 #   REPO_DIR                  checkout of this repo on the workers (default: ~/vitok)
 #   GIT_REF                   if set, `git fetch && git checkout $GIT_REF` in REPO_DIR first
 #   PYTHON                    python on the workers (default: python3)
+#   INSTALL                   0: skip `pip install -e ".[tpu]"` on the workers (default: 1)
 #
 # Every worker runs the same command; JAX's Cloud TPU detection (jax.distributed.initialize() with
 # no arguments, called by vitok.core.distributed.initialize) finds the coordinator, process count and
@@ -28,12 +29,17 @@ for var in TPU_NAME ZONE WORKDIR; do
 done
 TPU_NAME="${TPU_NAME:-}" ZONE="${ZONE:-}" WORKDIR="${WORKDIR:-}"
 if [[ -z "$TPU_NAME" || -z "$ZONE" || -z "$WORKDIR" ]]; then
-  sed -n '2,14p' "$0" >&2
+  sed -n '2,15p' "$0" >&2
   exit 2
 fi
 CONFIG="${CONFIG:-configs/vitok.py}"
 REPO_DIR="${REPO_DIR:-~/vitok}"
 PYTHON="${PYTHON:-python3}"
+INSTALL="${INSTALL:-1}"
+if [[ "$INSTALL" != 0 && "$INSTALL" != 1 ]]; then
+  echo "INSTALL=$INSTALL: expected 1 (install, the default) or 0 (skip the install)" >&2
+  exit 2
+fi
 
 # Quote the pass-through flags so they survive the remote shell.
 EXTRA=""
@@ -52,7 +58,14 @@ for arg in "$@"; do
   fi
 done
 
-REMOTE="set -e; cd $REPO_DIR && $CHECKOUT && $PYTHON -m pip install --quiet -e . \
+# The tpu extra (jax[tpu]) brings the libtpu built for the installed jax: a plain `-e .` would
+# leave a CPU-only jaxlib, and the run would stop at start-up naming the TPU chips it cannot use.
+INSTALL_STEP="true"
+if [[ "$INSTALL" == 1 ]]; then
+  INSTALL_STEP="$PYTHON -m pip install --quiet -e '.[tpu]'"  # quoted: [tpu] is a glob remotely
+fi
+
+REMOTE="set -e; cd $REPO_DIR && $CHECKOUT && $INSTALL_STEP \
 && $PYTHON -m launch.train --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")$EXTRA"
 
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" ${PROJECT:+--project="$PROJECT"} \

@@ -4,6 +4,13 @@ tiny video data set + config shared by the end-to-end tests."""
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# The tests run on the CPU. libtpu is installed (the test extra compiles for TPU topologies ahead
+# of time), and without this JAX would also start its TPU backend, which on a machine without TPU
+# chips prints libtpu's errors to stderr (where tests count lines); subprocesses inherit it.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# libtpu (loaded to compile for TPU topologies) holds /tmp/libtpu_lockfile while its process lives
+# and refuses to load in a second process: pytest-xdist workers and the tests' subprocesses.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import subprocess  # noqa: E402
