@@ -155,3 +155,19 @@ def test_the_pallas_kernel_attends_each_devices_shard_on_a_data_x_model_mesh(tpu
   out = attend(q, k, v)
   assert out.sharding.spec[0] == ('data',) or out.sharding.spec[0] == 'data'
   np.testing.assert_allclose(out, _reference(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_the_splash_tpu_kernel_equals_the_reference_with_gradients(tpu_interpret_mode):
+  from vitok.attention import splash_tpu_attention
+
+  with pytest.raises(ValueError, match='blocks of 128 tokens'):
+    splash_tpu_attention(*_qkv(64))
+  q, k, v = _qkv(256, heads=2, head_dim=32, batch=1)
+  cotangent = jax.random.normal(jax.random.PRNGKey(7), q.shape)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cotangent)
+  out = jax.jit(splash_tpu_attention)(q, k, v)
+  np.testing.assert_allclose(out, _reference(q, k, v), rtol=2e-5, atol=2e-5)
+  grads = jax.jit(jax.grad(loss(splash_tpu_attention), argnums=(0, 1, 2)))(q, k, v)
+  expected = jax.grad(loss(_reference), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)

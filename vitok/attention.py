@@ -16,8 +16,9 @@ are float32 whatever the input dtype (as the fused kernels do); the result has t
 
 `dense_attention` is the plain formulation (the whole score matrix at once), arranged so that
 XLA compiles it well. `pallas_tpu_attention` is the same computation by JAX's Pallas TPU
-flash-attention kernel (TPU only; on CPU it runs in Pallas's TPU interpret mode, which is how it
-is tested).
+flash-attention kernel and `splash_tpu_attention` by its splash-attention kernel (the one MaxText
+and MaxDiffusion use on TPUs: larger blocks, a mask-aware grid); both are TPU only, and run on the
+CPU in Pallas's TPU interpret mode, which is how they are tested.
 """
 
 from __future__ import annotations
@@ -230,4 +231,41 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
       sm_scale=1.0 / math.sqrt(head_dim),
       block_sizes=sizes,
   )
+  return heads_first(out)
+
+
+SPLASH_BLOCKS = (512, 256, 128)
+
+
+def splash_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v by the Pallas TPU splash-attention kernel
+  (`jax.experimental.pallas.ops.tpu.splash_attention`), for q, k, v of shape (B, L, heads,
+  head_dim), with a full (non-causal) mask. Blocks of the largest of 512 / 256 / 128 tokens that
+  divides L (L must be a multiple of 128). Sharded activations need `sharding.shard_mapped`."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+  _, length, heads, head_dim = q.shape
+  if length % PALLAS_BLOCK:
+    raise ValueError(
+        f"model.attention='splash_tpu' works on blocks of {PALLAS_BLOCK} tokens, but this stack "
+        f"has {length} tokens: use model.attention='blockwise'"
+    )
+  block = next(b for b in SPLASH_BLOCKS if length % b == 0)
+  sizes = splash.BlockSizes(
+      block_q=block,
+      block_kv=block,
+      block_kv_compute=block,
+      block_q_dkv=block,
+      block_kv_dkv=block,
+      block_kv_dkv_compute=block,
+      block_q_dq=block,
+      block_kv_dq=block,
+  )
+  mask = masks.MultiHeadMask([masks.FullMask((length, length)) for _ in range(heads)])
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # the kernel's (heads, L, head_dim) per clip
+  # The kernel takes the softmax scale folded into the queries.
+  scaled = (q.astype(jnp.float32) / math.sqrt(head_dim)).astype(q.dtype)
+  out = jax.vmap(kernel)(heads_first(scaled), heads_first(k), heads_first(v))
   return heads_first(out)

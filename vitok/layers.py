@@ -207,12 +207,14 @@ REMAT_POLICIES = {
 # model.attention -> the implementation: 'xla' (the whole score matrix, vitok/attention.py's
 # dense_attention, any backend), 'cudnn' (jax.nn.dot_product_attention's fused cuDNN kernel,
 # NVIDIA GPUs), 'blockwise' (flash-style in plain JAX, any backend: never holds the L x L scores)
-# and 'pallas_tpu' (the Pallas TPU flash-attention kernel).
+# 'pallas_tpu' (the Pallas TPU flash-attention kernel) and 'splash_tpu' (the Pallas TPU
+# splash-attention kernel).
 ATTENTION_IMPLS = {
     'xla': 'dense',
     'cudnn': 'cudnn',
     'blockwise': 'blockwise',
     'pallas_tpu': 'pallas',
+    'splash_tpu': 'splash',
 }
 
 
@@ -224,7 +226,11 @@ def check_attention(attention: str, dtype: str, backend: str | None = None) -> N
         "model.attention='cudnn' needs model.dtype='bfloat16' "
         f'(got {dtype!r}): the cuDNN kernel has no float32 path'
     )
-  needs = {'cudnn': ('gpu', 'an NVIDIA GPU'), 'pallas_tpu': ('tpu', 'a TPU')}.get(attention)
+  needs = {
+      'cudnn': ('gpu', 'an NVIDIA GPU'),
+      'pallas_tpu': ('tpu', 'a TPU'),
+      'splash_tpu': ('tpu', 'a TPU'),
+  }.get(attention)
   if backend is not None and needs and backend != needs[0]:
     raise ConfigError(
         f"model.attention={attention!r} needs {needs[1]}; this run's backend is {backend!r} "
@@ -289,6 +295,8 @@ class Attention(nnx.Module):
         y = attention_lib.blockwise_attention(q, k, v)
       elif self.implementation == 'pallas':  # a Pallas call: each device attends its own shard
         y = shard_mapped(attention_lib.pallas_tpu_attention, HEADS, q, k, v)
+      elif self.implementation == 'splash':  # likewise
+        y = shard_mapped(attention_lib.splash_tpu_attention, HEADS, q, k, v)
       else:
         y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return self.out(y.reshape(b, l, d))

@@ -103,7 +103,8 @@ class TokenizerConfig:
   dtype: str = 'float32'  # compute dtype; parameters are always float32
   remat: str = 'none'  # 'none' | 'full' | 'save_matmuls' (per block)
   scan: bool = False  # each ViT's blocks as one lax.scan over stacked parameters
-  attention: str = 'xla'  # 'xla' | 'cudnn' (NVIDIA GPUs) | 'blockwise' (any) | 'pallas_tpu'
+  # 'xla' | 'cudnn' (NVIDIA GPUs) | 'blockwise' (any) | 'pallas_tpu' | 'splash_tpu' (TPUs)
+  attention: str = 'xla'
 
   @classmethod
   def from_config(cls, model_cfg) -> 'TokenizerConfig':
