@@ -62,10 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
           recipe='vitok',  # 'vitok' (gated MLP, 3-D RoPE) | 'classic' (the original DiT)
           num_classes=0,  # 0 = the cache's; the null class for guidance is added on top
           rope_theta=10000.0,
-          dtype='float32',  # compute dtype; parameters stay float32
+          dtype='float32',  # compute dtype: 'bfloat16' | 'float32' | 'auto' (as configs/vitok.py)
           remat='none',
           scan=False,  # blocks as one lax.scan over stacked parameters (as configs/vitok.py)
-          attention='xla',  # 'xla' | 'cudnn' | 'blockwise' | 'pallas_tpu' (as configs/vitok.py)
+          # 'xla' | 'cudnn' | 'blockwise' | 'pallas_tpu' | 'splash_tpu' (as configs/vitok.py)
+          attention='xla',
           # Long video (dit/model.py, dit/long_video.py): a known-frames mask channel at the
           # input (continuation, infilling: see `known`); the latent-frame strides the model is
           # told, e.g. '1,3,9' ('' = none; with windows of K latent frames each stride must be
@@ -161,7 +162,7 @@ def _preset(config, name: str):
   if name == 'demo':
     # A ~0.1 s step on 2 CPU cores: width 128, 4 blocks, batch 32, rectified flow (which
     # needs no learned variance and samples well in few Euler steps).
-    config.model.variant = 'DiT-cpu128/1'
+    config.model.update(variant='DiT-cpu128/1', dtype='auto')
     config.diffusion.objective = 'flow'
     config.sample.update(sampler='euler', steps=30, guidance=3.0, per_class=4)
     config.optim.update(lr=1e-3, warmup_steps=100, ema_decay=0.995)
@@ -177,7 +178,9 @@ def _preset(config, name: str):
     # guidance 3 of 37 / 67 / 79 / 80% after 2,000 / 4,000 / 6,000 / 8,000 steps (34% without);
     # at step 8,000 guidance 4 gave 84% and 5 gave 87%.
     config.model.variant = 'DiT-cpu128/2'
-    config.model.dtype = 'bfloat16'  # 0.072 s against 0.079 s a step in float32, same results
+    # 'auto' (from 'demo'), same results either way. The step (launch.bench): Xeon with AMX-BF16
+    # 0.072 s bfloat16 / 0.079 s float32; EPYC with AVX512-BF16 0.075 / 0.098 s; EPYC with AVX2
+    # only 0.139 / 0.097 s, where 'auto' picks float32.
     config.sample.guidance = 4.0
     config.accuracy.update(classifier='moving_digits', every=2000, per_class=20)
     config.optim.lr = 2e-3
@@ -203,7 +206,7 @@ def _preset(config, name: str):
     config.eval_every = 2500
     config.ckpt_every = 2500
   elif name == 'ucf101':
-    config.model.update(variant='DiT-L/1', num_classes=101)
+    config.model.update(variant='DiT-L/1', num_classes=101, dtype='auto')
     config.tokenizer.update(variant='S-B/4x8', channels=16)
     config.data.update(frames=16, res=128)
     config.data.batch_size = 256
@@ -212,7 +215,7 @@ def _preset(config, name: str):
     config.eval_every = 10_000
     config.ckpt_every = 10_000
   elif name == 'imagenet':
-    config.model.update(variant='DiT-XL/1', num_classes=1000)
+    config.model.update(variant='DiT-XL/1', num_classes=1000, dtype='auto')
     config.tokenizer.update(variant='S-B/16', channels=16)
     config.data.update(frames=1, res=256)
     config.data.batch_size = 256

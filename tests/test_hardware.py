@@ -365,3 +365,57 @@ def test_plan_starts_without_libtpu_errors():
   assert out.returncode == 0, out.stderr[-2000:]
   assert '"task": "vitok"' in out.stdout
   assert not any(noise in out.stderr for noise in LIBTPU_NOISE), out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# The compute dtype of model.dtype='auto'.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    'platform, flags, expected',
+    [
+        ('tpu', frozenset(), 'bfloat16'),
+        ('gpu', frozenset(), 'bfloat16'),
+        ('cpu', frozenset({'avx2', 'fma', 'avx512f'}), 'float32'),  # an EPYC with AVX2 / AVX-512
+        ('cpu', frozenset({'avx512f', 'avx512_bf16'}), 'bfloat16'),  # AVX512-BF16
+        ('cpu', frozenset({'avx512f', 'amx_bf16', 'amx_tile'}), 'bfloat16'),  # a Xeon with AMX
+        ('cpu', frozenset({'fp', 'asimd', 'bf16'}), 'bfloat16'),  # an Arm core with FEAT_BF16
+        ('cpu', frozenset(), 'float32'),  # flags unreadable
+    ],
+)
+def test_auto_dtype_follows_the_platform_and_the_cpu_flags(platform, flags, expected):
+  assert hardware.auto_dtype(platform, flags)[0] == expected
+
+
+def test_auto_dtype_here_matches_this_cpus_flags_read_independently():
+  """On this machine's CPU: bfloat16 exactly when /proc/cpuinfo lists a bfloat16 dot-product
+  flag (a test that holds on a Xeon with AMX, an EPYC with AVX512-BF16 and one with AVX2 only)."""
+  with open('/proc/cpuinfo') as f:
+    flags = set(
+        next(line for line in f if line.startswith(('flags', 'Features'))).split(':')[1].split()
+    )
+  has_bf16 = bool(flags & {'avx512_bf16', 'amx_bf16', 'bf16'})
+  dtype, why = hardware.auto_dtype('cpu')
+  assert dtype == ('bfloat16' if has_bf16 else 'float32') and why
+  with hardware.compile_target('tpu'):  # planning for a TPU slice on this CPU
+    assert hardware.compute_dtype('auto') == 'bfloat16'
+    assert hardware.target_platform() == 'tpu'
+  assert hardware.compute_dtype('auto') == dtype and hardware.compute_dtype('float32') == 'float32'
+
+
+def test_the_presets_compute_in_auto_and_the_tasks_resolve_it(tiny_config):
+  """The demo presets ask for 'auto'; the task builds its model in the resolved dtype."""
+  from configs import dit as dit_config
+  from configs import vitok as vitok_config
+  from launch import tasks
+
+  for preset in ('demo', 'digits', 'ucf101', 'imagenet'):
+    assert vitok_config.get_config(preset).model.dtype == 'auto'
+  for preset in ('demo', 'digits', 'long_digits', 'ucf101', 'imagenet'):
+    assert dit_config.get_config(preset).model.dtype == 'auto'
+  config = tiny_config.copy_and_resolve_references()
+  config.model.dtype = 'auto'
+  assert tasks.make_task(config).model_cfg.dtype == hardware.auto_dtype('cpu')[0]
+  with hardware.compile_target('tpu'):
+    assert tasks.make_task(config).model_cfg.dtype == 'bfloat16'

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from vitok import evaluation, metrics, tokenizer
 from vitok import lpips as lpips_lib
-from vitok.core import config_checks, sharding
+from vitok.core import config_checks, hardware, sharding
 from vitok.core import task as task_lib
 from vitok.data import builders, pipeline, video_io
 
@@ -88,12 +88,15 @@ class TokenizerTask:
           f'config.loss.lpips_frames={config.loss.lpips_frames} is more than the '
           f'data.frames={config.data.frames} frames of a clip'
       )
-    self.model_cfg = tokenizer.TokenizerConfig.from_config(config.model)
+    # model.dtype='auto': the dtype the target computes fastest in (vitok/core/hardware.py).
+    self.model_cfg = tokenizer.TokenizerConfig.from_config(
+        hardware.with_compute_dtype(config.model)
+    )
     # Fails at start-up (naming data.frames / data.res) when the clip does not tile into tubelets.
     self.grid = self.model_cfg.latent_grid(config.data.frames, config.data.res)
     self.tokens_per_clip = int(np.prod(self.grid))
     self.latent_floats = self.tokens_per_clip * self.model_cfg.channels  # E
-    self.model_cfg.check_backend(jax.default_backend())
+    self.model_cfg.check_backend(hardware.target_platform())
 
   # --- the model and its objective ---
 

@@ -37,7 +37,7 @@ from flax import nnx
 
 from vitok import discriminator as disc_lib
 from vitok import stage1, tokenizer
-from vitok.core import config_checks
+from vitok.core import config_checks, hardware
 from vitok.core import train_state as ts
 
 # The tokenizer modules stage 2 keeps frozen (the latent space a downstream DiT was or will be
@@ -59,7 +59,7 @@ GAN_FIELDS = {
     'disc.kind': config_checks.OneOf(disc_lib.KINDS),
     'disc.channels': config_checks.AT_LEAST_1,
     'disc.max_channels': config_checks.AT_LEAST_1,
-    'disc.dtype': config_checks.OneOf(('float32', 'bfloat16')),
+    'disc.dtype': config_checks.OneOf(('float32', 'bfloat16', 'auto')),
     'disc.frames': config_checks.Range(0, note='0 = every frame'),
     'disc_optim.lr': config_checks.POSITIVE,
     'disc_optim.b1': config_checks.DECAY,
@@ -225,7 +225,9 @@ class Stage2Task(stage1.TokenizerTask):
   def __init__(self, config):
     super().__init__(config)
     config_checks.check_fields(config, GAN_FIELDS)
-    self.disc_cfg = disc_lib.DiscriminatorConfig.from_config(config.disc)
+    self.disc_cfg = disc_lib.DiscriminatorConfig.from_config(
+        hardware.with_compute_dtype(config.disc)
+    )
     try:
       self.disc_cfg.levels(config.data.res)
     except ValueError as e:

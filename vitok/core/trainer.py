@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from vitok.core import checkpoint as ckpt_lib
-from vitok.core import config_checks, perf, sharding, signals
+from vitok.core import config_checks, hardware, perf, sharding, signals
 from vitok.core import task as task_lib
 from vitok.core import train_state as ts
 from vitok.core.writer import MetricWriter
@@ -315,6 +315,9 @@ def start_run(config, workdir: str, task) -> Run:
       f'{jax.process_count()} process(es), {mesh.size} devices, workdir {workdir}'
   )
   _log(format_compile_report(report, mesh) + f'; compile {report["compile_s"]:.1f} s')
+  if config.get('model', {}).get('dtype') == 'auto':
+    dtype, why = hardware.auto_dtype()
+    _log(f"model.dtype='auto': computing in {dtype} ({why})")
   whole = sharding.undivided(layout.abstract.params, mesh, config.sharding_rules)
   if whole:
     _log(
@@ -373,7 +376,9 @@ def run_loop(run: Run, writer: MetricWriter | None = None) -> TrainResult:
   state, train_iter, start = run.state, run.train_iter, int(run.state.step)
   is_main = jax.process_index() == 0
   peak_flops, peak_source = perf.peak_flops_per_device(
-      jax.local_devices()[0], config.peak_tflops, config.get('model', {}).get('dtype', 'float32')
+      jax.local_devices()[0],
+      config.peak_tflops,
+      hardware.compute_dtype(config.get('model', {}).get('dtype', 'float32')),
   )
   batch_sharding = sharding.batch_sharding(run.mesh, config.sharding_rules)
   stop = signals.StopSignals()
