@@ -50,8 +50,15 @@ def training_config(task: str) -> ml_collections.ConfigDict:
   c.partitionable_rng = True  # jax_threefry_partitionable: random bits generated shard-locally
   c.peak_tflops = 0.0  # per-device peak for MFU; 0 = table by device kind (CPU: measured)
 
-  # Device mesh: one size may be -1 (all remaining devices). '2x4' strings work too.
-  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=('data', 'fsdp')))
+  # Device mesh: one size may be -1 (all remaining devices). '2x4' strings work too. `shape` is
+  # the mesh inside one slice (ICI); with several TPU slices, `dcn_shape` lays the slices along
+  # the same axes over the data-centre network (() = all on the first axis: data parallel
+  # across slices, as MaxText's dcn_data_parallelism). On a TPU slice a mesh axis that is not a
+  # whole torus axis (8x8 on a 4x4x4 torus) splits a physical axis, with a note; False refuses
+  # such a mesh in one line that names the shapes that map. See vitok/core/sharding.py:make_mesh.
+  c.mesh = ml_collections.ConfigDict(
+      dict(shape=(-1, 1), axes=('data', 'fsdp'), dcn_shape=(), allow_split_physical_axes=True)
+  )
   c.sharding_rules = SHARDING_RULES
 
   c.optim = ml_collections.ConfigDict(

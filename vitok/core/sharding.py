@@ -3,8 +3,9 @@
 Parameters and activations are annotated with *logical* axis names ('embed', 'mlp', 'batch', ...).
 The config maps logical names to *mesh* axes, one rule set per model family:
 
-    config.mesh.shape = (-1, 1)              # one size may be -1: all remaining devices
+    config.mesh.shape = (-1, 1)              # one size may be -1: all remaining devices (of a slice)
     config.mesh.axes = ('data', 'fsdp')
+    config.mesh.dcn_shape = (2, 1)           # multi-slice: slices along the axes (default: data)
     config.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'model'), ...)
 
 so the same model runs data-parallel, FSDP (ZeRO-3: parameters, gradients and optimizer moments
@@ -92,11 +93,58 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[str, 
   return sizes, axes
 
 
+def dcn_shape(mesh_cfg, num_slices: int, num_axes: int) -> tuple[int, ...]:
+  """`config.mesh.dcn_shape` resolved for `num_slices` slices: how the slices are laid along the
+  mesh axes over the data-centre network (one size may be -1). Empty (the default) puts all
+  slices on the first axis: data parallelism across slices, as MaxText's dcn_data_parallelism."""
+  raw = mesh_cfg.get('dcn_shape', ()) if hasattr(mesh_cfg, 'get') else ()
+  if raw in ((), [], '', ('',)):
+    return (num_slices,) + (1,) * (num_axes - 1)
+  try:
+    sizes = parse_mesh_shape(raw)
+  except ValueError as e:
+    raise ValueError(f'config.mesh.dcn_shape: {e}') from None
+  if len(sizes) != num_axes or sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(
+        f'config.mesh.dcn_shape={sizes}: needs {num_axes} positive sizes (one may be -1), one per '
+        f'mesh axis'
+    )
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes and num_slices % known == 0:
+    sizes = tuple(num_slices // known if s == -1 else s for s in sizes)
+  if math.prod(sizes) != num_slices:
+    raise ValueError(
+        f'config.mesh.dcn_shape={sizes} lays out {math.prod(sizes)} slices but the job has '
+        f'{num_slices}'
+    )
+  return sizes
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The mesh of `config.mesh` over `devices` (default: all devices of all processes)."""
+  """The mesh of `config.mesh` over `devices` (default: all devices of all processes).
+
+  `config.mesh.shape` is the mesh inside one slice (all devices, for a job of one slice), laid
+  onto a TPU slice's torus so that each mesh axis is a whole ring where it can be; with several
+  slices (devices with several `slice_index`es) `config.mesh.dcn_shape` lays the slices along
+  the same axes, and each mesh axis is the product of the two (`mesh_utils`' hybrid mesh). A mesh
+  that only fits by splitting a physical axis of the torus is built with a note naming the shapes
+  that map whole; one that cannot be laid out raises ValueError naming them."""
+  from vitok.core import topology  # TPU slices; imports nothing of this module
+
   devices = list(jax.devices() if devices is None else devices)
-  sizes, axes = mesh_shape(mesh_cfg, len(devices))
-  return jax.make_mesh(sizes, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+  num_slices = len(set(topology.slices_of(devices)))
+  sizes, axes = mesh_shape(mesh_cfg, len(devices) // num_slices)
+  dcn = dcn_shape(mesh_cfg, num_slices, len(axes))
+  try:
+    split = (
+        bool(mesh_cfg.get('allow_split_physical_axes', True)) if hasattr(mesh_cfg, 'get') else True
+    )
+    grid, note = topology.device_grid(sizes, dcn, devices, allow_split=split)
+  except topology.TopologyError as e:
+    raise ValueError(f'config.mesh.shape={sizes}: {e}') from None
+  if note and jax.process_index() == 0:
+    print(f'config.mesh.shape={"x".join(map(str, sizes))}: {note}', flush=True)
+  return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
 
 
 # ----------------------------------------------------------------------------------------------
