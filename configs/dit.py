@@ -15,6 +15,8 @@ r"""DiT training on the latents of a frozen ViTok tokenizer (class-conditional g
             ucf101    -- ViTok's video recipe: DiT-L on S-B/4x8 latents of 16x128x128 UCF-101
                          clips (1024 tokens), DDPM with learned variance, batch 256, LR 1e-4
             imagenet  -- DiT-XL on S-B/16 latents of 256x256 images (256 tokens)
+            imagenet_xl2 -- DiT-XL/2 on 32 x 32 x 4 latents (S-B/8, c = 4) of 256x256 images: the
+                         original DiT-XL/2's shapes
   shortcuts variant, latents (cache directory), source (cache | video), tokenizer, objective, batch,
             steps, lr, guidance, mesh (e.g. `demo,latents=/tmp/latents,steps=500`).
 
@@ -223,10 +225,17 @@ def _preset(config, name: str):
     config.sample.update(sampler='ddim', steps=250, guidance=4.0, every=100_000)
     config.eval_every = 20_000
     config.ckpt_every = 20_000
+  elif name == 'imagenet_xl2':
+    # facebookresearch/DiT's DiT-XL/2 shapes: 256x256 images as 32 x 32 x 4 latents (here an
+    # S-B/8 ViTok with c = 4: E = 4096 floats, as the SD-VAE's), patch 2 (256 tokens), batch 256,
+    # LR 1e-4, EMA 0.9999, DDPM with learned variance; the model users compare against.
+    _preset(config, 'imagenet')
+    config.model.update(variant='DiT-XL/2')
+    config.tokenizer.update(variant='S-B/8', channels=4)
   else:
     raise ValueError(
         f'unknown preset {name!r} in configs/dit.py (demo | digits | long_digits | ucf101 | '
-        'imagenet)'
+        'imagenet | imagenet_xl2)'
     )
 
 

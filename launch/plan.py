@@ -265,6 +265,8 @@ def main(argv):
   common.quiet_library_logs()
   config = common.load_config()
   mesh_flag = common.mesh_flag()
+  if _NUM_SLICES.value != 1 and not _TOPOLOGY.value:
+    common.fail(f'bad flag --num_slices={_NUM_SLICES.value}: it counts slices of --topology')
   if _TOPOLOGY.value:
     try:
       piece = topology.parse_slice(_TOPOLOGY.value, _NUM_SLICES.value)

@@ -137,3 +137,17 @@ def test_a_batched_matmul_written_as_a_dilated_convolution_counts_as_the_matmul(
   out = hlo.parse_arrays('f32[4,2048,3,4,32]')[0]
   attrs = ', window={size=1x3x4 pad=0_0x2_2x3_3 rhs_reversal=0x1x1}, dim_labels=0bf12_i12o0->0b12f'
   assert hlo._convolution_flops(attrs, out, lhs, rhs) == 2 * 4 * 2048 * 128 * 3 * 4 * 32
+
+
+def test_attention_kernels_without_a_cost_estimate_count_their_matmuls():
+  """Flash attention's kernels over (heads, L, d) blocks: the forward pass 2 matmuls of L x L x d,
+  the dq kernel 3, the dkv kernel 4 (recomputing the scores); other kernels are not guessed."""
+  comp = hlo.Computation('c', False, [], {'q': 'bf16[2,4,256,32]{3,2,1,0}', 'm': 's8[1,2,2]'})
+  kernel = lambda name: hlo.Instruction(name, 'custom-call', 'bf16[2,4,256,32]', ['m', 'q'], '', '')
+  per_matmul = 2 * 2 * 4 * 256 * 256 * 32
+  assert hlo._attention_kernel_flops(kernel('splash_mha_fwd_residuals.4'), comp) == 2 * per_matmul
+  assert hlo._attention_kernel_flops(kernel('splash_mha_dq_no_residuals.1'), comp) == 3 * per_matmul
+  assert (
+      hlo._attention_kernel_flops(kernel('splash_mha_dkv_no_residuals.1'), comp) == 4 * per_matmul
+  )
+  assert hlo._attention_kernel_flops(kernel('my_kernel.1'), comp) is None

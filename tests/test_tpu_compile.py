@@ -248,3 +248,34 @@ def test_plan_refuses_bad_topologies_in_one_line():
     out = _plan(f'--config={TINY_VITOK}', *flags)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert words in out.stderr
+
+
+@pytest.mark.slow
+def test_plan_sweep_ranks_variants_and_reports_the_failing_one(tmp_path):
+  out = subprocess.run(
+      [
+          sys.executable,
+          '-m',
+          'launch.plan_sweep',
+          f'--config={TINY_VITOK}',
+          '--topology=v5p-8',
+          '--variants=fsdp: mesh.shape=1x4,loss.lpips=0.0 ; broken: model.remat=sometimes',
+          f'--out={tmp_path}/plans.md',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, XLA_FLAGS=''),
+      timeout=600,
+  )
+  assert out.returncode == 0, out.stderr
+  table = (tmp_path / 'plans.md').read_text().splitlines()
+  assert table[0].startswith(f'{TINY_VITOK} on v5p-8') and table[2].startswith('| variant |')
+  fsdp, broken = table[4].split(' | '), table[5]
+  assert fsdp[0] == '| fsdp' and float(fsdp[3]) > 0  # the bound, in ms
+  assert "failed: bad config: config.model.remat='sometimes' is not accepted" in broken
+  plans = [json.loads(line) for line in (tmp_path / 'plans.md.jsonl').read_text().splitlines()]
+  assert [p['variant']['name'] for p in plans] == ['fsdp'] and plans[0]['mesh'] == {
+      'data': 1,
+      'fsdp': 4,
+  }
