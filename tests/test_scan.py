@@ -117,3 +117,28 @@ def test_stacked_parameters_are_sharded_by_the_rules():
   depth = dit_model.DiTConfig(variant='DiT-cpu64/1').size.depth
   assert qkv.shape[0] == depth
   assert tuple(qkv.sharding.spec)[:2] == (None, 'fsdp')  # layers whole, width over fsdp
+
+
+@pytest.mark.parametrize('scan, remat', [(True, 'none'), (False, 'full'), (True, 'full')])
+def test_a_model_merged_outside_a_sampler_loop_runs_inside_it(scan, remat):
+  """A sampler merges the DiT once and calls it in its loop, a deeper trace level than the
+  model's; the blocks (scanned, rematerialised) still run there, and equal the plain blocks."""
+  graphdef, abstract = _split(_dit, scan, remat)
+  params = _random_like(abstract)
+  plain = nnx.merge(_split(_dit, False)[0], _random_like(_split(_dit, False)[1]))
+  if scan:  # the same weights as the plain model, stacked
+    params = nnx.State(_stack_blocks(nnx.to_pure_dict(nnx.state(plain, nnx.Param))))
+  else:
+    nnx.update(plain, params)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 4, 4, 4))
+  t, labels = jnp.full((2,), 500.0), jnp.array([0, 2])
+
+  @jax.jit
+  def sample(params):
+    model = nnx.merge(graphdef, params)
+    return jax.lax.fori_loop(0, 2, lambda i, x: x - 0.1 * model(x, t, labels)[..., :4], x)
+
+  expected = x
+  for _ in range(2):
+    expected = expected - 0.1 * plain(expected, t, labels)[..., :4]  # the noise half
+  np.testing.assert_allclose(sample(params), expected, rtol=2e-5, atol=2e-5)

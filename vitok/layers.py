@@ -365,26 +365,32 @@ def make_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, scan: 
 
 def apply_blocks(blocks, x: jax.Array, *args, scan: bool, remat: str) -> jax.Array:
   """`x` through every block of `make_blocks` in order, each called as `block(x, *args)`; with a
-  `remat` policy the backward pass recomputes, block by block, what the policy does not save."""
+  `remat` policy the backward pass recomputes, block by block, what the policy does not save.
 
-  def call(block, h, *a):
-    if remat == 'none':
-      return block(h, *a)
-    run = lambda b, h, *a: b(h, *a)
-    # Inside a scan the loop boundary already keeps XLA from merging recomputation away.
-    return nnx.remat(run, policy=REMAT_POLICIES[remat], prevent_cse=not scan)(block, h, *a)
-
+  The blocks run as pure functions of their split state (`jax.checkpoint`, `lax.scan`), not
+  through nnx's transforms: those refuse a module built at another trace level than the one
+  they run at, as in a sampler's loop, which calls a model merged outside it."""
   if not scan:
     for block in blocks:
-      x = call(block, x, *args)
+      graphdef, state = nnx.split(block)
+      x = _pure_block(graphdef, remat, scan)(state, x, *args)
     return x
-  body = nnx.scan(
-      lambda h, block, *a: call(block, h, *a),
-      in_axes=(nnx.Carry, 0) + (None,) * len(args),
-      out_axes=nnx.Carry,
-      transform_metadata={nnx.PARTITION_NAME: 'layers'},
-  )
-  return body(x, blocks, *args)
+  graphdef, state = nnx.split(blocks)  # every array with a leading 'layers' axis
+  run = _pure_block(graphdef, remat, scan)
+  x, _ = jax.lax.scan(lambda h, layer: (run(layer, h, *args), None), x, state)
+  return x
+
+
+def _pure_block(graphdef, remat: str, scan: bool):
+  """state, x, *args -> the block of `graphdef` with that state applied to x."""
+
+  def run(state, h, *a):
+    return nnx.merge(graphdef, state)(h, *a)
+
+  if remat == 'none':
+    return run
+  # Inside a scan the loop boundary already keeps XLA from merging recomputation away.
+  return jax.checkpoint(run, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
 
 
 class ViT(nnx.Module):
