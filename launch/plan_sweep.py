@@ -66,6 +66,16 @@ def parse_variants(text: str) -> list[tuple[str, list[str]]]:
   return variants
 
 
+def _last_error_line(stderr: str) -> str:
+  """The line that says what went wrong: the last one, skipping JAX's traceback-filtering note."""
+  lines = [
+      line.strip()
+      for line in stderr.splitlines()
+      if line.strip() and not line.startswith(('For simplicity', '-----'))
+  ]
+  return lines[-1] if lines else '?'
+
+
 def row_of(name: str, plan: dict) -> dict:
   """One table row of a plan's JSON."""
   step = plan['train_step']
@@ -111,7 +121,7 @@ def main(argv):
     try:
       out = subprocess.run(args, capture_output=True, text=True, timeout=_TIMEOUT.value)
       failed = out.returncode != 0
-      detail = (out.stderr.strip().splitlines() or ['?'])[-1] if failed else ''
+      detail = _last_error_line(out.stderr) if failed else ''
     except subprocess.TimeoutExpired:
       failed, detail = True, f'no plan within --timeout_s={_TIMEOUT.value}'
     if failed:

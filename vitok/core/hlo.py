@@ -586,6 +586,85 @@ def _dcn_transfers(inst, comp, position, times, dcn_axes, dcn_group, tensor_of) 
   return out
 
 
+def _hbm_bytes(inst: Instruction, comp: Computation, comps: dict[str, Computation]) -> float:
+  """HBM bytes one top-level instruction reads and writes. A slice read by a dynamic-slice and an
+  update written in place by a dynamic-update-slice (the stacked weights and saved activations of
+  a scanned loop, one layer at a time) count as the slice, not the whole buffer, as in XLA's own
+  cost analysis; so do fused ones, through nested fusions and bitcasts."""
+  operands = [comp.shapes.get(name, '') for name in inst.operands]
+  if inst.op == 'copy-start':  # a prefetch: HBM read once (the result is its destination)
+    return _bytes(operands[0], hbm_only=True) if operands else 0.0
+  if inst.op == 'dynamic-slice':
+    return 2 * _bytes(inst.shape, hbm_only=True)
+  if inst.op == 'dynamic-update-slice' and len(operands) > 1:
+    return 2 * _bytes(operands[1], hbm_only=True)
+  body = comps.get(inst.called()[0]) if inst.op == 'fusion' and inst.called() else None
+  if body is None:
+    return _bytes(inst.shape, hbm_only=True) + sum(_bytes(o, hbm_only=True) for o in operands)
+  moved = 0.0
+  for index, shape in enumerate(operands):
+    if not _on_chip(shape):
+      moved += _read(body, _parameter(body, index), _bytes(shape), comps)
+  root = body.instructions[-1] if body.instructions else None
+  outputs = [root] if root is None or root.op != 'tuple' else [
+      body.by_name.get(name) for name in root.operands
+  ]
+  for array, out in zip(parse_arrays(inst.shape), outputs):
+    if not array.on_chip:
+      moved += _written(body, out, array.bytes, comps)
+  return moved
+
+
+def _parameter(body: Computation, index: int) -> str:
+  return next(
+      (i.name for i in body.instructions if i.op == 'parameter' and i.literal == str(index)), ''
+  )
+
+
+def _read(body: Computation, name: str, whole: float, comps, depth: int = 0) -> float:
+  """Bytes a fused computation reads of its value `name` (a parameter, or a bitcast of one):
+  only the slices when every use is a dynamic-slice (or an in-place update), else all of it."""
+  total = 0.0
+  for user in (i for i in body.instructions if name in i.operands):
+    first = user.operands[0] == name
+    if user.op == 'dynamic-slice' and first:
+      total += _bytes(user.shape)
+    elif user.op == 'dynamic-update-slice' and first:
+      continue  # updated in place: the write is counted at the output
+    elif user.op == 'bitcast' and depth < 8:
+      total += _read(body, user.name, whole, comps, depth + 1)
+    elif user.op == 'fusion' and user.called() and user.called()[0] in comps and depth < 8:
+      inner = comps[user.called()[0]]
+      for index, operand in enumerate(user.operands):
+        if operand == name:
+          total += _read(inner, _parameter(inner, index), whole, comps, depth + 1)
+    else:
+      return whole
+  return min(total, whole)
+
+
+def _written(body: Computation, out: Instruction | None, whole: float, comps, depth=0) -> float:
+  """Bytes a fused computation writes for its result `out`: the update of an in-place
+  dynamic-update-slice (read and written), else the whole result."""
+  while out is not None and out.op == 'bitcast' and out.operands and depth < 8:
+    out, depth = body.by_name.get(out.operands[0]), depth + 1
+  if out is None:
+    return whole
+  if out.op == 'dynamic-update-slice' and len(out.operands) > 1:
+    return 2 * _bytes(body.shapes.get(out.operands[1], ''))
+  if out.op == 'fusion' and out.called() and out.called()[0] in comps and depth < 8:
+    inner = comps[out.called()[0]]
+    root = inner.instructions[-1] if inner.instructions else None
+    if root is not None and root.op != 'tuple':
+      return _written(inner, root, whole, comps, depth + 1)
+  return whole
+
+
+def _on_chip(shape: str) -> bool:
+  arrays = parse_arrays(shape)
+  return bool(arrays) and all(a.on_chip for a in arrays)
+
+
 def analyze(
     text: str,
     mesh_shape: dict[str, int],
@@ -695,10 +774,7 @@ def analyze(
       # HBM traffic of what runs outside fusions.
       if fused or op in _BOOKKEEPING:
         continue
-      moved = _bytes(inst.shape, hbm_only=True) if op != 'copy-start' else 0.0
-      for name in inst.operands:
-        moved += _bytes(comp.shapes.get(name, ''), hbm_only=True)
-      hbm += times * moved
+      hbm += times * _hbm_bytes(inst, comp, comps)
   return ProgramCost(
       matmul_flops=matmul,
       kernel_flops=kernel,
