@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
           dtype='float32',  # compute dtype: 'bfloat16' | 'float32' | 'auto' (as configs/vitok.py)
           remat='none',
           scan=False,  # blocks as one lax.scan over stacked parameters (as configs/vitok.py)
-          # 'xla' | 'cudnn' | 'blockwise' | 'pallas_tpu' | 'splash_tpu' (as configs/vitok.py)
+          # 'xla' | 'cudnn' | 'blockwise' | 'pallas_tpu' | 'splash_tpu' | 'auto' (configs/vitok.py)
           attention='xla',
           # Long video (dit/model.py, dit/long_video.py): a known-frames mask channel at the
           # input (continuation, infilling: see `known`); the latent-frame strides the model is
@@ -208,7 +208,9 @@ def _preset(config, name: str):
     config.eval_every = 2500
     config.ckpt_every = 2500
   elif name == 'ucf101':
-    config.model.update(variant='DiT-L/1', num_classes=101, dtype='auto')
+    # On TPUs: bfloat16 and the splash-attention kernel, what the TPU compiler's plans chose
+    # (docs/tpu.md); elsewhere 'auto' picks what that hardware runs best.
+    config.model.update(variant='DiT-L/1', num_classes=101, dtype='auto', attention='auto')
     config.tokenizer.update(variant='S-B/4x8', channels=16)
     config.data.update(frames=16, res=128)
     config.data.batch_size = 256
@@ -217,7 +219,7 @@ def _preset(config, name: str):
     config.eval_every = 10_000
     config.ckpt_every = 10_000
   elif name == 'imagenet':
-    config.model.update(variant='DiT-XL/1', num_classes=1000, dtype='auto')
+    config.model.update(variant='DiT-XL/1', num_classes=1000, dtype='auto', attention='auto')
     config.tokenizer.update(variant='S-B/16', channels=16)
     config.data.update(frames=1, res=256)
     config.data.batch_size = 256

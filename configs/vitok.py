@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
           # 'xla' | 'cudnn' (fused flash attention; NVIDIA GPU + bfloat16) | 'blockwise'
           # (flash-style in plain JAX, any backend: never holds the L x L scores; long clips) |
           # 'pallas_tpu' / 'splash_tpu' (the Pallas TPU flash / splash kernels; token counts that
-          # are multiples of 128)
+          # are multiples of 128) | 'auto' (splash_tpu on TPUs, cudnn on GPUs in bfloat16, else
+          # xla)
           attention='xla',
       )
   )
@@ -145,7 +146,9 @@ def _preset(config, name: str):
     config.ckpt_every = 400
   elif name == 'ucf101':
     config.data.update(name='ucf101', frames=16, res=128, batch_size=256, store_short_side=128)
-    config.model.update(variant='S-B/4x8', dtype='auto')
+    # On TPUs: bfloat16 and the splash-attention kernel, what the TPU compiler's plans chose
+    # (docs/tpu.md); elsewhere 'auto' picks what that hardware runs best.
+    config.model.update(variant='S-B/4x8', dtype='auto', attention='auto')
   elif name == 'imagenet':
     config.data.update(
         name='image_folder',
@@ -155,7 +158,7 @@ def _preset(config, name: str):
         store_short_side=256,
         crop_min_scale=0.8,
     )
-    config.model.update(variant='S-B/16', dtype='auto')
+    config.model.update(variant='S-B/16', dtype='auto', attention='auto')
   else:
     raise ValueError(f'unknown preset {name!r} in configs/vitok.py (demo | ucf101 | imagenet)')
 

@@ -69,7 +69,7 @@ MODEL_FIELDS = {
     'model.recipe': config_checks.OneOf(('vitok', 'classic')),
     'model.dtype': config_checks.OneOf(tuple(DTYPES)),
     'model.remat': config_checks.OneOf(tuple(layers.REMAT_POLICIES)),
-    'model.attention': config_checks.OneOf(tuple(layers.ATTENTION_IMPLS)),
+    'model.attention': config_checks.OneOf(layers.ATTENTION_CHOICES),
     'model.rope_theta': config_checks.POSITIVE,
 }
 

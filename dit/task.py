@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 
 import grain
@@ -111,6 +112,9 @@ class DiTTask:
           variant=config.tokenizer.variant, channels=config.tokenizer.channels
       )
     grid = self.tokenizer_cfg.latent_grid(config.data.frames, config.data.res)
+    if self.tokenizer_cfg.attention == 'auto':  # a tokenizer trained with attention='auto'
+      attention = hardware.auto_attention(math.prod(grid), self.tokenizer_cfg.dtype)[0]
+      self.tokenizer_cfg = dataclasses.replace(self.tokenizer_cfg, attention=attention)
     channels, num_classes = self.tokenizer_cfg.channels, config.model.num_classes
     if self.latents:
       grid, num_classes = self.latents.grid, num_classes or self.latents.num_classes
@@ -143,6 +147,9 @@ class DiTTask:
         strides=self.strides,
         frame_positions=int(config.model.frame_positions),
     )
+    if self.model_cfg.attention == 'auto':  # the kernel for the target and the token count
+      attention = hardware.auto_attention(self.model_cfg.tokens, self.model_cfg.dtype)[0]
+      self.model_cfg = dataclasses.replace(self.model_cfg, attention=attention)
     self._check_long_video_fields(config)
     layers.check_attention(
         self.model_cfg.attention, self.model_cfg.dtype, hardware.target_platform()

@@ -419,3 +419,29 @@ def test_the_presets_compute_in_auto_and_the_tasks_resolve_it(tiny_config):
   assert tasks.make_task(config).model_cfg.dtype == hardware.auto_dtype('cpu')[0]
   with hardware.compile_target('tpu'):
     assert tasks.make_task(config).model_cfg.dtype == 'bfloat16'
+
+
+@pytest.mark.parametrize(
+    'platform, tokens, dtype, expected',
+    [
+        ('tpu', 1024, 'bfloat16', 'splash_tpu'),
+        ('tpu', 1000, 'bfloat16', 'xla'),  # the TPU kernels tile tokens by 128
+        ('gpu', 1024, 'bfloat16', 'cudnn'),
+        ('gpu', 1024, 'float32', 'xla'),  # cuDNN's kernel has no float32 path
+        ('cpu', 1024, 'bfloat16', 'xla'),
+    ],
+)
+def test_auto_attention_picks_the_kernel_of_the_hardware(platform, tokens, dtype, expected):
+  assert hardware.auto_attention(tokens, dtype, platform)[0] == expected
+
+
+def test_the_ucf101_presets_resolve_auto_attention_for_their_target():
+  from configs import dit as dit_config
+  from configs import vitok as vitok_config
+  from launch import tasks
+
+  for config in (vitok_config.get_config('ucf101'), dit_config.get_config('ucf101')):
+    assert config.model.attention == 'auto'
+    assert tasks.make_task(config).model_cfg.attention == 'xla'  # this CPU
+    with hardware.compile_target('tpu'):
+      assert tasks.make_task(config).model_cfg.attention == 'splash_tpu'

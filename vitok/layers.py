@@ -216,11 +216,14 @@ ATTENTION_IMPLS = {
     'pallas_tpu': 'pallas',
     'splash_tpu': 'splash',
 }
+# What a config may ask for: an implementation, or 'auto' (the task picks one for the hardware
+# and the token count: vitok/core/hardware.py:auto_attention).
+ATTENTION_CHOICES = (*ATTENTION_IMPLS, 'auto')
 
 
 def check_attention(attention: str, dtype: str, backend: str | None = None) -> None:
   """Start-up checks of model.attention (both families): what the kernel computes in, and (given
-  the run's `backend`) where it runs."""
+  the run's `backend`) where it runs ('auto' is checked once the task has resolved it)."""
   if attention == 'cudnn' and dtype != 'bfloat16':
     raise ConfigError(
         "model.attention='cudnn' needs model.dtype='bfloat16' "

@@ -6,6 +6,7 @@ Loss = l2 * MSE + l1 * MAE + beta * KL + eta * LPIPS, each term logged separatel
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -96,6 +97,9 @@ class TokenizerTask:
     self.grid = self.model_cfg.latent_grid(config.data.frames, config.data.res)
     self.tokens_per_clip = int(np.prod(self.grid))
     self.latent_floats = self.tokens_per_clip * self.model_cfg.channels  # E
+    if self.model_cfg.attention == 'auto':  # the kernel for the target and the token count
+      attention = hardware.auto_attention(self.tokens_per_clip, self.model_cfg.dtype)[0]
+      self.model_cfg = dataclasses.replace(self.model_cfg, attention=attention)
     self.model_cfg.check_backend(hardware.target_platform())
 
   # --- the model and its objective ---

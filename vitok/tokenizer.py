@@ -83,7 +83,7 @@ MODEL_FIELDS = {
     'model.rope': config_checks.OneOf(('3d', '1d')),
     'model.dtype': config_checks.OneOf(tuple(DTYPES)),
     'model.remat': config_checks.OneOf(tuple(layers.REMAT_POLICIES)),
-    'model.attention': config_checks.OneOf(tuple(layers.ATTENTION_IMPLS)),
+    'model.attention': config_checks.OneOf(layers.ATTENTION_CHOICES),
     'model.logvar_min': config_checks.Range(),
     'model.logvar_max': config_checks.Range(),
 }

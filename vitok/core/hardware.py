@@ -260,6 +260,21 @@ def compute_dtype(dtype: str) -> str:
   return auto_dtype()[0] if dtype == 'auto' else dtype
 
 
+def auto_attention(tokens: int, dtype: str, platform: str | None = None) -> tuple[str, str]:
+  """(the attention kernel of model.attention='auto' for `tokens` tokens computed in `dtype` on
+  `platform` (default: the target), the reason): the Pallas TPU splash kernel on TPUs (token
+  counts that are multiples of 128; it won the TPU compiler's plans, docs/tpu.md), cuDNN's fused
+  kernel on NVIDIA GPUs in bfloat16, XLA's dense attention elsewhere."""
+  platform = platform or target_platform()
+  if platform == 'tpu' and tokens % 128 == 0:
+    return 'splash_tpu', f'TPU, {tokens} tokens'
+  if platform in ('gpu', 'cuda') and dtype == 'bfloat16':
+    return 'cudnn', 'NVIDIA GPU, bfloat16'
+  return 'xla', f'{platform}' + (
+      f', {tokens} tokens (not a multiple of 128)' if platform == 'tpu' else ''
+  )
+
+
 def with_compute_dtype(fields) -> dict:
   """A model config's fields (a ConfigDict or dict) with its `dtype` resolved (compute_dtype)."""
   out = dict(fields)

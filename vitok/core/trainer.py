@@ -318,6 +318,9 @@ def start_run(config, workdir: str, task) -> Run:
   if config.get('model', {}).get('dtype') == 'auto':
     dtype, why = hardware.auto_dtype()
     _log(f"model.dtype='auto': computing in {dtype} ({why})")
+  if config.get('model', {}).get('attention') == 'auto':
+    resolved = getattr(getattr(task, 'model_cfg', None), 'attention', '?')
+    _log(f"model.attention='auto': {resolved} on {hardware.target_platform()}")
   whole = sharding.undivided(layout.abstract.params, mesh, config.sharding_rules)
   if whole:
     _log(
