@@ -606,9 +606,11 @@ def _hbm_bytes(inst: Instruction, comp: Computation, comps: dict[str, Computatio
     if not _on_chip(shape):
       moved += _read(body, _parameter(body, index), _bytes(shape), comps)
   root = body.instructions[-1] if body.instructions else None
-  outputs = [root] if root is None or root.op != 'tuple' else [
-      body.by_name.get(name) for name in root.operands
-  ]
+  outputs = (
+      [root]
+      if root is None or root.op != 'tuple'
+      else [body.by_name.get(name) for name in root.operands]
+  )
   for array, out in zip(parse_arrays(inst.shape), outputs):
     if not array.on_chip:
       moved += _written(body, out, array.bytes, comps)
