@@ -98,6 +98,10 @@ def classify(hlo_text: str) -> dict[str, str]:
   return parts
 
 
+def _has_events(plane) -> bool:
+  return any(next(iter(line.events), None) is not None for line in plane.lines)
+
+
 def op_times(trace_dir: str, known_names: set[str]) -> dict[str, float]:
   """Summed durations in seconds, per HLO instruction name, of the op events of the newest trace
   under `trace_dir`.
@@ -105,12 +109,15 @@ def op_times(trace_dir: str, known_names: set[str]) -> dict[str, float]:
   Accelerators: the device planes ('/device:...'), their 'XLA Ops' line where there is one (TPU),
   else every stream line, each kernel event naming its instruction in its `hlo_op` stat (GPU); the
   host's planes then only hold launch calls and are left out. CPU: the host plane, whose worker
-  threads' events are named after the instructions (thunks) they ran."""
+  threads' events are named after the instructions (thunks) they ran (device planes without
+  events are left out)."""
   paths = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True))
   if not paths:
     raise FileNotFoundError(f'no *.xplane.pb trace under {trace_dir}')
   data = jax.profiler.ProfileData.from_file(paths[-1])
-  devices = [plane for plane in data.planes if plane.name.startswith('/device:')]
+  # Device planes with events: libtpu's profiler plugin, once loaded (e.g. to compile for a TPU
+  # slice), adds an empty '/device:CUSTOM:Megascale Trace' plane to every trace, CPU ones too.
+  devices = [p for p in data.planes if p.name.startswith('/device:') and _has_events(p)]
   lines = []
   for plane in devices or data.planes:
     xla_ops = [line for line in plane.lines if line.name == 'XLA Ops']
