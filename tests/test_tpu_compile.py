@@ -299,3 +299,23 @@ def test_hbm_traffic_matches_xla_unrolled_and_counts_a_scan_per_layer():
   assert hlo.analyze(looped.as_text(), dict(mesh.shape)).hbm_bytes == pytest.approx(
       flat_bytes, rel=0.25
   )
+
+
+def test_collectives_are_attributed_to_the_parameters_they_move():
+  """Full shapes, one device's shards and one stacked layer's name the parameter; shapes of
+  several parameters name the first and count the rest."""
+  from vitok.core import roofline
+
+  mesh = _mesh(_devices('v5p:2x2x1'), (1, 4))
+  split = NamedSharding(mesh, P('fsdp'))
+  params = {
+      'a': {'kernel': jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=split)},
+      'b': {'kernel': jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=split)},
+      'blocks': {
+          'w': jax.ShapeDtypeStruct((3, 4, 12), jnp.float32, sharding=NamedSharding(mesh, P()))
+      },
+  }
+  names = roofline.parameter_names(params)
+  assert names[(8, 16)] == 'a/kernel (+1 of this shape)'
+  assert names[(2, 16)] == 'a/kernel (shard) (+1 of this shape)'
+  assert names[(4, 12)] == 'blocks/w (one layer)' and names[(3, 4, 12)] == 'blocks/w'

@@ -26,19 +26,25 @@ from vitok.core import hlo, perf, sharding, topology
 
 
 def parameter_names(abstract_params: Any) -> dict[tuple[int, ...], str]:
-  """Parameter shape -> its path (and, for blocks stacked by `model.scan`, one layer's shape ->
-  the same path), to say which tensor a collective moves. Shapes shared by several parameters
-  name the first with a count."""
+  """Parameter shape -> its path, to say which tensor a collective moves: the full shape (an
+  all-gather's result, a reduce-scatter's operand), one device's shard of it (a gradient shard
+  all-reduced over the data axes after the reduce-scatter) and, for blocks stacked by
+  `model.scan`, one layer's. Shapes shared by several parameters name the first with a count."""
   names: dict[tuple[int, ...], list[str]] = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
     where = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
-    where = where.removesuffix('/value')
+    where = where.removesuffix('/value').removesuffix('/.value')
     shape = tuple(int(d) for d in np.shape(leaf))
-    for key in {shape, tuple(d for d in shape if d != 1)} | (
-        {shape[1:]} if 'layers' in where or 'scan' in where or len(shape) > 2 else set()
-    ):
-      if key:
-        names.setdefault(key, []).append(where)
+    keys = {shape: where}
+    sharding = getattr(leaf, 'sharding', None)
+    if sharding is not None and tuple(sharding.shard_shape(shape)) != shape:
+      keys.setdefault(tuple(sharding.shard_shape(shape)), f'{where} (shard)')
+    if len(shape) > 2:
+      keys.setdefault(shape[1:], f'{where} (one layer)')
+    for key, name in keys.items():
+      for variant in {key, tuple(d for d in key if d != 1)}:
+        if variant:
+          names.setdefault(variant, []).append(name)
   return {
       shape: paths[0] + (f' (+{len(paths) - 1} of this shape)' if len(paths) > 1 else '')
       for shape, paths in names.items()
