@@ -125,7 +125,10 @@ def tpu_plan(config, piece: topology.Slice) -> dict:
       )
       step = roofline.program_report(compiled, mesh, piece.chip, model_flops, names)
     except jax.errors.JaxRuntimeError as e:
-      step = roofline.out_of_memory_report(e, piece.chip, state, model_flops)
+      try:
+        step = roofline.out_of_memory_report(e, piece.chip, state, model_flops)
+      except jax.errors.JaxRuntimeError:
+        common.fail(f'the TPU compiler refused the train step: {_first_lines(e)}', code=1)
     compile_s = time.perf_counter() - started
     result = {
         'model': described,
@@ -162,6 +165,12 @@ def tpu_plan(config, piece: topology.Slice) -> dict:
       )
       result['sampling'] = sampling
   return result
+
+
+def _first_lines(error, limit: int = 400) -> str:
+  """A compiler error's first two lines (what and where), on one line."""
+  text = ' '.join(line.strip() for line in str(error).splitlines()[:2])
+  return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
 def _gib(value: float) -> str:
