@@ -4,7 +4,7 @@ accounting on programs the TPU compiler wrote.)"""
 
 import pytest
 
-from vitok.core import hlo
+from vitok.core import hlo, hlo_cost
 
 
 def _inst(attrs: str, op: str = 'all-reduce') -> hlo.Instruction:
@@ -88,7 +88,7 @@ def test_loop_bodies_count_once_per_iteration():
   assert hlo.trip_count(loop, comps) == 6  # i = 0, 2, ..., 10 < 12
   counts, unknown = hlo.run_counts(comps)
   assert counts['body'] == 6 and counts['main'] == 1 and not unknown
-  cost = hlo.analyze(LOOP, {'data': 2})
+  cost = hlo_cost.analyze(LOOP, {'data': 2})
   assert cost.matmul_flops == 6 * 2 * 4 * 8 * 8
   gathers = [c for c in cost.collectives if c.kind == 'all-gather']
   reduces = [c for c in cost.collectives if c.kind == 'all-reduce']
@@ -102,7 +102,7 @@ def test_loop_bodies_count_once_per_iteration():
 
 def test_a_loop_whose_count_cannot_be_read_is_counted_once_and_named():
   text = LOOP.replace('direction=LT', 'direction=NE')
-  cost = hlo.analyze(text, {'data': 2})
+  cost = hlo_cost.analyze(text, {'data': 2})
   assert cost.loops_without_trip_count == ['loop'] and cost.matmul_flops == 2 * 4 * 8 * 8
 
 
@@ -115,13 +115,32 @@ def test_arrays_in_on_chip_memory_are_not_hbm_traffic():
   ]
 
 
+ASYNC_SLICES = """
+ENTRY %main (p: s8[7077888]) -> s8[7077888] {
+  %p = s8[7077888]{0} parameter(0)
+  %slice-start.1 = ((s8[7077888]{0}), s8[4194304]{0:T(1024)S(1)}, s32[]{:S(2)}) slice-start(%p), slice={[0:4194304]}
+  %slice-done.1 = s8[4194304]{0:T(1024)S(1)} slice-done(%slice-start.1)
+  %slice.2 = s8[1000]{0} slice(%p), slice={[0:1000]}
+  ROOT %copy = s8[7077888]{0} copy(%p)
+}
+"""
+
+
+def test_slices_move_the_piece_they_take_not_the_whole_buffer():
+  """The TPU compiler prefetches pieces of a buffer into on-chip memory with asynchronous
+  slice-start / slice-done: one HBM read of the piece (4 MiB), not the 7 MiB buffer and the tuple
+  around it; a plain slice reads and writes its piece; the copy reads and writes the buffer."""
+  cost = hlo_cost.analyze(ASYNC_SLICES, {'data': 1})
+  assert cost.hbm_bytes == 4194304 + 2 * 1000 + 2 * 7077888
+
+
 def test_convolution_flops_count_the_taps_that_meet_input():
   """A 3x3 'SAME' convolution: the border outputs' windows reach one row / column of padding, so a
   16-wide dimension has 14 x 3 + 2 x 2 = 46 taps on real input, not 16 x 3."""
   lhs, rhs = hlo.parse_arrays('f32[2,16,16,3]{3,2,1,0}')[0], hlo.parse_arrays('f32[3,3,3,8]')[0]
   out = hlo.parse_arrays('f32[2,16,16,8]{3,2,1,0}')[0]
   attrs = ', window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f'
-  assert hlo._convolution_flops(attrs, out, lhs, rhs) == 2 * 2 * 8 * 3 * 46 * 46
+  assert hlo.convolution_flops(attrs, out, lhs, rhs) == 2 * 2 * 8 * 3 * 46 * 46
 
 
 def test_a_batched_matmul_written_as_a_dilated_convolution_counts_as_the_matmul():
@@ -130,13 +149,13 @@ def test_a_batched_matmul_written_as_a_dilated_convolution_counts_as_the_matmul(
   lhs = hlo.parse_arrays('bf16[4,4,2048,32]')[0]
   out = hlo.parse_arrays('f32[4,4,2048,2048]')[0]
   attrs = ', window={size=4x4 stride=3x3 lhs_dilate=4x4}, dim_labels=01bf_01oi->01bf'
-  assert hlo._convolution_flops(attrs, out, lhs, lhs) == 2 * 4 * 4 * 2048 * 2048 * 32
+  assert hlo.convolution_flops(attrs, out, lhs, lhs) == 2 * 4 * 4 * 2048 * 2048 * 32
   # x (4, 2048, 128) . w (128, 3, 4, 32): size-1 dims padded out to 3 and 4, one real tap each.
   lhs = hlo.parse_arrays('f32[4,2048,128,1,1]')[0]
   rhs = hlo.parse_arrays('f32[128,3,4,32,1]')[0]
   out = hlo.parse_arrays('f32[4,2048,3,4,32]')[0]
   attrs = ', window={size=1x3x4 pad=0_0x2_2x3_3 rhs_reversal=0x1x1}, dim_labels=0bf12_i12o0->0b12f'
-  assert hlo._convolution_flops(attrs, out, lhs, rhs) == 2 * 4 * 2048 * 128 * 3 * 4 * 32
+  assert hlo.convolution_flops(attrs, out, lhs, rhs) == 2 * 4 * 2048 * 128 * 3 * 4 * 32
 
 
 def test_attention_kernels_without_a_cost_estimate_count_their_matmuls():
@@ -145,9 +164,9 @@ def test_attention_kernels_without_a_cost_estimate_count_their_matmuls():
   comp = hlo.Computation('c', False, [], {'q': 'bf16[2,4,256,32]{3,2,1,0}', 'm': 's8[1,2,2]'})
   kernel = lambda name: hlo.Instruction(name, 'custom-call', 'bf16[2,4,256,32]', ['m', 'q'], '', '')
   per_matmul = 2 * 2 * 4 * 256 * 256 * 32
-  assert hlo._attention_kernel_flops(kernel('splash_mha_fwd_residuals.4'), comp) == 2 * per_matmul
-  assert hlo._attention_kernel_flops(kernel('splash_mha_dq_no_residuals.1'), comp) == 3 * per_matmul
+  assert hlo.attention_kernel_flops(kernel('splash_mha_fwd_residuals.4'), comp) == 2 * per_matmul
+  assert hlo.attention_kernel_flops(kernel('splash_mha_dq_no_residuals.1'), comp) == 3 * per_matmul
   assert (
-      hlo._attention_kernel_flops(kernel('splash_mha_dkv_no_residuals.1'), comp) == 4 * per_matmul
+      hlo.attention_kernel_flops(kernel('splash_mha_dkv_no_residuals.1'), comp) == 4 * per_matmul
   )
-  assert hlo._attention_kernel_flops(kernel('my_kernel.1'), comp) is None
+  assert hlo.attention_kernel_flops(kernel('my_kernel.1'), comp) is None

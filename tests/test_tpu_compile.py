@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vitok.core import hlo, sharding, topology
+from vitok.core import hlo_cost, sharding, topology
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,7 @@ def test_scanned_layers_count_every_iteration_on_the_tpu_compiler():
   for name, fn in (('scan', scanned), ('unrolled', unrolled)):
     compiled = jax.jit(fn).lower(ws, x).compile()
     assert 'T(8,128)' in compiled.as_text()  # TPU tiles: the TPU compiler wrote this program
-    counted[name] = hlo.analyze(compiled.as_text(), dict(mesh.shape)).matmul_flops
+    counted[name] = hlo_cost.analyze(compiled.as_text(), dict(mesh.shape)).matmul_flops
     if name == 'scan':
       assert compiled.cost_analysis()['flops'] < closed_form / 4  # XLA: the body once
   assert counted == {'scan': closed_form, 'unrolled': closed_form}
@@ -88,7 +88,7 @@ def test_collectives_name_their_mesh_axes_and_bytes():
       check_vma=False,
   )
   x = jax.ShapeDtypeStruct((64, 1024), jnp.float32, sharding=NamedSharding(mesh, P('data', 'fsdp')))
-  cost = hlo.analyze(jax.jit(fn).lower(x).compile().as_text(), dict(mesh.shape))
+  cost = hlo_cost.analyze(jax.jit(fn).lower(x).compile().as_text(), dict(mesh.shape))
   shard = 32 * 256 * 4  # bytes of one device's (32, 256) float32 block
   found = sorted((c.kind, c.axes, c.group_size, c.payload_bytes) for c in cost.collectives)
   assert found == [
@@ -292,11 +292,11 @@ def test_hbm_traffic_matches_xla_unrolled_and_counts_a_scan_per_layer():
   x = jax.ShapeDtypeStruct((b, d), jnp.bfloat16, sharding=NamedSharding(mesh, P('data')))
   scanned, unrolled = _stack(layers, d)
   flat = jax.jit(unrolled).lower(ws, x).compile()
-  flat_bytes = hlo.analyze(flat.as_text(), dict(mesh.shape)).hbm_bytes
+  flat_bytes = hlo_cost.analyze(flat.as_text(), dict(mesh.shape)).hbm_bytes
   assert flat_bytes == pytest.approx(flat.cost_analysis()['bytes accessed'], rel=0.05)
   looped = jax.jit(scanned).lower(ws, x).compile()
   assert looped.cost_analysis()['bytes accessed'] < flat_bytes / 4
-  assert hlo.analyze(looped.as_text(), dict(mesh.shape)).hbm_bytes == pytest.approx(
+  assert hlo_cost.analyze(looped.as_text(), dict(mesh.shape)).hbm_bytes == pytest.approx(
       flat_bytes, rel=0.25
   )
 

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vitok.core import hlo, perf, sharding, topology
+from vitok.core import hlo_cost, perf, sharding, topology
 
 
 def parameter_names(abstract_params: Any) -> dict[tuple[int, ...], str]:
@@ -51,7 +51,7 @@ def parameter_names(abstract_params: Any) -> dict[tuple[int, ...], str]:
   }
 
 
-def bound_seconds(cost: hlo.ProgramCost, chip: topology.Chip, mesh) -> dict:
+def bound_seconds(cost: hlo_cost.ProgramCost, chip: topology.Chip, mesh) -> dict:
   """The four times of the module docstring, the bound (their maximum) and which one it is."""
   flops = cost.flops
   ici = dcn = 0.0
@@ -102,7 +102,7 @@ def program_report(
 ) -> dict:
   """Per-chip memory, FLOPs, collectives and (with a chip) the time bound of `compiled`."""
   stats = perf.compiled_stats(compiled)
-  cost = hlo.analyze(compiled.as_text(), dict(mesh.shape), slice_shape(mesh), param_names)
+  cost = hlo_cost.analyze(compiled.as_text(), dict(mesh.shape), slice_shape(mesh), param_names)
   peak = (
       (stats['argument_bytes'] or 0)
       + (stats['output_bytes'] or 0)
