@@ -41,6 +41,14 @@ _TOPOLOGY = flags.DEFINE_string(
 _NUM_SLICES = flags.DEFINE_integer(
     'num_slices', 1, 'With --topology: slices of that size joined over the data-centre network.'
 )
+_SAMPLING = flags.DEFINE_bool(
+    'sampling', True, "With --topology: also compile a DiT's sampling program (minutes)."
+)
+_HLO_OUT = flags.DEFINE_string(
+    'hlo_out',
+    '',
+    "With --topology: write the train step's optimized HLO (the TPU compiler's) here.",
+)
 
 
 def plan(config) -> dict:
@@ -124,6 +132,9 @@ def tpu_plan(config, piece: topology.Slice) -> dict:
           layout, task.loss_fn, config.optim.ema_decay, task.abstract_batch(), frozen
       )
       step = roofline.program_report(compiled, mesh, piece.chip, model_flops, names)
+      if _HLO_OUT.value:
+        with open(_HLO_OUT.value, 'w') as f:
+          f.write(compiled.as_text())
     except jax.errors.JaxRuntimeError as e:
       try:
         step = roofline.out_of_memory_report(e, piece.chip, state, model_flops)
@@ -149,7 +160,7 @@ def tpu_plan(config, piece: topology.Slice) -> dict:
         'train_step': step,
         'compile_s': round(compile_s, 1),
     }
-    if hasattr(task, 'lower_generation') and 'bound' in step:
+    if _SAMPLING.value and hasattr(task, 'lower_generation') and 'bound' in step:
       steps = config.sample.steps
       started = time.perf_counter()
       lowered = task.lower_generation(

@@ -11,7 +11,9 @@ nothing after the colon: the config as given); variants are separated by `;`. Ev
 variant that fails is reported with its last line. The table (markdown, also printed) lists per
 chip: HBM used, the roofline lower bound and what sets it, compiled FLOPs, HBM traffic, bytes a
 chip sends in collectives and the share of them that overlaps compute, and the compile time;
-`--out` also gets every plan's JSON beside it (`<out>.jsonl`).
+`--out` also gets every plan's JSON beside it (`<out>.jsonl`) and each variant's optimized HLO
+(`<out>.<variant>.hlo`, for `vitok/core/hlo.py` and a reader). A DiT's sampling program is left
+out: `launch.plan` compiles it.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ def main(argv):
         f'--config={config_arg}',
         f'--topology={_TOPOLOGY.value}',
         f'--num_slices={_NUM_SLICES.value}',
+        '--nosampling',  # the train step is what the variants change
+        *([f'--hlo_out={_OUT.value}.{name}.hlo'] if _OUT.value else []),
         *overrides,
     ]
     started = time.perf_counter()
