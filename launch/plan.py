@@ -227,6 +227,8 @@ def format_tpu_plan(result: dict) -> str:
       f'compute {bound["compute_s"] * 1e3:.2f} / HBM {bound["hbm_s"] * 1e3:.2f} / ICI '
       f'{bound["ici_s"] * 1e3:.2f} / DCN {bound["dcn_s"] * 1e3:.2f} ms; MFU at most '
       f'{bound["mfu_at_bound"]:.0%})',
+      f'collectives the schedule leaves exposed: {bound["exposed_collectives_s"] * 1e3:.2f} ms; '
+      f'max(compute, HBM) + exposed = {bound["exposed_estimate_s"] * 1e3:.2f} ms',
       'collectives per step (bytes a chip sends):',
   ]
   rows = [

@@ -9,11 +9,11 @@ Each variant is `name: field=value,field=value` (config fields as --config.<fiel
 nothing after the colon: the config as given); variants are separated by `;`. Every variant runs
 `python -m launch.plan` in its own process (libtpu's memory is returned between compiles), and a
 variant that fails is reported with its last line. The table (markdown, also printed) lists per
-chip: HBM used, the roofline lower bound and what sets it, compiled FLOPs, HBM traffic, bytes a
-chip sends in collectives and the share of them that overlaps compute, and the compile time;
-`--out` also gets every plan's JSON beside it (`<out>.jsonl`) and each variant's optimized HLO
-(`<out>.<variant>.hlo`, for `vitok/core/hlo.py` and a reader). A DiT's sampling program is left
-out: `launch.plan` compiles it.
+chip: HBM used, the roofline lower bound and what sets it, max(compute, HBM) plus the collectives
+the schedule leaves exposed, compiled FLOPs, HBM traffic, bytes a chip sends in collectives and the
+share of them that overlaps compute, and the compile time; `--out` also gets every plan's JSON
+beside it (`<out>.jsonl`) and each variant's optimized HLO (`<out>.<variant>.hlo`, for
+`vitok/core/hlo.py` and a reader). A DiT's sampling program is left out: `launch.plan` compiles it.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ COLUMNS = [
     ('hbm_share', 'of HBM', '.0%'),
     ('bound_ms', 'bound ms', '.1f'),
     ('bound_by', 'set by'),
+    ('exposed_ms', 'with exposed collectives ms', '.1f'),
     ('tflop', 'TFLOP/chip', '.2f'),
     ('hbm_traffic_GiB', 'HBM traffic GiB', '.1f'),
     ('sent_MiB', 'collectives MiB sent', '.0f'),
@@ -93,6 +94,7 @@ def row_of(name: str, plan: dict) -> dict:
   row.update(
       bound_ms=step['bound']['bound_s'] * 1e3,
       bound_by=step['bound']['bound_by'],
+      exposed_ms=step['bound']['exposed_estimate_s'] * 1e3,
       tflop=(step['compiled_matmul_flops'] + step['compiled_kernel_flops']) / 1e12,
       hbm_traffic_GiB=step['hbm_bytes'] / 2**30,
       sent_MiB=sent / 2**20,

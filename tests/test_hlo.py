@@ -1,7 +1,9 @@
-"""vitok.core.hlo on hand-written HLO: replica groups in each format XLA prints, the mesh axes they
-span, loop trip counts, matmul FLOPs, collective bytes. (tests/test_tpu_compile.py checks the same
-accounting on programs the TPU compiler wrote.)"""
+"""vitok.core.hlo and hlo_cost on hand-written HLO: replica groups in each format XLA prints, the
+mesh axes they span, loop trip counts, matmul FLOPs, collective and HBM bytes; the roofline bound
+from them. (tests/test_tpu_compile.py checks the same accounting on programs the TPU compiler
+wrote.)"""
 
+import numpy as np
 import pytest
 
 from vitok.core import hlo, hlo_cost
@@ -166,7 +168,28 @@ def test_attention_kernels_without_a_cost_estimate_count_their_matmuls():
   per_matmul = 2 * 2 * 4 * 256 * 256 * 32
   assert hlo.attention_kernel_flops(kernel('splash_mha_fwd_residuals.4'), comp) == 2 * per_matmul
   assert hlo.attention_kernel_flops(kernel('splash_mha_dq_no_residuals.1'), comp) == 3 * per_matmul
-  assert (
-      hlo.attention_kernel_flops(kernel('splash_mha_dkv_no_residuals.1'), comp) == 4 * per_matmul
-  )
+  assert hlo.attention_kernel_flops(kernel('splash_mha_dkv_no_residuals.1'), comp) == 4 * per_matmul
   assert hlo.attention_kernel_flops(kernel('my_kernel.1'), comp) is None
+
+
+def test_the_bound_and_the_collectives_the_schedule_leaves_exposed():
+  """v5p: 459 TFLOP/s, 2765 GB/s, 100 GB/s per link each way; on CPU devices (no torus
+  coordinates) a group spans one link. 4.59 TFLOP = 10 ms, 13.825 GB = 5 ms; an all-reduce of
+  100 MB over 2 devices sends 100 MB = 0.5 ms over 2 x 100 GB/s, overlapped or not."""
+  import jax
+  from jax.sharding import Mesh
+
+  from vitok.core import roofline, topology
+
+  def collective(overlapped: bool) -> hlo_cost.Collective:
+    return hlo_cost.Collective(
+        'all-reduce', ('data',), 2, 1e8, 1.0, overlapped, False, (1,), 'f32', 'psum', 'x'
+    )
+
+  cost = hlo_cost.ProgramCost(4.59e12, 0.0, 13.825e9, [collective(True), collective(False)], [], [])
+  mesh = Mesh(np.array(jax.devices()[:2]), ('data',))
+  bound = roofline.bound_seconds(cost, topology.CHIPS['v5p'], mesh)
+  assert bound['bound_by'] == 'compute' and bound['bound_s'] == pytest.approx(0.010)
+  assert bound['hbm_s'] == pytest.approx(0.005) and bound['ici_s'] == pytest.approx(0.001)
+  assert bound['exposed_collectives_s'] == pytest.approx(0.0005)
+  assert bound['exposed_estimate_s'] == pytest.approx(0.0105)
