@@ -13,6 +13,8 @@
 #   GIT_REF                   if set, `git fetch && git checkout $GIT_REF` in REPO_DIR first
 #   PYTHON                    python on the workers (default: python3)
 #   INSTALL                   0: skip `pip install -e ".[tpu]"` on the workers (default: 1)
+#   LIBTPU_INIT_ARGS          if set, the TPU compiler's flags on every worker (docs/tpu.md: plan
+#                             with the same value; e.g. its asynchronous-collective flags)
 #
 # Every worker runs the same command; JAX's Cloud TPU detection (jax.distributed.initialize() with
 # no arguments, called by vitok.core.distributed.initialize) finds the coordinator, process count and
@@ -29,7 +31,7 @@ for var in TPU_NAME ZONE WORKDIR; do
 done
 TPU_NAME="${TPU_NAME:-}" ZONE="${ZONE:-}" WORKDIR="${WORKDIR:-}"
 if [[ -z "$TPU_NAME" || -z "$ZONE" || -z "$WORKDIR" ]]; then
-  sed -n '2,15p' "$0" >&2
+  sed -n '2,17p' "$0" >&2
   exit 2
 fi
 CONFIG="${CONFIG:-configs/vitok.py}"
@@ -65,7 +67,13 @@ if [[ "$INSTALL" == 1 ]]; then
   INSTALL_STEP="$PYTHON -m pip install --quiet -e '.[tpu]'"  # quoted: [tpu] is a glob remotely
 fi
 
-REMOTE="set -e; cd $REPO_DIR && $CHECKOUT && $INSTALL_STEP \
+# The TPU compiler reads its flags from the environment of each worker's process.
+TPU_FLAGS=""
+if [[ -n "${LIBTPU_INIT_ARGS:-}" ]]; then
+  TPU_FLAGS="export LIBTPU_INIT_ARGS=$(printf '%q' "$LIBTPU_INIT_ARGS"); "
+fi
+
+REMOTE="set -e; ${TPU_FLAGS}cd $REPO_DIR && $CHECKOUT && $INSTALL_STEP \
 && $PYTHON -m launch.train --config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")$EXTRA"
 
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" ${PROJECT:+--project="$PROJECT"} \

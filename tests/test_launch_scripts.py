@@ -18,12 +18,15 @@ _FAKE = """#!/usr/bin/env bash
 name="${0##*/}"
 { printf '%s' "$name"; printf '\\t%s' "$@"; printf '\\n'; } >> "$FAKE_LOG"
 pwd >> "$FAKE_LOG.cwd"
+printf '%s\\n' "${LIBTPU_INIT_ARGS-}" >> "$FAKE_LOG.tpu_flags"
 status_var="FAKE_STATUS_${name//[^a-zA-Z0-9]/_}"
 exit "${!status_var:-0}"
 """
 _FAKES = ('gcloud', 'srun', 'scontrol', 'git', 'python', 'python3')
 # The scripts' own variables: none comes from the environment the tests run in.
-_SCRIPT_VARIABLES = 'TPU_NAME ZONE WORKDIR PROJECT CONFIG REPO_DIR GIT_REF PYTHON INSTALL'.split()
+_SCRIPT_VARIABLES = (
+    'TPU_NAME ZONE WORKDIR PROJECT CONFIG REPO_DIR GIT_REF PYTHON INSTALL LIBTPU_INIT_ARGS'.split()
+)
 
 
 @pytest.fixture
@@ -146,6 +149,18 @@ def test_pod_script_with_install_0_only_trains(fake, tmp_path):
   assert _run_remote(remote, fake, cwd='/') == [train.split(' ')]
 
 
+def test_pod_script_passes_the_tpu_compiler_flags_to_every_worker(fake, tmp_path):
+  bin_dir, log, env = fake
+  flags = "--xla_tpu_enable_async_collective_fusion=true --xla_name='a b'"
+  env.update(INSTALL='0', REPO_DIR=str(tmp_path), LIBTPU_INIT_ARGS=flags)
+  out = _bash(TPU_POD, ['tpu', 'zone', '/shared/run'], env)
+  assert out.returncode == 0, out.stderr
+  remote = _remote_command(_calls(log)[0])
+  del env['LIBTPU_INIT_ARGS']  # a worker's own environment has none
+  assert len(_run_remote(remote, fake, cwd='/')) == 1
+  assert log.with_name(log.name + '.tpu_flags').read_text().splitlines()[-1] == flags
+
+
 def test_pod_script_checks_out_git_ref_before_installing(fake, tmp_path):
   _, log, env = fake
   env.update(REPO_DIR=str(tmp_path), GIT_REF='v1.2')
@@ -175,7 +190,9 @@ def test_pod_script_without_its_arguments_prints_the_usage_and_exits_2(fake, arg
   out = _bash(TPU_POD, args, env)
   assert out.returncode == 2
   assert 'Usage:' in out.stderr and 'TPU_NAME, ZONE, WORKDIR   required' in out.stderr
-  assert out.stderr.rstrip().splitlines()[-1].lstrip('# ').startswith('INSTALL')
+  usage = out.stderr
+  assert all(name in usage for name in _SCRIPT_VARIABLES)  # the whole environment block
+  assert usage.rstrip().endswith('asynchronous-collective flags)')  # ... to its last line
   assert _calls(log) == []  # gcloud never ran
 
 
