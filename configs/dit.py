@@ -2,7 +2,10 @@ r"""DiT training on the latents of a frozen ViTok tokenizer (class-conditional g
 
     python -m launch.encode --tokenizer=/tmp/vitok-run --out=/tmp/latents
     python -m launch.train --config=configs/dit.py:demo,latents=/tmp/latents --workdir=/tmp/dit
-    python -m launch.plan --config=configs/dit.py:ucf101 --mesh=16x16
+    python -m launch.plan --config=configs/dit.py:ucf101 --topology=v5p-128
+    # -> 11.09 GiB of 95.74 per chip, step >= 20.24 ms (compute); docs/tpu.md
+    python -m launch.plan --config=configs/dit.py:ucf101,mesh=16x16 --topology=v6e-256
+    # -> 2.02 GiB of 31.25 per chip, >= 12.5 ms: FSDP beats data parallel on a v6e-256 (docs/tpu.md)
 
 `get_config(arg)` takes an optional preset name followed by comma-separated `key=value` shortcuts:
 
@@ -209,7 +212,8 @@ def _preset(config, name: str):
     config.ckpt_every = 2500
   elif name == 'ucf101':
     # On TPUs: bfloat16 and the splash-attention kernel, what the TPU compiler's plans chose
-    # (docs/tpu.md); elsewhere 'auto' picks what that hardware runs best.
+    # (docs/tpu.md); elsewhere 'auto' picks what that hardware runs best. The mesh is the slice's:
+    # data parallel (the default) on a v5p-128, FSDP `mesh=16x16` on a v6e-256.
     config.model.update(variant='DiT-L/1', num_classes=101, dtype='auto', attention='auto')
     config.tokenizer.update(variant='S-B/4x8', channels=16)
     config.data.update(frames=16, res=128)
