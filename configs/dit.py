@@ -146,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.accuracy = ml_collections.ConfigDict(
       dict(
           # 'moving_digits': an independent classifier trained on real frames
-          # (vitok/digit_classifier.py) labels generated clips; '' = no class-accuracy evaluation
+          # (vitok/evals/digit_classifier.py) labels generated clips; '' = no class-accuracy evaluation
           classifier='',
           every=0,  # steps between evaluations (0 = only at the end)
           per_class=10,  # generated clips per class, with guidance and without

@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.best_metric = 'psnr'
   c.model = ml_collections.ConfigDict(
       dict(
-          variant='S-B/4x8',  # <Enc>-<Dec>/<q>x<p>; sizes cpu128, cpu256, S, B, L (vitok.tokenizer.SIZES)
+          variant='S-B/4x8',  # <Enc>-<Dec>/<q>x<p>; sizes cpu128, cpu256, S, B, L (vitok.tokenizer.model.SIZES)
           channels=16,  # latent channels c; E = tokens x c
           mlp='swiglu',  # 'swiglu' | 'geglu'
           rope='3d',  # '3d' axial over (t, h, w) | '1d' over the raster index

@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 
 from dit import latents as latents_lib
-from vitok import stage1, tokenizer
 from vitok.core import sharding, trainer
-from vitok.data import DataError, builders, pipeline
+from vitok.data import DataError, builders, pipeline, pixels
+from vitok.tokenizer import frozen as frozen_tokenizer
 
 
 def in_clips(code, video: jax.Array, clip: int) -> jax.Array:
@@ -47,7 +47,7 @@ def encode_function(graphdef, params, mesh, rules, batch_sharding, clip_frames: 
   def run(params, video, label, mask):
     model = nnx.merge(graphdef, params)
     moments = lambda clips: jnp.concatenate(
-        model.encode_moments(tokenizer.to_unit_range(clips)), axis=-1
+        model.encode_moments(pixels.to_unit_range(clips)), axis=-1
     )
     both = in_clips(moments, video, clip_frames or video.shape[1])
     mean, logvar = jnp.split(both, 2, axis=-1)
@@ -107,7 +107,7 @@ def sampled_statistics(graphdef, params, mesh, rules, data_cfg, source, clips: i
 
 
 def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
-  frozen = stage1.open_tokenizer(tokenizer_dir)
+  frozen = frozen_tokenizer.open_tokenizer(tokenizer_dir)
   mesh = sharding.make_mesh(frozen.config.mesh)
   data_cfg = data_cfg.copy_and_resolve_references()
   clip_frames = int(frozen.config.data.frames)  # what the tokenizer was trained on
@@ -118,14 +118,14 @@ def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
         f'after clip'
     )
   clip_frames = min(clip_frames, data_cfg.frames)
-  grid = frozen.task.model_cfg.latent_grid(data_cfg.frames, data_cfg.res)
-  clip_latents = frozen.task.model_cfg.latent_grid(clip_frames, data_cfg.res)[0]
+  grid = frozen.model_cfg.latent_grid(data_cfg.frames, data_cfg.res)
+  clip_latents = frozen.model_cfg.latent_grid(clip_frames, data_cfg.res)[0]
   rules = frozen.config.sharding_rules
   data_cfg.eval_batch_size = encoding_batch_size(batch, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   print(
       f'encoding with {frozen.source}: clips {data_cfg.frames}x{data_cfg.res}x{data_cfg.res} '
-      f'-> latents {grid} x {frozen.task.model_cfg.channels}'
+      f'-> latents {grid} x {frozen.model_cfg.channels}'
       + (f', in clips of {clip_frames} frames' if clip_frames < data_cfg.frames else ''),
       flush=True,
   )
@@ -151,7 +151,7 @@ def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
     print(f'{split}: {splits[split]} clips encoded', flush=True)
   metadata = latents_lib.Metadata(
       grid=tuple(grid),
-      channels=frozen.task.model_cfg.channels,
+      channels=frozen.model_cfg.channels,
       num_classes=int(builders.num_classes(data_cfg)),
       splits=splits,
       channel_mean=(),

@@ -13,9 +13,9 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from vitok import evaluation
 from vitok.core import task as task_lib
 from vitok.data import builders
+from vitok.evals import frechet
 
 
 def real_data_config(task) -> ml_collections.ConfigDict | None:
@@ -57,8 +57,8 @@ def evaluate_generation(task, context: task_lib.EvalContext) -> dict:
   classes = task.sample_classes()
   labels = np.asarray([classes[i % len(classes)] for i in range(count)], np.int32)
   networks = {}
-  for network in (evaluation.FVD, evaluation.FID):
-    weights, reason = evaluation.load_weights(network, mesh, config.sharding_rules)
+  for network in (frechet.FVD, frechet.FID):
+    weights, reason = frechet.load_weights(network, mesh, config.sharding_rules)
     rows = min(count, len(source)) * network.rows_per_clip(data_cfg.frames)
     if weights is None:
       result[f'g{network.name}_unavailable'] = reason
@@ -89,13 +89,13 @@ def evaluate_generation(task, context: task_lib.EvalContext) -> dict:
   )[:count]
   s = config.sample
   for network, weights in networks.items():
-    real = evaluation.real_statistics(network, real_cfg, source, mesh, weights)
-    generated = evaluation.clip_statistics(
+    real = frechet.real_statistics(network, real_cfg, source, mesh, weights)
+    generated = frechet.clip_statistics(
         network, clips, batch, mesh, config.sharding_rules, weights
     )
     result[f'g{network.name}'] = generated.distance(real)
     result[f'{network.name}_protocol'] = dict(
-        evaluation.protocol(
+        frechet.protocol(
             network, real_cfg, real.count // network.rows_per_clip(data_cfg.frames)
         ),
         generated_clips=int(count),

@@ -310,8 +310,8 @@ def model_evaluations_per_call(task, steps: int | None = None) -> int:
 def decode(task, frozen, latents: np.ndarray, frames: int, overlap: int = 1) -> np.ndarray:
   """One video's normalised latents (n, h, w, c) -> uint8 frames (frames, H, W, 3), decoded by
   the frozen tokenizer in windows of its clip length that overlap by `overlap` latent frames,
-  blended linearly (vitok/tiling.py; Movie Gen's tiled decoding)."""
-  from vitok import tiling
+  blended linearly (vitok/tokenizer/tiling.py; Movie Gen's tiled decoding)."""
+  from vitok.tokenizer import tiling
 
   clip = task.clip_latents
   run = _decoder(task)

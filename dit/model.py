@@ -47,9 +47,9 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from vitok import layers
 from vitok.core import config_checks
 from vitok.core.sharding import constrain
+from vitok.nn import layers
 
 SIZES: dict[str, layers.ViTSize] = {
     'cpu64': layers.ViTSize(width=64, depth=2, heads=2),

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 
 import grain
@@ -43,10 +42,13 @@ from dit import diffusion, encoding, known_frames, post_tuning
 from dit import evaluation as dit_evaluation
 from dit import latents as latents_lib
 from dit import model as dit_model
-from vitok import digit_classifier, layers, stage1, tokenizer
 from vitok.core import config_checks, hardware, sharding
 from vitok.core import task as task_lib
-from vitok.data import DataError, builders, pipeline, video_io
+from vitok.data import DataError, builders, pipeline, pixels, video_io
+from vitok.evals import digit_classifier
+from vitok.nn import layers
+from vitok.tokenizer import frozen as frozen_tokenizer
+from vitok.tokenizer import model as tokenizer
 
 FIELDS = {
     'diffusion.objective': config_checks.OneOf(('ddpm', 'flow')),
@@ -103,18 +105,14 @@ class DiTTask:
     # bench: no weights needed) the architecture config.tokenizer describes.
     self.tokenizer_dir = config.tokenizer.dir or (self.latents.tokenizer if self.latents else '')
     if self.tokenizer_dir:
-      tok_config = stage1.read_tokenizer_config(self.tokenizer_dir)
-      self.tokenizer_cfg = tokenizer.TokenizerConfig.from_config(
-          hardware.with_compute_dtype(tok_config.model)
-      )
+      tok_model = frozen_tokenizer.read_tokenizer_config(self.tokenizer_dir).model
     else:
-      self.tokenizer_cfg = tokenizer.TokenizerConfig(
-          variant=config.tokenizer.variant, channels=config.tokenizer.channels
-      )
+      tok_model = dict(variant=config.tokenizer.variant, channels=config.tokenizer.channels)
+    # dtype / attention 'auto' (a tokenizer trained with them) resolved for this run's clips.
+    self.tokenizer_cfg = frozen_tokenizer.model_config(
+        tok_model, config.data.frames, config.data.res
+    )
     grid = self.tokenizer_cfg.latent_grid(config.data.frames, config.data.res)
-    if self.tokenizer_cfg.attention == 'auto':  # a tokenizer trained with attention='auto'
-      attention = hardware.auto_attention(math.prod(grid), self.tokenizer_cfg.dtype)[0]
-      self.tokenizer_cfg = dataclasses.replace(self.tokenizer_cfg, attention=attention)
     channels, num_classes = self.tokenizer_cfg.channels, config.model.num_classes
     if self.latents:
       grid, num_classes = self.latents.grid, num_classes or self.latents.num_classes
@@ -263,7 +261,7 @@ class DiTTask:
     if self.latents is not None and self.latents.clip_latents:
       return self.latents.clip_latents
     if self.tokenizer_dir:
-      frames = int(stage1.read_tokenizer_config(self.tokenizer_dir).data.frames)
+      frames = int(frozen_tokenizer.read_tokenizer_config(self.tokenizer_dir).data.frames)
       return self.tokenizer_cfg.latent_grid(frames, self.tokenizer_cfg.parsed.p)[0]
     return self.model_cfg.grid[0]
 
@@ -393,7 +391,7 @@ class DiTTask:
     own clips of `clip_latents` latent frames, one after another (traceable)."""
     z = x * frozen['stats']['std'] + frozen['stats']['mean']
     decoder = nnx.merge(self.tokenizer_graphdef, frozen['tokenizer'])
-    return tokenizer.to_uint8(encoding.in_clips(decoder.decode, z, self.clip_latents))
+    return pixels.to_uint8(encoding.in_clips(decoder.decode, z, self.clip_latents))
 
   def latent_moments(self, batch, frozen):
     """The posterior mean and log-variance of the batch's clips: cached, or encoded here by the
@@ -401,7 +399,7 @@ class DiTTask:
     if 'video' not in batch:
       return batch['mean'], batch['logvar']
     encoder = nnx.merge(self.tokenizer_graphdef, frozen['tokenizer'])
-    return encoder.encode_moments(tokenizer.to_unit_range(batch['video']))
+    return encoder.encode_moments(pixels.to_unit_range(batch['video']))
 
   def normalized_latents(self, batch, frozen, key=None):
     mean, logvar = self.latent_moments(batch, frozen)
@@ -488,7 +486,7 @@ class DiTTask:
         'std': jax.ShapeDtypeStruct((c,), np.float32, sharding=replicated),
     }
     rules = self.config.sharding_rules
-    graphdef, params = stage1.abstract_tokenizer_params(self.tokenizer_cfg, mesh, rules)
+    graphdef, params = frozen_tokenizer.abstract_tokenizer_params(self.tokenizer_cfg, mesh, rules)
     self.tokenizer_graphdef = graphdef
     return {'stats': stats, 'tokenizer': params}
 
@@ -498,7 +496,9 @@ class DiTTask:
     Encoding on the fly, the first call measures the statistics (`_measure_statistics`)."""
     abstract = self.abstract_frozen(mesh)
     if self.tokenizer_dir:
-      params = stage1.open_tokenizer(self.tokenizer_dir, mesh, self.config.sharding_rules).params
+      params = frozen_tokenizer.open_tokenizer(
+          self.tokenizer_dir, mesh, self.config.sharding_rules
+      ).params
       if self.on_the_fly and self.latents is None:
         self.latents = self._measure_statistics(params, mesh)
     else:
@@ -785,8 +785,8 @@ def _reconstruct_fn(tokenizer_graphdef, clip_frames: int):
   @jax.jit
   def run(params, videos):
     model = nnx.merge(tokenizer_graphdef, params)
-    code = lambda clips: model.decode(model.encode_moments(tokenizer.to_unit_range(clips))[0])
-    return tokenizer.to_uint8(encoding.in_clips(code, videos, clip_frames))
+    code = lambda clips: model.decode(model.encode_moments(pixels.to_unit_range(clips))[0])
+    return pixels.to_uint8(encoding.in_clips(code, videos, clip_frames))
 
   return lambda params, videos: np.asarray(
       multihost_utils.process_allgather(run(params, videos), tiled=True)

@@ -17,7 +17,7 @@ its own process. Both print one JSON line; this script prints the table. The DiT
 model needs timm 0.6.x (and timm needs torchvision: e.g. `pip install torch torchvision
 timm==0.6.13`).
 
-The PyTorch network is written here, layer for layer the network of `vitok/tokenizer.py`:
+The PyTorch network is written here, layer for layer the network of `vitok/tokenizer/model.py`:
 tubelet embedding (a linear map per q x p x p tubelet), pre-LayerNorm blocks with fused q/k/v,
 3-D axial RoPE, `F.scaled_dot_product_attention` (PyTorch's fused CPU flash attention), SwiGLU
 MLP of width 2.67 x, final LayerNorm, linear bottleneck to (mean, log-variance), reparameterised
@@ -63,7 +63,7 @@ DIT_CONFIGS = {
     ),
 }
 DIT_CHANNELS = 4
-# configs/vitok.py sizes (vitok/tokenizer.py SIZES): width, depth, heads.
+# configs/vitok.py sizes (vitok/tokenizer/model.py SIZES): width, depth, heads.
 SIZES = {
     'cpu128': (128, 4, 4),
     'cpu256': (256, 4, 8),

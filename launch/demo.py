@@ -129,7 +129,7 @@ def report(workdir: str, seconds: dict) -> dict:
   text = f"""# ViTok + DiT demo: moving handwritten digits
 
 Generated clips of every digit class, labelled by an independent digit classifier that was trained
-on real frames only (`vitok/digit_classifier.py`): the share labelled as the class they were
+on real frames only (`vitok/evals/digit_classifier.py`): the share labelled as the class they were
 generated for.
 
 | clips | class accuracy |

@@ -20,8 +20,8 @@ from absl import flags
 
 from dit import encoding
 from launch import common
-from vitok import stage1
 from vitok.data import DataError
+from vitok.tokenizer import frozen as frozen_tokenizer
 
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Tokenizer export or training workdir.')
 _OUT = flags.DEFINE_string('out', None, 'Directory of the latent cache to write.')
@@ -36,7 +36,7 @@ def main(argv):
   if flags.FLAGS['config'].present:
     data_cfg = common.load_config().data
   else:
-    data_cfg = stage1.read_tokenizer_config(_TOKENIZER.value).data
+    data_cfg = frozen_tokenizer.read_tokenizer_config(_TOKENIZER.value).data
   try:
     result = encoding.encode(_TOKENIZER.value, out, data_cfg, _BATCH.value)
   except DataError as e:

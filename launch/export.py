@@ -6,7 +6,7 @@ the EMA parameters when the run kept an EMA (else the raw ones), without optimiz
 
 OUT holds `params/` (an Orbax checkpoint of the parameters alone, with their manifest) and
 `config.json` (the run's config, which fixes the architecture). Load it on any device count with
-`vitok.stage1.load_tokenizer(OUT)`.
+`vitok.tokenizer.frozen_tokenizer.load_tokenizer(OUT)`.
 """
 
 import os
@@ -15,8 +15,7 @@ import jax
 from absl import flags
 
 from launch import common
-from vitok.core import checkpoint as ckpt_lib
-from vitok.core import trainer
+from vitok.core import export, trainer
 
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the exported parameters to.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
@@ -28,7 +27,7 @@ def main(argv):
   common.quiet_library_logs()
   out = common.directory_flag('out')
   run = common.open_trained_run(_STEP.value, _RAW.value)
-  ckpt_lib.export_params(run.params, os.path.join(out, 'params'))
+  export.export_params(run.params, os.path.join(out, 'params'))
   if jax.process_index() == 0:
     trainer.write_config(run.config, out)  # the config the parameters were restored with
     print(f'exported the {"EMA" if run.ema else "raw"} parameters of step {run.step} to {out}')

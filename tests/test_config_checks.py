@@ -9,8 +9,9 @@ import pytest
 
 from configs import vitok as vitok_config
 from launch import common
-from vitok import stage1, tokenizer
 from vitok.core import config_checks
+from vitok.tokenizer import model as tokenizer
+from vitok.tokenizer import stage1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from vitok import digit_classifier
 from vitok.data import moving_digits
+from vitok.evals import digit_classifier
 
 
 @pytest.fixture(scope='module')

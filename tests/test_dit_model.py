@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from dit import model as M
-from vitok import tokenizer
+from vitok.tokenizer import model as tokenizer
 
 TINY = dict(variant='DiT-cpu64/1', grid=(2, 4, 4), channels=4, num_classes=10)
 

@@ -22,6 +22,7 @@ from launch import tasks
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import sharding, trainer
 from vitok.core import train_state as ts
+from vitok.data import pixels
 
 GRID, CHANNELS, CLASSES = (1, 4, 4), 4, 3
 
@@ -246,7 +247,7 @@ def tokenizer_dir(tiny_config, tmp_path_factory):
   """A tokenizer run directory (config.json and a checkpoint, as training leaves them) holding the
   tiny config's initial state (latents (2, 4, 4) x 4): what the DiT reads of a tokenizer, without
   compiling a training step."""
-  from vitok import stage1
+  from vitok.tokenizer import stage1
 
   directory = str(tmp_path_factory.mktemp('tokenizer'))
   config = tiny_config.copy_and_resolve_references()
@@ -424,9 +425,9 @@ def _check_generation_metrics(task, layout, params, mesh, dit_dir):
   encoded from, equal to the Frechet distance of Inception features computed here; gFVD reported
   unavailable (one real held-out clip: one I3D feature vector) with the reason."""
   from dit import evaluation as dit_evaluation
-  from vitok import fvd, inception, tokenizer
   from vitok.core import task as task_lib
   from vitok.data import builders, pipeline
+  from vitok.evals import fvd, inception
 
   task.config.generation.clips = 3
   context = task_lib.EvalContext(layout.graphdef, params, task.frozen(mesh), {}, 4, dit_dir, mesh)
@@ -441,7 +442,7 @@ def _check_generation_metrics(task, layout, params, mesh, dit_dir):
   batch = next(pipeline.eval_batches(data_cfg, real))
   real_video = batch['video'][batch['mask']]
   weights = inception.load_params()
-  frames = lambda v: tokenizer.to_unit_range(v.reshape(-1, *v.shape[2:]))
+  frames = lambda v: pixels.to_unit_range(v.reshape(-1, *v.shape[2:]))
   real_features = np.asarray(inception.fid_features(weights, frames(real_video)))
   labels = np.zeros(3, np.int32)
   generated = task.generate(layout.graphdef, params, context.frozen, labels, mesh, seed=0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from make_fid_reference import reference_images
 
-from vitok import fid_weights, inception
+from vitok.evals import fid_weights, inception
 
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'fid_inception_reference.npz')
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from vitok import fvd, i3d
+from vitok.evals import fvd, i3d
 
 
 def _scipy_frechet(mu1, s1, mu2, s2):
@@ -75,16 +75,16 @@ def test_short_clips_are_lengthened_to_what_i3d_needs_and_shorter_inputs_fail():
 
 
 def test_damaged_cached_statistics_are_recomputed_not_used(tmp_path):
-  from vitok import evaluation
+  from vitok.evals import frechet
 
   path = str(tmp_path / 'stats.npz')
-  assert evaluation.cached_statistics(path) is None  # missing
+  assert frechet.cached_statistics(path) is None  # missing
   stats = fvd.FeatureStatistics(4)
   stats.update(np.eye(4))
   stats.save(path)
-  assert evaluation.cached_statistics(path).count == 4
+  assert frechet.cached_statistics(path).count == 4
   data = open(path, 'rb').read()
   for damaged in (data[: len(data) // 2], b'not an npz file'):
     with open(path, 'wb') as f:
       f.write(damaged)
-    assert evaluation.cached_statistics(path) is None
+    assert frechet.cached_statistics(path) is None

@@ -1,4 +1,4 @@
-"""Low-precision matmuls (vitok/matmul.py) and the layers that use them: the values of
+"""Low-precision matmuls (vitok/nn/matmul.py) and the layers that use them: the values of
 bf16 x bf16 -> f32 matmuls rounded once, against float64 on the same rounded inputs; gradients;
 every matmul of forward and backward kept in bfloat16; float32 layers unchanged."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vitok import layers, matmul
+from vitok.nn import layers, matmul
 
 BF16_ULP = 2.0**-7  # spacing of bfloat16 numbers relative to their magnitude (8-bit significand)
 

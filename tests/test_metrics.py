@@ -1,4 +1,4 @@
-"""Tests for vitok.metrics (PSNR / SSIM / trivial codec / averaging) and vitok.lpips.
+"""Tests for vitok.evals.metrics (PSNR / SSIM / trivial codec / averaging) and vitok.evals.lpips.
 
 Small shapes (32x32 frames, few frames) keep the whole file well under a minute on 2 CPU
 cores; the LPIPS network is compiled only for a handful of batch shapes.
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitok import lpips as L
-from vitok import metrics as M
+from vitok.evals import lpips as L
+from vitok.evals import metrics as M
 
 S = 32  # frame size used throughout
 

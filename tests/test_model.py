@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vitok import layers, tokenizer
-from vitok.tokenizer import TokenizerConfig, ViTok
+from vitok.data import pixels
+from vitok.nn import layers
+from vitok.tokenizer import model as tokenizer
+from vitok.tokenizer.model import TokenizerConfig, ViTok
 
 
 def tiny(**kw):
@@ -188,6 +190,6 @@ def test_logvar_is_clamped():
 
 def test_uint8_conversions_round_trip():
   x = jnp.arange(256, dtype=jnp.uint8).reshape(1, 1, 16, 16, 1)
-  f = tokenizer.to_unit_range(x)
+  f = pixels.to_unit_range(x)
   assert float(f.min()) == -1.0 and float(f.max()) == 1.0
-  np.testing.assert_array_equal(tokenizer.to_uint8(f), x)
+  np.testing.assert_array_equal(pixels.to_uint8(f), x)

@@ -13,9 +13,9 @@ import jax
 import pytest
 from training_equality import assert_same_training
 
-from vitok import stage1
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import sharding, trainer
+from vitok.tokenizer import stage1
 
 pytestmark = pytest.mark.slow
 

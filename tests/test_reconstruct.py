@@ -12,10 +12,10 @@ from flax import nnx
 
 from launch import reconstruct
 from tests.conftest import REPO
-from vitok import stage1, tiling
-from vitok.core import checkpoint as ckpt_lib
-from vitok.core import trainer
+from vitok.core import export, trainer
 from vitok.data import video_io
+from vitok.tokenizer import frozen as frozen_tokenizer
+from vitok.tokenizer import stage1, tiling
 
 
 @pytest.fixture(scope='module')
@@ -25,7 +25,7 @@ def tokenizer_export(tiny_config, tmp_path_factory):
   directory = str(tmp_path_factory.mktemp('tokenizer') / 'export')
   config = tiny_config.copy_and_resolve_references()
   model = stage1.TokenizerTask(config).create_model(nnx.Rngs(0))
-  ckpt_lib.export_params(nnx.state(model, nnx.Param), os.path.join(directory, 'params'))
+  export.export_params(nnx.state(model, nnx.Param), os.path.join(directory, 'params'))
   trainer.write_config(config, directory)
   return directory
 
@@ -72,7 +72,7 @@ def test_an_odd_sized_video_of_a_prime_length_comes_back_at_exactly_its_shape(
 
 
 def test_a_one_frame_video_goes_through_the_trained_clip_size(tokenizer_export):
-  frozen = stage1.open_tokenizer(tokenizer_export)
+  frozen = frozen_tokenizer.open_tokenizer(tokenizer_export)
   plan = tiling.TilePlan.make((1, 32, 40), tile=(4, 32, 32), overlap=(1, 8, 8))
   frames = list(
       tiling.reconstruct_frames(

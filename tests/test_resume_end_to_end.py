@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vitok import stage1
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import config_checks, sharding, signals, trainer
 from vitok.core import train_state as ts
+from vitok.tokenizer import frozen as frozen_tokenizer
+from vitok.tokenizer import stage1
 
 pytestmark = pytest.mark.slow
 
@@ -263,7 +264,7 @@ def test_export_of_ema_parameters_loads_as_a_tokenizer_on_any_device_count(tmp_p
   )
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'exported the EMA parameters of step 4' in done.stdout
-  model = stage1.load_tokenizer(out)
+  model = frozen_tokenizer.load_tokenizer(out)
   exported = nnx.state(model, nnx.Param)
   assert _tree_equal(exported, four_steps[1].ema_params)
   video = np.random.default_rng(0).uniform(-1, 1, (1, 4, 32, 32, 3)).astype(np.float32)

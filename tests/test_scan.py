@@ -12,8 +12,9 @@ from flax import nnx
 
 from configs import common as config_common
 from dit import model as dit_model
-from vitok import layers, tokenizer
 from vitok.core import sharding
+from vitok.nn import layers
+from vitok.tokenizer import model as tokenizer
 
 
 def _stack_blocks(tree):

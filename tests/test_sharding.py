@@ -13,9 +13,11 @@ from training_equality import assert_same_training, training_differences
 
 from configs import common as common_config
 from configs import vitok as vitok_config
-from vitok import layers, stage1, tokenizer
 from vitok.core import perf, sharding, trainer
 from vitok.core import train_state as ts
+from vitok.nn import layers
+from vitok.tokenizer import model as tokenizer
+from vitok.tokenizer import stage1
 
 RULES = common_config.SHARDING_RULES
 

@@ -15,12 +15,17 @@ from flax import nnx
 
 from configs import vitok_stage2 as stage2_config
 from tests.conftest import TINY
-from vitok import discriminator as disc_lib
-from vitok import evaluation, stage1, stage2, tokenizer
 from vitok.core import checkpoint as ckpt_lib
-from vitok.core import config_checks, signals, trainer
+from vitok.core import config_checks, export, signals, trainer
 from vitok.core import task as task_lib
 from vitok.core import train_state as ts
+from vitok.data import pixels
+from vitok.evals import frechet
+from vitok.tokenizer import discriminator as disc_lib
+from vitok.tokenizer import evaluation as tok_evaluation
+from vitok.tokenizer import frozen as frozen_tokenizer
+from vitok.tokenizer import model as tokenizer
+from vitok.tokenizer import stage1, stage2
 
 # --- the discriminator ---
 
@@ -91,7 +96,7 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_decoders_last_lay
 
   # Independently: both losses as functions of every parameter, by autodiff; their gradient norms
   # at tokenizer.to_pixels.kernel.
-  video = tokenizer.to_unit_range(batch['video'])
+  video = pixels.to_unit_range(batch['video'])
   sample_key = jax.random.split(key, 3)[0]
 
   def recon_of(p):
@@ -247,7 +252,7 @@ def stage1_and_stage2(tiny_config, tmp_path_factory):
   stage1_dir = str(tmp_path_factory.mktemp('stage1') / 'export')
   config1 = tiny_config.copy_and_resolve_references()
   model = stage1.TokenizerTask(config1).create_model(nnx.Rngs(7))
-  ckpt_lib.export_params(nnx.state(model, nnx.Param), os.path.join(stage1_dir, 'params'))
+  export.export_params(nnx.state(model, nnx.Param), os.path.join(stage1_dir, 'params'))
   trainer.write_config(config1, stage1_dir)
 
   config = stage2_config.get_config(TINY)
@@ -264,8 +269,8 @@ def stage1_and_stage2(tiny_config, tmp_path_factory):
 def test_stage2_starts_from_the_stage1_run_and_reads_back_as_a_tokenizer(stage1_and_stage2):
   stage1_dir, stage2_dir, config, state, result = stage1_and_stage2
   assert {'psnr', 'ssim', 'lpips', 'baseline_psnr'} <= set(result)
-  source = _named_leaves(stage1.open_tokenizer(stage1_dir).params)
-  tuned = stage1.open_tokenizer(stage2_dir)  # stage 2's EMA, tokenizer part only
+  source = _named_leaves(frozen_tokenizer.open_tokenizer(stage1_dir).params)
+  tuned = frozen_tokenizer.open_tokenizer(stage2_dir)  # stage 2's EMA, tokenizer part only
   assert tuned.source.startswith(f'step {RESUME_STEPS} of {stage2_dir} (EMA')
   tuned = _named_leaves(tuned.params)
   assert tuned.keys() == source.keys()
@@ -362,15 +367,15 @@ def test_rfvd_and_rfid_of_a_stage2_run_beside_the_pooled_codec(
       workdir=stage2_dir,
       mesh=mesh,
   )
-  for network, frames in ((evaluation.FID, 1), (evaluation.FVD, 12)):
+  for network, frames in ((frechet.FID, 1), (frechet.FVD, 12)):
     name = f'r{network.name}'
-    first = evaluation.evaluate_reconstruction(network, task, context)
+    first = tok_evaluation.evaluate_frechet(network, task, context)
     assert first[name] > 0 and first[f'baseline_{name}'] > 0, first
     protocol = first[f'{network.name}_protocol']
     assert protocol['clips'] >= 2 and protocol['split'] == 'train'
     assert protocol['network_frames'] == frames and protocol['features'] == network.protocol
   # The second evaluation reads the cached statistics of the real clips: the same numbers.
-  second = evaluation.evaluate_reconstruction(network, task, context)
+  second = tok_evaluation.evaluate_frechet(network, task, context)
   assert second[name] == pytest.approx(first[name], rel=1e-9)
   assert second[f'baseline_{name}'] == pytest.approx(first[f'baseline_{name}'], rel=1e-9)
   cache = sorted(os.listdir(os.path.join(str(tmp_path), 'feature_statistics')))

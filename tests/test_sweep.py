@@ -16,7 +16,8 @@ from conftest import TINY
 
 from launch import sweep as sweep_cli
 from launch import sweep_emit
-from vitok.core import sweep, sweep_report
+from vitok.sweeps import report as sweep_report
+from vitok.sweeps import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

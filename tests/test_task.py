@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from configs import common as common_config
-from vitok import stage1
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import sharding, trainer
 from vitok.core import task as task_lib
+from vitok.tokenizer import stage1
 
 WIDTH = 16
 

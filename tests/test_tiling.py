@@ -1,11 +1,11 @@
-"""Tiled reconstruction (vitok/tiling.py): tile placement, blend weights summing to one, exact
+"""Tiled reconstruction (vitok/tokenizer/tiling.py): tile placement, blend weights summing to one, exact
 output shapes for any length and size, and equality with per-tile coding where tiles do not
 overlap."""
 
 import numpy as np
 import pytest
 
-from vitok import tiling
+from vitok.tokenizer import tiling
 
 
 @pytest.mark.parametrize(
@@ -115,7 +115,7 @@ def tiny_tokenizer():
   import jax
   from flax import nnx
 
-  from vitok import tokenizer
+  from vitok.tokenizer import model as tokenizer
 
   cfg = tokenizer.TokenizerConfig(variant='cpu128-cpu128/2x8', channels=4)
   model = tokenizer.ViTok(cfg, rngs=nnx.Rngs(0))

@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 from configs import vitok as vitok_config
-from vitok import stage1, tokenizer
 from vitok.core import sharding
 from vitok.core import train_state as ts
+from vitok.tokenizer import model as tokenizer
+from vitok.tokenizer import stage1
 
 
 def optim_cfg(**kw):

@@ -1,5 +1,5 @@
 r"""Tokenizer size sweeps: E (through the channels c and the tubelet size) and encoder vs decoder
-size, the questions of the ViTok paper (see vitok/core/sweep.py for the format).
+size, the questions of the ViTok paper (see vitok/sweeps/sweep.py for the format).
 
     python -m launch.sweep --config=configs/sweeps/vitok_sizes.py:demo --workdir=/tmp/vitok-sweep
     python -m launch.sweep --config=configs/sweeps/vitok_sizes.py:ucf101 --workdir=/ckpt/sweep \
@@ -19,13 +19,13 @@ starts from and `--config.dit=<configs/dit.py argument>` chains a DiT on every m
 
 import ml_collections
 
-from vitok.core.sweep import chain, product, sweep
+from vitok.sweeps.sweep import chain, product, sweep
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.base = ''  # the config every member starts from, as --config takes it
-  c.members = []  # the members: {dotted field: value} each (vitok/core/sweep.py)
+  c.members = []  # the members: {dotted field: value} each (vitok/sweeps/sweep.py)
   c.dit = ''  # '' or the configs/dit.py argument of a DiT chained on every member's latents
   c.evaluate = True  # launch.eval after training: every metric (False: training's final one)
   preset = arg or 'demo'

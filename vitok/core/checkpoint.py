@@ -35,19 +35,16 @@ a multi-host run take the same decision for every step.
 Restores always go against an abstract target (`abstract_like`): a pytree of `jax.ShapeDtypeStruct`
 carrying the *target* shardings, never the layout recorded in the checkpoint, so a run saved on 8
 devices restores onto 1 device or onto another mesh. `restore_params` reads only the (EMA)
-parameters of a checkpoint (an Orbax partial restore; no optimizer structure needed), and
-`export_params` / `load_params` write / read a standalone params-only checkpoint.
+parameters of a checkpoint (an Orbax partial restore; no optimizer structure needed). A params-only
+export of a run is written and read by export.py; the workarounds for Orbax's quirks are in
+orbax_quirks.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import math
 import os
-import sys
-import traceback
 from typing import Any
 
 import grain
@@ -57,7 +54,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vitok.core import manifest
+from vitok.core import manifest, orbax_io, orbax_quirks
+from vitok.core.orbax_io import abstract_like  # noqa: F401  (the restore targets of callers)
 
 _STATE = 'state'
 _DATA = 'data'
@@ -93,48 +91,6 @@ class CheckpointMismatch(CheckpointError):
         f'checkpoint step {step} in {directory} holds other arrays than this config '
         f'builds: {shown}'
     )
-
-
-class _NoMetricsWarningFilter(logging.Filter):
-  """Drops Orbax's per-save "did not provide metrics" warning: saves without metrics are normal
-  here (they are ranked by keep-last only), but the manager needs `best_fn` to store metrics."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return 'did not provide metrics' not in str(record.msg)
-
-
-logging.getLogger('absl').addFilter(_NoMetricsWarningFilter())
-
-
-class _Manager(ocp.CheckpointManager):
-  """A CheckpointManager that treats an unreadable metrics file (a corrupt checkpoint) as "saved
-  without metrics" instead of failing to open the whole directory; restoring that checkpoint then
-  reports the corruption (CheckpointError) if its state is broken too."""
-
-  def _get_metrics(self, step: int):
-    try:
-      return super()._get_metrics(step)
-    except Exception as e:  # pylint: disable=broad-except
-      log.warning(
-          'ignoring the unreadable metrics of checkpoint step %s in %s: %s: %s',
-          step,
-          self.directory,
-          type(e).__name__,
-          e,
-      )
-      return None
-
-
-def _check_target(abstract: Any, what: str) -> None:
-  """Every leaf of a restore target must carry its target sharding: without one Orbax would fall
-  back to the sharding recorded in the checkpoint (wrong on another device count) or, in a
-  partial restore, silently return a host array of the *saved* shape."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    if getattr(leaf, 'sharding', None) is None:
-      raise ValueError(
-          f'{what}: leaf {jax.tree_util.keystr(path)} ({type(leaf).__name__}) has no target '
-          f'sharding; build the target with abstract_like(tree, shardings).'
-      )
 
 
 def _numeric(value: Any) -> float | None:
@@ -177,7 +133,7 @@ class Checkpointer:
   ):
     if best_mode not in ('max', 'min'):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    self.directory = os.path.join(_absolute(workdir), 'checkpoints')
+    self.directory = os.path.join(orbax_io.absolute(workdir), 'checkpoints')
     self.best_metric, self.best_mode = best_metric, best_mode
     self.last_restore_had_data = False
     self.restored_step: int | None = None  # the step the last restore read
@@ -209,8 +165,9 @@ class Checkpointer:
         best_fn=score,
         best_mode=best_mode,
     )
+    orbax_quirks.drop_the_no_metrics_warning()
     try:
-      self._manager = _Manager(self.directory, options=options)
+      self._manager = orbax_quirks.TolerantManager(self.directory, options=options)
     except Exception as e:  # e.g. an unreadable metrics file of an existing checkpoint
       raise CheckpointError(
           f'could not open the checkpoints in {self.directory}: {type(e).__name__}: {e}'
@@ -234,23 +191,6 @@ class Checkpointer:
     """The latest complete checkpoint, or None."""
     steps = self.all_steps()
     return steps[-1] if steps else None
-
-  def best_step(self) -> int | None:
-    """The best complete checkpoint by `metrics[best_metric]` (`best_mode`), among those saved
-    with that metric; None when there is none."""
-    best, best_value = None, None
-    for step in self.all_steps():
-      if step not in self._metrics:
-        self._metrics[step] = self._manager.metrics(step)
-      metrics = self._metrics[step]
-      value = _numeric(metrics.get(self.best_metric)) if isinstance(metrics, dict) else None
-      if value is None:
-        continue
-      if best_value is None or (
-          value > best_value if self.best_mode == 'max' else value < best_value
-      ):
-        best, best_value = step, value
-    return best
 
   # --- Saving ------------------------------------------------------------------------------------
 
@@ -307,10 +247,10 @@ class Checkpointer:
       if differences:
         outcome = (_MISMATCH, differences)
       else:
-        with _quiet_async_errors():
+        with orbax_quirks.quiet_async_errors():
           result = read()
     except Exception as e:  # pylint: disable=broad-except  # Orbax and TensorStore raise many types
-      outcome = (_DAMAGED, _describe(e))
+      outcome = (_DAMAGED, orbax_io.describe(e))
     code, detail = _agree(*outcome)
     if code == _MISMATCH:
       raise CheckpointMismatch(self.directory, step, detail)
@@ -380,7 +320,7 @@ class Checkpointer:
     checkpoint holds other arrays, CheckpointDamaged (an explicit `step`) or CheckpointError (no
     checkpoint restores)."""
     self.last_restore_had_data = False
-    _check_target(abstract_state, 'restore target')
+    orbax_io.check_target(abstract_state, 'restore target')
     read = lambda step: self._manager.restore(
         step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)})
     )[_STATE]
@@ -406,23 +346,26 @@ class Checkpointer:
       self.last_restore_had_data = True
     return state
 
-  def restore_params(self, abstract_params: Any, step: int | None = None, ema: bool = False) -> Any:
+  def restore_params(
+      self, abstract_params: Any, step: int | None = None, ema: bool = False, subtree: str = ''
+  ) -> Any:
     """Restores only `params` (or `ema_params` when `ema`) of checkpoint `step` (default: the
     newest that is not damaged) into `abstract_params` (ShapeDtypeStructs with the target
-    shardings, e.g. `abstract_like(nnx.state(model, nnx.Param), shardings)`). The optimizer state
-    is neither read nor needed. Raises like `restore`; CheckpointMismatch also when `ema` and the
-    checkpoint has no EMA."""
-    _check_target(abstract_params, 'restore_params target')
+    shardings, e.g. `abstract_like(nnx.state(model, nnx.Param), shardings)`); with `subtree`, only
+    `params[subtree]` (a stage-2 run's 'tokenizer'). The optimizer state is neither read nor
+    needed. Raises like `restore`; CheckpointMismatch also when `ema` and the checkpoint has no
+    EMA."""
+    orbax_io.check_target(abstract_params, 'restore_params target')
     key = 'ema_params' if ema else 'params'
 
     def restore_one(step):
       path = epath.Path(self._step_dir(step)) / _STATE
-      if not _holds(path, key):
+      if not orbax_io.holds(path, key):
         what = 'EMA parameters (the run had EMA off)' if ema else 'parameters'
         raise CheckpointMismatch(self.directory, step, [f'{key}: absent; it holds no {what}'])
-      return self._restore_step(
-          step, abstract_params, f'{key}/', lambda: _restore_subtree(path, key, abstract_params)
-      )
+      keys = (key, subtree) if subtree else (key,)
+      read = lambda: orbax_io.restore_subtree(path, keys, abstract_params)
+      return self._restore_step(step, abstract_params, '/'.join(keys) + '/', read)
 
     return self._restore_newest(step, restore_one)
 
@@ -474,206 +417,3 @@ def _agree(code: int, detail: Any) -> tuple[int, Any]:
         else ['another process of this job found other arrays']
     )
   return worst, detail
-
-
-def _describe(error: Exception) -> str:
-  """One line: the root cause's type and the first line of its message (Orbax wraps TensorStore's
-  error, e.g. 'OUT_OF_RANGE: ... Requested byte range [0, 73892) is not valid for value of size
-  37066', in a generic one that dumps the array's spec)."""
-  while error.__cause__ is not None:
-    error = error.__cause__
-  lines = str(error).strip().splitlines()
-  line = (lines[0] if lines else '').split(' [tensorstore_spec')[0]
-  return line if isinstance(error, manifest.Damaged) else f'{type(error).__name__}: {line}'[:400]
-
-
-def _drop_late_read_reports() -> None:
-  """A TensorStore read that fails leaves work behind that reports later, from TensorStore's and
-  Orbax's threads, at any time after the restore returned and its error was handled:
-  - callbacks that try to wake Orbax's event loop after it closed, each reported as an unraisable
-    RuntimeError('Event loop is closed'), hundreds per damaged checkpoint;
-  - reads of the other arrays that failed after the first, whose tasks asyncio reports as 'Task
-    exception was never retrieved' with a traceback when they are garbage collected (under load,
-    after the restore's own collection; at the latest when the interpreter exits).
-  They say nothing the restore error did not: from then on, drop those reports, and only those
-  (the second kind only where the failed coroutine is Orbax's)."""
-  previous = sys.unraisablehook
-  if getattr(previous, 'drops_late_read_reports', False):
-    return
-
-  def hook(unraisable):
-    if not (
-        isinstance(unraisable.exc_value, RuntimeError)
-        and str(unraisable.exc_value) == 'Event loop is closed'
-    ):
-      previous(unraisable)
-
-  hook.drops_late_read_reports = True
-  sys.unraisablehook = hook
-  logging.getLogger('asyncio').addFilter(_unretrieved_orbax_errors_dropped)
-
-
-def _unretrieved_orbax_errors_dropped(record: logging.LogRecord) -> bool:
-  """A logging filter: False (dropped, logged at debug level here) for asyncio's report of an
-  Orbax read task whose error nobody retrieved; True for every other record."""
-  message = str(record.msg)
-  if 'exception was never retrieved' not in message or not record.exc_info:
-    return True
-  frames = traceback.extract_tb(record.exc_info[2])
-  if not any(f'{os.sep}orbax{os.sep}' in frame.filename for frame in frames):
-    return True
-  log.debug('ignored: %s', record.exc_info[1])
-  return False
-
-
-@contextlib.contextmanager
-def _quiet_async_errors():
-  """Reading a damaged checkpoint leaves TensorStore / Orbax coroutines and futures whose errors
-  Python reports as tracebacks ('Exception ignored in ...', 'Future exception was never
-  retrieved') after the error itself was raised and handled. Collect them while the restore runs
-  and log those reports at debug level only."""
-  _drop_late_read_reports()
-  hooks = sys.unraisablehook, sys.excepthook
-  asyncio_log = logging.getLogger('asyncio')
-  level = asyncio_log.level
-  sys.unraisablehook = lambda unraisable: log.debug('ignored: %s', unraisable.exc_value)
-  sys.excepthook = lambda kind, value, tb: log.debug('ignored: %s', value)
-  asyncio_log.setLevel(logging.CRITICAL)
-  try:
-    yield
-  finally:
-    gc.collect()  # the abandoned coroutines report now, not later
-    sys.unraisablehook, sys.excepthook = hooks
-    asyncio_log.setLevel(level)
-
-
-def _holds(path: epath.Path, key: str) -> bool:
-  """Whether the PyTree checkpoint at `path` has a non-empty top-level `key` (an unreadable one
-  answers True: the restore then reports the damage)."""
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    with _quiet_async_errors():
-      saved = handler.metadata(path).tree
-  except Exception:  # pylint: disable=broad-except
-    return True
-  finally:
-    handler.close()
-  return bool(isinstance(saved, dict) and saved.get(key))
-
-
-def _absolute(path: str) -> str:
-  """`path` made absolute (local paths); URLs such as gs://bucket/dir are kept as they are."""
-  return path if '://' in path else os.path.abspath(os.path.expanduser(path))
-
-
-def _restore_with(handler, path: epath.Path, args) -> Any:
-  checkpointer = ocp.Checkpointer(handler)
-  try:
-    return checkpointer.restore(path, args=args)
-  finally:
-    checkpointer.close()
-
-
-def _restore_subtree(path: epath.Path, key: str, abstract: Any) -> Any:
-  """Partial restore of `tree[key]` from the PyTree checkpoint at `path` into `abstract`: the other
-  leaves are skipped (`partial_restore=True`), so their structure need not be known."""
-  target = {key: abstract}
-  restored = _restore_with(
-      ocp.PyTreeCheckpointHandler(),
-      path,
-      ocp.args.PyTreeRestore(
-          item=target,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True,
-      ),
-  )
-  return restored[key]
-
-
-def abstract_like(tree: Any, shardings: Any = None) -> Any:
-  """A restore target for `tree`: a pytree of `jax.ShapeDtypeStruct`.
-
-  Each leaf carries `shardings`' leaf (a tree of `jax.sharding.Sharding` with `tree`'s structure,
-  or one Sharding for every leaf) when given, else the leaf's own sharding (arrays already placed
-  on the target mesh, e.g. a freshly initialised state)."""
-  if shardings is None:
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
-        tree,
-    )
-  if isinstance(shardings, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-  )
-
-
-def export_params(params: Any, directory: str) -> None:
-  """Writes `params` alone, with their manifest, as a standalone Orbax checkpoint in `directory`
-  (items `params/` and `manifest/`), synchronously. An existing export there is replaced (the new
-  one is written to a temporary directory and renamed into place when complete). Read it back
-  with `load_params`. All processes call this in a multi-host run."""
-  directory = epath.Path(_absolute(directory))
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  try:
-    checkpointer.save(
-        directory,
-        args=ocp.args.Composite(
-            **{
-                'params': ocp.args.StandardSave(params),
-                _MANIFEST: ocp.args.JsonSave(manifest.make(params)),
-            }
-        ),
-        force=True,
-    )
-  finally:
-    checkpointer.close()
-
-
-def load_params(directory: str, abstract_params: Any) -> Any:
-  """Restores a params tree written by `export_params` into `abstract_params` (ShapeDtypeStructs
-  with the target shardings) and verifies it against its manifest. Raises CheckpointError naming
-  the directory (other arrays than `abstract_params`, or damage)."""
-  _check_target(abstract_params, 'load_params target')
-  directory = _absolute(directory)
-  if not (epath.Path(directory) / _MANIFEST).exists():  # an export without a manifest
-    log.warning(
-        '%s has no manifest (exported by an older version): its parameters are loaded '
-        'without verifying them',
-        directory,
-    )
-    read = lambda: _restore_with(
-        ocp.StandardCheckpointHandler(),
-        epath.Path(directory),
-        ocp.args.StandardRestore(abstract_params),
-    )
-    recorded = None
-  else:
-    try:
-      saved = _restore_with(
-          ocp.CompositeCheckpointHandler(),
-          epath.Path(directory),
-          ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()}),
-      )[_MANIFEST]
-      recorded = manifest.entries(saved)
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'the parameters in {directory} are damaged: {_describe(e)}') from e
-    differences = manifest.compare(recorded, abstract_params)
-    if differences:
-      raise CheckpointError(
-          f'the parameters in {directory} are not those of this config: '
-          + '; '.join(differences[:4])
-      )
-    read = lambda: _restore_with(
-        ocp.CompositeCheckpointHandler(),
-        epath.Path(directory),
-        ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)),
-    )['params']
-  try:
-    with _quiet_async_errors():
-      params = read()
-    if recorded is not None:
-      manifest.verify(recorded, params)
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'could not load parameters from {directory}: {_describe(e)}') from e
-  return params

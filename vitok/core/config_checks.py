@@ -4,7 +4,7 @@ A bad value must fail when the run starts, naming the field and what it accepts,
 (`ckpt_every=0`: ZeroDivisionError in the loop) or never (a negative learning rate trains). Each
 layer declares the ranges of the fields it reads: `TRAINING_FIELDS` below for the shared
 infrastructure (loop, optimizer, checkpoints, data), a model family for its own fields (e.g.
-`vitok.stage1.LOSS_FIELDS`).
+`vitok.tokenizer.stage1.LOSS_FIELDS`).
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def measure_matmul_flops(
     return _MATMUL_CACHE[key]
   a = jax.device_put(jnp.ones((n, n), dtype), device)
   b = jax.device_put(jnp.full((n, n), 0.5, dtype), device)
-  # Accumulating in float32, as the models' matmuls do (vitok/matmul.py): for bfloat16 inputs
+  # Accumulating in float32, as the models' matmuls do (vitok/nn/matmul.py): for bfloat16 inputs
   # that is the native path of CPU libraries and of matrix units.
   matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
   matmul(a, b).block_until_ready()  # compile + warm-up

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vitok import attention as attention_lib
-from vitok import matmul
 from vitok.core.config_checks import ConfigError
 from vitok.core.sharding import constrain, shard_mapped
+from vitok.nn import attention as attention_lib
+from vitok.nn import matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
 class _LowPrecisionMatmul:
   """The low-precision path of Dense and FusedDense: in bfloat16 (or float16) compute, the matmul
   is bf16 x bf16 -> f32 with a float32 bias and one rounding, forward and backward
-  (vitok/matmul.py); float32 compute is the flax layer's own."""
+  (vitok/nn/matmul.py); float32 compute is the flax layer's own."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if not matmul.is_low_precision(self.dtype):
@@ -204,7 +204,7 @@ REMAT_POLICIES = {
     'save_matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
 
-# model.attention -> the implementation: 'xla' (the whole score matrix, vitok/attention.py's
+# model.attention -> the implementation: 'xla' (the whole score matrix, vitok/nn/attention.py's
 # dense_attention, any backend), 'cudnn' (jax.nn.dot_product_attention's fused cuDNN kernel,
 # NVIDIA GPUs), 'blockwise' (flash-style in plain JAX, any backend: never holds the L x L scores)
 # 'pallas_tpu' (the Pallas TPU flash-attention kernel) and 'splash_tpu' (the Pallas TPU

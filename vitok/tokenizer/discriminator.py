@@ -1,6 +1,6 @@
 """The stage-2 discriminator: a StyleGAN2-style residual network with blur-pool downsampling.
 
-ViTok's second stage fine-tunes the decoder against this network (`vitok.stage2`). As in StyleGAN2
+ViTok's second stage fine-tunes the decoder against this network (`vitok.tokenizer.stage2`). As in StyleGAN2
 (Karras et al. 2020, "residual" discriminator), each block is two 3x3 convolutions with LeakyReLU
 0.2 on the main path and a 1x1 convolution on the skip path, both downsampled by 2 with an
 anti-aliasing [1, 3, 3, 1] blur (BlurPool, Zhang 2019), summed and scaled by 1/sqrt(2). Blocks
@@ -44,7 +44,7 @@ class DiscriminatorConfig:
 
   @classmethod
   def from_config(cls, disc_cfg) -> 'DiscriminatorConfig':
-    # (config.disc.frames, the frames judged per step, is the objective's: see vitok.stage2.)
+    # (config.disc.frames, the frames judged per step, is the objective's: see vitok.tokenizer.stage2.)
     return cls(**{f.name: disc_cfg[f.name] for f in dataclasses.fields(cls)})
 
   def levels(self, res: int) -> int:

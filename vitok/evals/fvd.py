@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitok import i3d
+from vitok.evals import i3d
 
 __all__ = ['frechet_distance', 'FeatureStatistics', 'fvd_features', 'fvd_frames']
 

@@ -3,7 +3,7 @@
 Stage 2 starts from a finished stage-1 run (its parameters only), freezes the encoder, the
 bottleneck (`to_moments`) and the patch embedding, and trains the decoder side (`from_latent`,
 `decoder`, `to_pixels`) on the stage-1 reconstruction loss plus an adversarial term, while a
-StyleGAN-style discriminator (`vitok.discriminator`) learns to tell clips from reconstructions.
+StyleGAN-style discriminator (`vitok.tokenizer.discriminator`) learns to tell clips from reconstructions.
 Both are updated in one compiled step by two optimizers (`param_groups`); the state is one
 pytree, so checkpoints, resume and sharding work as in stage 1.
 
@@ -35,10 +35,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from vitok import discriminator as disc_lib
-from vitok import stage1, tokenizer
 from vitok.core import config_checks, hardware
 from vitok.core import train_state as ts
+from vitok.data import pixels
+from vitok.tokenizer import discriminator as disc_lib
+from vitok.tokenizer import frozen as frozen_tokenizer
+from vitok.tokenizer import model as tokenizer
+from vitok.tokenizer import stage1
 
 # The tokenizer modules stage 2 keeps frozen (the latent space a downstream DiT was or will be
 # trained on stays exactly the stage-1 one).
@@ -139,7 +142,7 @@ def param_group(path: tuple[str, ...]) -> str | None:
 def stage2_loss(model: Stage2Model, batch, rng, frozen, step, config):
   """The summed generator and discriminator objectives of one batch (see the module docstring)."""
   gan = config.gan
-  video = tokenizer.to_unit_range(batch['video'])
+  video = pixels.to_unit_range(batch['video'])
   sample_key, lpips_key, disc_key = jax.random.split(rng, 3)
   tok = model.tokenizer
   mean, logvar = tok.encode_moments(video)  # frozen: the train step stops its gradients
@@ -147,8 +150,8 @@ def stage2_loss(model: Stage2Model, batch, rng, frozen, step, config):
   features = tok.decode_features(z)
   grid = z.shape[1:4]
   head_graph, head_state = nnx.split(tok.to_pixels)
-  pixels = lambda head: tok.tokens_to_video(nnx.merge(head_graph, head)(features), grid)
-  recon = pixels(head_state)
+  video_of = lambda head: tok.tokens_to_video(nnx.merge(head_graph, head)(features), grid)
+  recon = video_of(head_state)
   rec_loss, terms = stage1.reconstruction_loss(
       recon, video, mean, logvar, frozen, config.loss, lpips_key
   )
@@ -169,7 +172,7 @@ def stage2_loss(model: Stage2Model, batch, rng, frozen, step, config):
   if gan.adaptive_weight:
 
     def head_grad_norm(loss_of_video):
-      grads = jax.grad(lambda head: loss_of_video(pixels(head)))(head_state)
+      grads = jax.grad(lambda head: loss_of_video(video_of(head)))(head_state)
       return optax.global_norm(grads['kernel'])
 
     rec_of = lambda v: stage1.reconstruction_loss(
@@ -271,7 +274,7 @@ class Stage2Task(stage1.TokenizerTask):
           "run's --workdir (or a launch.export directory)"
       )
     check_same_tokenizer(self.config, source)
-    stage1_run = stage1.open_tokenizer(source, mesh, self.config.sharding_rules)
+    stage1_run = frozen_tokenizer.open_tokenizer(source, mesh, self.config.sharding_rules)
     print(f'stage 2 starts from {stage1_run.source}', flush=True)
     params['tokenizer'] = stage1_run.params
     return params
@@ -305,7 +308,7 @@ class Stage2Task(stage1.TokenizerTask):
 def check_same_tokenizer(config, source: str) -> None:
   """Raises ConfigError naming every parameter-shaping model field that differs from the stage-1
   run in `source` (its config.json)."""
-  theirs = stage1.read_tokenizer_config(source).model
+  theirs = frozen_tokenizer.read_tokenizer_config(source).model
   # A run saved before a field existed has that field's default.
   defaults = {f.name: f.default for f in dataclasses.fields(tokenizer.TokenizerConfig)}
   theirs = {k: theirs.get(k, defaults[k]) for k in _PARAMETER_FIELDS}
@@ -319,14 +322,3 @@ def check_same_tokenizer(config, source: str) -> None:
         f'config.stage1={source}: the tokenizer differs: {"; ".join(differ)} '
         f'({os.path.join(source, "config.json")})'
     )
-
-
-def abstract_params(config, mesh, rules):
-  """The graphdef of a stage-2 model of `config` and its parameters as sharded ShapeDtypeStructs
-  (the restore target of a stage-2 checkpoint)."""
-  from vitok.core import sharding
-
-  task = Stage2Task(config)
-  abstract = nnx.eval_shape(lambda: task.create_model(nnx.Rngs(0)))
-  graphdef, params = nnx.split(abstract, nnx.Param)
-  return graphdef, sharding.abstract_placed(params, mesh, rules)

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from vitok import layers
 from vitok.core import config_checks
+from vitok.nn import layers
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -238,16 +238,6 @@ def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
   """KL(N(mean, sigma^2) || N(0, 1)) as a per-element mean over tokens x channels: (B,)."""
   kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
   return kl.reshape(kl.shape[0], -1).mean(axis=-1)
-
-
-def to_unit_range(video_uint8: jax.Array) -> jax.Array:
-  """uint8 pixels [0, 255] -> float32 in [-1, 1] (the model's input convention)."""
-  return video_uint8.astype(jnp.float32) / 127.5 - 1.0
-
-
-def to_uint8(video: jax.Array) -> jax.Array:
-  """float in [-1, 1] -> uint8 [0, 255], clipping out-of-range values."""
-  return jnp.round((jnp.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
 # ----------------------------------------------------------------------------------------------

