@@ -19,7 +19,7 @@ from flax import nnx
 
 from dit import latents as latents_lib
 from vitok.core import sharding, trainer
-from vitok.data import DataError, builders, pipeline, pixels
+from vitok.data import DataError, datasets, pipeline, pixels
 from vitok.tokenizer import frozen as frozen_tokenizer
 
 
@@ -133,7 +133,7 @@ def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
   class _Data:  # trainer.prepare_data builds on process 0 first
 
     def prepare_data(self):
-      return builders.prepare(data_cfg)
+      return datasets.prepare(data_cfg)
 
   sources = trainer.prepare_data(_Data())
   encode_batch = encode_function(
@@ -152,7 +152,7 @@ def encode(tokenizer_dir: str, out: str, data_cfg, batch: int) -> dict:
   metadata = latents_lib.Metadata(
       grid=tuple(grid),
       channels=frozen.model_cfg.channels,
-      num_classes=int(builders.num_classes(data_cfg)),
+      num_classes=int(datasets.num_classes(data_cfg)),
       splits=splits,
       channel_mean=(),
       channel_std=(),

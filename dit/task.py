@@ -11,17 +11,12 @@ objective's loss.
 
 Frozen arrays: the latent statistics and the tokenizer's parameters (sharded by the same logical
 rules as trained parameters), which the 'video' input encodes with and the sampling evaluator
-decodes with. The statistics are the cache's, or, encoding on the fly, measured at start-up on
-`latents.stats_clips` training clips; either way they are recorded in the run's config.json.
+decodes with. The statistics are the cache's, or, encoding on the fly, measured by the first
+`frozen()` on `latents.stats_clips` training clips; either way they are recorded in
+`config.latents.recorded`, which the run's config.json carries (sampling needs no data).
 
-Evaluators: 'loss' (cheap, every `eval_every` steps): the objective at fixed noise levels on the
-held-out latents with fixed noise; 'samples' (every `sample.every` steps, and at the end): a grid
-of generated clips per class, decoded to PNG and mp4; 'class_accuracy' (with
-`accuracy.classifier`, every `accuracy.every` steps): the share of generated clips, with and
-without guidance, that an independent classifier assigns to the class they were sampled for,
-beside its accuracy on real held-out clips and on their reconstructions by the frozen tokenizer;
-'generation' (every `generation.every` steps when > 0, always in launch.eval): gFVD and gFID
-against the real held-out clips (dit/evaluation.py).
+Evaluators: dit/evaluation.py. Everything derived from the config: dit/settings.py, once, when
+the task is made.
 """
 
 from __future__ import annotations
@@ -42,47 +37,12 @@ from dit import diffusion, encoding, known_frames, post_tuning
 from dit import evaluation as dit_evaluation
 from dit import latents as latents_lib
 from dit import model as dit_model
-from vitok.core import config_checks, hardware, sharding
+from dit import settings as dit_settings
+from vitok.core import sharding
 from vitok.core import task as task_lib
-from vitok.data import DataError, builders, pipeline, pixels, video_io
-from vitok.evals import digit_classifier
-from vitok.nn import layers
+from vitok.data import DataError, datasets, pipeline, pixels
 from vitok.tokenizer import frozen as frozen_tokenizer
 from vitok.tokenizer import model as tokenizer
-
-FIELDS = {
-    'diffusion.objective': config_checks.OneOf(('ddpm', 'flow')),
-    'diffusion.label_dropout': config_checks.FRACTION,
-    'diffusion.t_std': config_checks.POSITIVE,
-    'diffusion.t_mean': config_checks.Range(),
-    'sample.sampler': config_checks.OneOf(('ddim', 'ancestral', 'euler', 'heun')),
-    'sample.steps': config_checks.AT_LEAST_1,
-    'sample.eta': config_checks.FRACTION,
-    'sample.guidance': config_checks.Range(0),
-    'sample.guidance_low': config_checks.FRACTION,
-    'sample.guidance_high': config_checks.FRACTION,
-    'sample.per_class': config_checks.AT_LEAST_1,
-    'sample.every': config_checks.Range(0, note='0 = only at the end'),
-    'model.num_classes': config_checks.Range(0, note='0 = from the latent cache'),
-    'accuracy.classifier': config_checks.OneOf(('', 'moving_digits')),
-    'accuracy.every': config_checks.Range(0, note='0 = only at the end'),
-    'accuracy.per_class': config_checks.AT_LEAST_1,
-    'accuracy.real_clips': config_checks.AT_LEAST_1,
-    'generation.every': config_checks.Range(0, note='0 = gFVD / gFID only in launch.eval'),
-    'generation.clips': config_checks.Range(0, note='0 = as many as the real held-out clips'),
-    'latents.source': config_checks.OneOf(('cache', 'video')),
-    'latents.stats_clips': config_checks.AT_LEAST_1,
-    'latents.window': config_checks.Range(0, note='0 = the cached clip whole'),
-    'model.frame_positions': config_checks.Range(0, note='0 = no learned frame table'),
-    'known.none': config_checks.Range(0),
-    'known.prefix': config_checks.Range(0),
-    'known.ends': config_checks.Range(0),
-    'known.sparse': config_checks.Range(0),
-    'finetune.trainable': config_checks.OneOf(('all', 'time')),
-    'long.context': config_checks.AT_LEAST_1,
-    'long.max_windows': config_checks.Range(0, note='0 = no limit'),
-}
-EVAL_LEVELS = (0.1, 0.5, 0.9)  # noise levels of the 'loss' evaluator (fraction of the way to noise)
 
 
 class DiTTask:
@@ -93,223 +53,23 @@ class DiTTask:
 
   def __init__(self, config):
     self.config = config
-    config_checks.check_fields(config, FIELDS)
-    self.on_the_fly = config.latents.source == 'video'
-    if self.on_the_fly and config.latents.dir:
-      raise config_checks.ConfigError(
-          f"config.latents.source='video' encodes config.data's clips on the fly, but "
-          f'config.latents.dir={config.latents.dir} names a cache: set one of them'
-      )
-    self.latents = self._latent_description(config)
-    # The frozen tokenizer: the one named, else the one the cache was encoded with, else (plan,
-    # bench: no weights needed) the architecture config.tokenizer describes.
-    self.tokenizer_dir = config.tokenizer.dir or (self.latents.tokenizer if self.latents else '')
-    if self.tokenizer_dir:
-      tok_model = frozen_tokenizer.read_tokenizer_config(self.tokenizer_dir).model
-    else:
-      tok_model = dict(variant=config.tokenizer.variant, channels=config.tokenizer.channels)
-    # dtype / attention 'auto' (a tokenizer trained with them) resolved for this run's clips.
-    self.tokenizer_cfg = frozen_tokenizer.model_config(
-        tok_model, config.data.frames, config.data.res
-    )
-    grid = self.tokenizer_cfg.latent_grid(config.data.frames, config.data.res)
-    channels, num_classes = self.tokenizer_cfg.channels, config.model.num_classes
-    if self.latents:
-      grid, num_classes = self.latents.grid, num_classes or self.latents.num_classes
-      if self.latents.channels != channels:
-        raise config_checks.ConfigError(
-            f'the latents of config.latents.dir={config.latents.dir} have '
-            f'{self.latents.channels} channels but the tokenizer {self.tokenizer_dir} makes '
-            f'{channels}: the DiT and the tokenizer do not fit together'
-        )
-    grid = self._window_grid(config, tuple(grid))
-    if not num_classes and self.on_the_fly:
-      num_classes = self._data_classes(config.data)
-    if not num_classes:
-      raise config_checks.ConfigError(
-          'config.model.num_classes=0 means "from the latent cache", but config.latents.dir is empty'
-      )
-    self.model_cfg = dit_model.DiTConfig(
-        variant=config.model.variant,
-        recipe=config.model.recipe,
-        grid=tuple(grid),
-        channels=channels,
-        learn_sigma=config.diffusion.objective == 'ddpm',
-        num_classes=num_classes,
-        rope_theta=config.model.rope_theta,
-        dtype=hardware.compute_dtype(config.model.dtype),
-        remat=config.model.remat,
-        scan=config.model.scan,
-        attention=config.model.attention,
-        frame_mask=bool(config.model.frame_mask),
-        strides=self.strides,
-        frame_positions=int(config.model.frame_positions),
-    )
-    if self.model_cfg.attention == 'auto':  # the kernel for the target and the token count
-      attention = hardware.auto_attention(self.model_cfg.tokens, self.model_cfg.dtype)[0]
-      self.model_cfg = dataclasses.replace(self.model_cfg, attention=attention)
-    self._check_long_video_fields(config)
-    layers.check_attention(
-        self.model_cfg.attention, self.model_cfg.dtype, hardware.target_platform()
-    )
+    settings = dit_settings.resolve(config)  # every field checked, everything derived, once
+    self.on_the_fly = settings.on_the_fly
+    self.latents = settings.latents
+    self.tokenizer_dir = settings.tokenizer_dir
+    self.tokenizer_cfg = settings.tokenizer_cfg
+    self.model_cfg = settings.model_cfg
+    self.window, self.strides = settings.window, settings.strides
+    self.known_weights = settings.known_weights
+    self.clip_latents = settings.clip_latents
+    self.sample_classes = settings.sample_classes
+    self.eval_split = settings.eval_split
     self.tokens_per_clip = self.model_cfg.tokens
     self.schedule = diffusion.linear_schedule(1000)
-    s = config.sample
-    if not s.guidance_low <= s.guidance_high:
-      raise config_checks.ConfigError(
-          f'config.sample.guidance_low={s.guidance_low} is above '
-          f'sample.guidance_high={s.guidance_high}'
-      )
-    bad = [c for c in self.sample_classes() if not 0 <= c < num_classes]
-    if bad:
-      raise config_checks.ConfigError(
-          f'config.sample.classes has {bad}: class ids are in [0, {num_classes})'
-      )
-    data_name = (self.latents.data or {}).get('name') if self.latents else None
-    data_name = config.data.name if self.on_the_fly else data_name
-    if config.accuracy.classifier and data_name not in (None, config.accuracy.classifier):
-      raise config_checks.ConfigError(
-          f'config.accuracy.classifier={config.accuracy.classifier!r} judges clips of that data '
-          f'set, but the '
-          + ('run encodes config.data.name=' if self.on_the_fly else 'latent cache holds ')
-          + f'{data_name!r} clips'
-      )
-    self._ceilings = None  # the classifier's accuracy on real and reconstructed clips, once
-    flow = config.diffusion.objective == 'flow'
-    if flow != (s.sampler in ('euler', 'heun')):
-      raise config_checks.ConfigError(
-          f'config.sample.sampler={s.sampler!r} does not sample the {config.diffusion.objective} '
-          "objective: ddpm samples with 'ddim' or 'ancestral', flow with 'euler' or 'heun'"
-      )
-
-  def _window_grid(self, config, grid: tuple[int, int, int]) -> tuple[int, int, int]:
-    """The DiT's latent grid: the cached one, or `latents.window` latent frames of it; sets
-    `self.window` (0: none) and `self.strides` (parsed model.strides)."""
-    try:
-      self.strides = tuple(
-          int(s) for s in str(config.model.strides).replace(' ', '').split(',') if s
-      )
-    except ValueError:
-      raise config_checks.ConfigError(
-          f'config.model.strides={config.model.strides!r} must be comma-separated integers, '
-          "e.g. '1,3,9'"
-      ) from None
-    self.window = int(config.latents.window)
-    if not self.window:
-      if self.strides:
-        raise config_checks.ConfigError(
-            f'config.model.strides={config.model.strides!r} needs clips at several strides: '
-            'set config.latents.window to the latent frames of a training clip, drawn from '
-            "the cache's longer sequences"
-        )
-      return grid
-    if self.on_the_fly:
-      raise config_checks.ConfigError(
-          f'config.latents.window={self.window} draws windows from cached latent sequences; '
-          "config.latents.source='video' encodes single clips: use a cache (launch.encode)"
-      )
-    strides = self.strides or (1,)
-    span = (self.window - 1) * min(strides) + 1
-    if span > grid[0]:
-      raise config_checks.ConfigError(
-          f'config.latents.window={self.window} at stride {min(strides)} spans {span} latent '
-          f'frames, but the cached sequences have {grid[0]}: encode longer videos or lower '
-          'latents.window'
-      )
-    unfit = [s for s in strides if (self.window - 1) * s + 1 > grid[0]]
-    if unfit:  # e.g. post-tuning on longer windows: those strides keep what they learned
-      print(
-          f'windows of {self.window} latent frames at strides {unfit} do not fit the cached '
-          f'sequences of {grid[0]}: training draws the other strides only',
-          flush=True,
-      )
-    return (self.window, *grid[1:])
-
-  def _check_long_video_fields(self, config) -> None:
-    k = config.known
-    weights = (k.none, k.prefix, k.ends, k.sparse)
-    if sum(weights) <= 0:
-      raise config_checks.ConfigError('config.known: at least one kind of mask needs a weight > 0')
-    if any(weights[1:]) and not config.model.frame_mask:
-      raise config_checks.ConfigError(
-          'config.known gives some training clips known frames, which the model is only told '
-          'with config.model.frame_mask=True'
-      )
-    self.known_weights = tuple(float(w) for w in weights)
-    # Generated clips are decoded in the tokenizer's own clips (of clip_latents latent frames).
-    t, clip = self.model_cfg.grid[0], self.clip_latents
-    if t > clip and t % clip:
-      raise config_checks.ConfigError(
-          f'the DiT generates clips of {t} latent frames, which do not split into the '
-          f"tokenizer's clips of {clip} (config.latents.window)"
-      )
-    f = config.finetune
-    if f.trainable != 'all' and not f.start:
-      raise config_checks.ConfigError(
-          f'config.finetune.trainable={f.trainable!r} post-tunes a trained DiT: set '
-          'config.finetune.start to its run directory'
-      )
-    if f.trainable == 'time' and not (self.strides or config.model.frame_positions):
-      raise config_checks.ConfigError(
-          "config.finetune.trainable='time' trains the stride and frame embeddings, but the "
-          'model has neither (config.model.strides, config.model.frame_positions)'
-      )
-
-  @property
-  def clip_latents(self) -> int:
-    """Latent frames per clip the frozen tokenizer codes at once."""
-    if self.latents is not None and self.latents.clip_latents:
-      return self.latents.clip_latents
-    if self.tokenizer_dir:
-      frames = int(frozen_tokenizer.read_tokenizer_config(self.tokenizer_dir).data.frames)
-      return self.tokenizer_cfg.latent_grid(frames, self.tokenizer_cfg.parsed.p)[0]
-    return self.model_cfg.grid[0]
-
-  @staticmethod
-  def _latent_description(config) -> latents_lib.Metadata | None:
-    """The latent cache's description: read from the cache, and recorded in the config (so that
-    it travels in the run's config.json with the checkpoints: sampling needs no cache). A run
-    whose cache is gone uses the recorded one; a cache that changed under a run is refused."""
-    recorded = config.latents.recorded
-    if config.latents.dir and os.path.exists(
-        os.path.join(os.path.expanduser(config.latents.dir), latents_lib.METADATA)
-    ):
-      metadata = latents_lib.read_metadata(os.path.expanduser(config.latents.dir))
-      as_json = json.dumps(dataclasses.asdict(metadata), sort_keys=True)
-      if recorded and json.loads(recorded) != json.loads(as_json):
-        raise config_checks.ConfigError(
-            f'the latent cache config.latents.dir={config.latents.dir} is not the one this run '
-            f'was started with (its latents.json changed); start a new run for it'
-        )
-      config.latents.recorded = as_json
-      return metadata
-    if recorded:
-      raw = json.loads(recorded)
-      return latents_lib.Metadata(**{**raw, 'grid': tuple(raw['grid'])})
-    if config.latents.dir:
-      latents_lib.read_metadata(os.path.expanduser(config.latents.dir))  # raises naming it
-    return None
-
-  @staticmethod
-  def _data_classes(data_cfg) -> int:
-    try:
-      return builders.num_classes(data_cfg)
-    except Exception as e:  # noqa: BLE001 (tfds raises many kinds for a data set it cannot open)
-      raise config_checks.ConfigError(
-          f'config.model.num_classes=0 means "from the data", but config.data.name='
-          f'{data_cfg.name!r} cannot say ({type(e).__name__}: {e}); set config.model.num_classes'
-      ) from None
-
-  @property
-  def eval_split(self) -> str:
-    """The held-out split: of the latent cache, or of config.data encoding on the fly."""
-    return self.config.data.eval_split if self.on_the_fly else self.config.latents.eval_split
-
-  def sample_classes(self) -> list[int]:
-    classes = self.config.sample.classes
-    if isinstance(classes, str):
-      classes = [int(c) for c in classes.split(',') if c.strip()]
-    return list(classes) or list(range(self.model_cfg.num_classes))
+    self.tokenizer_graphdef = nnx.graphdef(
+        nnx.eval_shape(lambda: tokenizer.ViTok(self.tokenizer_cfg, rngs=nnx.Rngs(0)))
+    )
+    self._measured_latents = None  # encoding on the fly: the statistics frozen() measured
 
   # --- model and objective ---
 
@@ -434,7 +194,7 @@ class DiTTask:
             "config.latents.source='video' encodes clips with the tokenizer config.tokenizer.dir, "
             'which is empty'
         )
-      return builders.prepare(self.config.data)
+      return datasets.prepare(self.config.data)
     directory = os.path.expanduser(self.config.latents.dir)
     if not os.path.exists(os.path.join(directory, latents_lib.METADATA)):
       raise DataError(
@@ -486,28 +246,29 @@ class DiTTask:
         'std': jax.ShapeDtypeStruct((c,), np.float32, sharding=replicated),
     }
     rules = self.config.sharding_rules
-    graphdef, params = frozen_tokenizer.abstract_tokenizer_params(self.tokenizer_cfg, mesh, rules)
-    self.tokenizer_graphdef = graphdef
+    _, params = frozen_tokenizer.abstract_tokenizer_params(self.tokenizer_cfg, mesh, rules)
     return {'stats': stats, 'tokenizer': params}
 
   def frozen(self, mesh):
     """The latent statistics and the tokenizer's weights (without a tokenizer to read, as in
     `launch.bench`: unit statistics and a randomly initialised tokenizer of the described shape).
     Encoding on the fly, the first call measures the statistics (`_measure_statistics`)."""
-    abstract = self.abstract_frozen(mesh)
+    abstract, latents = self.abstract_frozen(mesh), self.latents
     if self.tokenizer_dir:
       params = frozen_tokenizer.open_tokenizer(
           self.tokenizer_dir, mesh, self.config.sharding_rules
       ).params
-      if self.on_the_fly and self.latents is None:
-        self.latents = self._measure_statistics(params, mesh)
+      if self.on_the_fly and latents is None:
+        if self._measured_latents is None:
+          self._measured_latents = self._measure_statistics(params, mesh)
+        latents = self._measured_latents
     else:
       shardings = jax.tree.map(lambda a: a.sharding, abstract['tokenizer'])
       init = lambda: nnx.state(tokenizer.ViTok(self.tokenizer_cfg, rngs=nnx.Rngs(0)), nnx.Param)
       params = jax.jit(init, out_shardings=shardings)()
     c = self.model_cfg.channels
-    mean = self.latents.channel_mean if self.latents else np.zeros(c)
-    std = self.latents.channel_std if self.latents else np.ones(c)
+    mean = latents.channel_mean if latents else np.zeros(c)
+    std = latents.channel_std if latents else np.ones(c)
     stats = {'mean': np.asarray(mean, np.float32), 'std': np.asarray(std, np.float32)}
     return {'stats': sharding.place(stats, abstract['stats']), 'tokenizer': params}
 
@@ -516,7 +277,7 @@ class DiTTask:
     cache's description, recorded in the config (the run's config.json carries them, so
     sampling, evaluation and export need no data)."""
     d = self.config.data
-    source = builders.prepare(d)[d.train_split]
+    source = datasets.prepare(d)[d.train_split]
     mean, std = encoding.sampled_statistics(
         self.tokenizer_graphdef,
         tokenizer_params,
@@ -545,126 +306,10 @@ class DiTTask:
     )
     return metadata
 
-  # --- evaluation ---
+  # --- evaluation (dit/evaluation.py) and generation ---
 
   def evaluators(self) -> list[task_lib.Evaluator]:
-    levels = tuple(f'eval_mse_{int(100 * level)}' for level in EVAL_LEVELS)
-    generation = dit_evaluation.generation_config(self.config)
-    evaluators = [
-        task_lib.Evaluator(
-            'loss',
-            every=self.config.eval_every,
-            metrics=('eval_mse',) + levels,
-            run=self.evaluate_loss,
-        ),
-        task_lib.Evaluator(
-            'samples',
-            every=self.config.sample.every or self.config.total_steps,
-            metrics=(),
-            run=self.evaluate_samples,
-        ),
-    ]
-    if self.config.accuracy.classifier:
-      evaluators.append(
-          task_lib.Evaluator(
-              'class_accuracy',
-              every=self.config.accuracy.every or self.config.total_steps,
-              metrics=('accuracy_guided', 'accuracy_unguided'),
-              run=self.evaluate_class_accuracy,
-          )
-      )
-    # gFVD / gFID against the real held-out clips (feature networks on many decoded clips:
-    # costly on a CPU): every `generation.every` steps when > 0; always in launch.eval.
-    evaluators.append(
-        task_lib.Evaluator(
-            'generation',
-            every=max(generation.every, 1),
-            metrics=('gfvd', 'gfid'),
-            run=functools.partial(dit_evaluation.evaluate_generation, self),
-            during_training=generation.every > 0,
-        )
-    )
-    return evaluators
-
-  def evaluate_loss(self, context: task_lib.EvalContext) -> dict:
-    """The objective's MSE at fixed noise levels on the held-out latents, with fixed noise."""
-    source = context.sources[self.eval_split]
-    n = min(len(source), self.config.data.eval_batch_size * 4)
-    if self.on_the_fly:  # the first n clips, centre-cropped, encoded in the evaluation program
-      d = self.config.data
-      view = pipeline.CenterClip(frames=d.frames, frame_stride=d.frame_stride, res=d.res)
-      clips = [view.map(source[i]) for i in range(n)]
-      batch = {k: np.stack([clip[k] for clip in clips]) for k in ('video', 'label')}
-    else:
-      view = (
-          latents_lib.LatentWindows(self.window, self.strides).first if self.window else lambda x: x
-      )
-      examples = [view(source[i]) for i in range(n)]
-      batch = {k: np.stack([x[k] for x in examples]) for k in examples[0] if k != 'stride'}
-      if self.strides:
-        batch['stride'] = np.stack([x['stride'] for x in examples])
-    run = _eval_loss_fn(self, context.graphdef, context.mesh)
-    per_level = jax.device_get(run(context.params, context.frozen, batch))
-    result = {'step': context.step, 'split': self.eval_split, 'clips': int(n)}
-    for level, value in zip(EVAL_LEVELS, per_level):
-      result[f'eval_mse_{int(100 * level)}'] = float(value)
-    result['eval_mse'] = float(np.mean(per_level))
-    return result
-
-  def evaluate_samples(self, context: task_lib.EvalContext) -> dict:
-    """`sample.per_class` clips of every class in `sample.classes`, decoded; a PNG grid (a row per
-    class, the clips' frames side by side) and one mp4 per clip in WORKDIR/samples/."""
-    classes = self.sample_classes()
-    labels = np.repeat(np.asarray(classes, np.int32), self.config.sample.per_class)
-    videos = self.generate(
-        context.graphdef,
-        context.params,
-        context.frozen,
-        labels,
-        context.mesh,
-        seed=self.config.sample.seed,
-    )
-    if jax.process_index() == 0:
-      directory = os.path.join(context.workdir, 'samples')
-      write_sample_grid(videos, labels, directory, f'step{context.step:07d}')
-    return {'samples': int(len(labels))}
-
-  def evaluate_class_accuracy(self, context: task_lib.EvalContext) -> dict:
-    """`accuracy.per_class` clips of every class, sampled with the config's guidance and without
-    (guidance 1), labelled by the independent classifier; beside them, once per run, the
-    classifier's accuracy on real held-out clips (the ceiling) and on their reconstructions by
-    the frozen tokenizer (the ceiling of anything decoded by it)."""
-    a = self.config.accuracy
-    labels = np.repeat(np.asarray(self.sample_classes(), np.int32), a.per_class)
-    result = {'step': context.step, 'clips': int(len(labels))}
-    for name, guidance in (('guided', None), ('unguided', 1.0)):
-      videos = self.generate(
-          context.graphdef, context.params, context.frozen, labels, context.mesh, guidance=guidance
-      )
-      # Trained on real clips of up to 16 frames (its SVC grows with the frames); it scores
-      # clips of any length, frame by frame.
-      judge = digit_classifier.trained(min(videos.shape[1], 16), videos.shape[2])
-      result[f'accuracy_{name}'] = judge.accuracy(videos, labels)
-    if self._ceilings is None:
-      real, real_labels = digit_classifier.real_clips(
-          self.eval_split, a.real_clips, videos.shape[1], videos.shape[2]
-      )
-      decoded = np.concatenate(
-          [
-              _reconstruct_fn(
-                  self.tokenizer_graphdef, self.clip_latents * self.tokenizer_cfg.parsed.q
-              )(context.frozen['tokenizer'], real[i : i + 50])
-              for i in range(0, len(real), 50)
-          ]
-      )
-      self._ceilings = {
-          'accuracy_real': judge.accuracy(real, real_labels),
-          'accuracy_reconstructed': judge.accuracy(decoded, real_labels),
-          'real_clips': int(len(real)),
-      }
-    result.update(self._ceilings)
-    result['guidance'] = float(self.config.sample.guidance)
-    return result
+    return dit_evaluation.evaluators(self)
 
   def generate(self, graphdef, params, frozen, labels, mesh, seed=0, guidance=None, steps=None):
     """Clips (N, T, H, W, 3) uint8 of the classes `labels`, sampled with the config's sampler
@@ -735,34 +380,6 @@ class DiTTask:
 
 
 @functools.lru_cache(maxsize=4)
-def _eval_loss_fn(task: DiTTask, graphdef, mesh):
-  """Jitted: the mean MSE at each of EVAL_LEVELS on a batch, with fixed noise."""
-
-  @jax.jit
-  def run(params, frozen, batch):
-    model = nnx.merge(graphdef, params)
-    x0 = task.normalized_latents(batch, frozen)
-    noise = jax.random.normal(jax.random.PRNGKey(1234), x0.shape)
-    out = []
-    for level in EVAL_LEVELS:
-      n = x0.shape[0]
-      if task.config.diffusion.objective == 'ddpm':
-        step = jnp.full((n,), int(level * 999), jnp.int32)
-        xt = diffusion.q_sample(task.schedule, x0, step, noise)
-        out_ = model(xt, step.astype(jnp.float32), batch['label'], **task.conditions(batch))
-        eps = jnp.split(out_, 2, axis=-1)[0]
-        out.append(jnp.mean(jnp.square(eps - noise)))
-      else:
-        t = jnp.full((n,), level)
-        xt = diffusion.flow_interpolate(x0, noise, t)
-        v = model(xt, 1000.0 * t, batch['label'], **task.conditions(batch))
-        out.append(jnp.mean(jnp.square(v - diffusion.flow_target(x0, noise))))
-    return jnp.stack(out)
-
-  return run
-
-
-@functools.lru_cache(maxsize=4)
 def _sample_fn(task: DiTTask, graphdef, tokenizer_graphdef, mesh, guide, steps: int):
   """Jitted: labels -> decoded uint8 clips, the sampling loop and the decoder in one program."""
   del tokenizer_graphdef, mesh  # part of the cache key: the program is specific to them
@@ -776,34 +393,3 @@ def _sample_fn(task: DiTTask, graphdef, tokenizer_graphdef, mesh, guide, steps: 
     return task.decode_latents(frozen, x)
 
   return run
-
-
-@functools.lru_cache(maxsize=2)
-def _reconstruct_fn(tokenizer_graphdef, clip_frames: int):
-  """Jitted: uint8 clips -> the frozen tokenizer's reconstructions (posterior means), uint8."""
-
-  @jax.jit
-  def run(params, videos):
-    model = nnx.merge(tokenizer_graphdef, params)
-    code = lambda clips: model.decode(model.encode_moments(pixels.to_unit_range(clips))[0])
-    return pixels.to_uint8(encoding.in_clips(code, videos, clip_frames))
-
-  return lambda params, videos: np.asarray(
-      multihost_utils.process_allgather(run(params, videos), tiled=True)
-  )
-
-
-def write_sample_grid(videos: np.ndarray, labels: np.ndarray, directory: str, name: str):
-  """A PNG grid (a row per class: each clip's frames side by side, clips one after another) and
-  an mp4 per clip."""
-  os.makedirs(directory, exist_ok=True)
-  rows = []
-  for label in dict.fromkeys(labels.tolist()):
-    clips = videos[labels == label]
-    rows.append(np.concatenate([np.concatenate(list(clip), axis=1) for clip in clips], axis=1))
-  video_io.write_png(os.path.join(directory, f'{name}_grid.png'), np.concatenate(rows, axis=0))
-  for i, (clip, label) in enumerate(zip(videos, labels)):
-    if clip.shape[0] > 1:
-      video_io.write_mp4(os.path.join(directory, f'{name}_class{label}_{i}.mp4'), clip)
-  with open(os.path.join(directory, f'{name}_labels.json'), 'w') as f:
-    json.dump([int(x) for x in labels], f)

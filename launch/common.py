@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from launch import tasks
 from vitok.core import checkpoint as ckpt_lib
-from vitok.core import config_checks, hardware, trainer
+from vitok.core import config_checks, hardware, run_dir, trainer
 from vitok.core import task as task_lib
 from vitok.data import DataError
 
@@ -218,7 +218,7 @@ def directory_flag(name: str) -> str | None:
     )
   path = os.path.abspath(os.path.expanduser(value))
   try:
-    trainer.check_workdir(path, flag=f'--{name}')
+    run_dir.check_workdir(path, flag=f'--{name}')
   except config_checks.ConfigError as e:
     fail(f'bad flag {e}')
   return path
@@ -312,7 +312,7 @@ def open_trained_run(step: int | None, raw: bool, adjust: Callable | None = None
   try:
     params = checkpointer.restore_params(layout.abstract.params, step, ema=use_ema)
   except ckpt_lib.CheckpointMismatch as e:
-    fields = trainer.config_differences(os.path.join(workdir(), 'config.json'), config)
+    fields = run_dir.config_differences(os.path.join(workdir(), 'config.json'), config)
     fail(
         f"bad config: {e}; fields of --config that differ from the run's config.json: "
         f'{"; ".join(fields) or "none"}'

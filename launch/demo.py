@@ -42,7 +42,7 @@ from configs import vitok as vitok_configs
 from dit import encoding
 from launch import common, long_demo
 from vitok.core import checkpoint as ckpt_lib
-from vitok.core import signals, trainer
+from vitok.core import run_dir, signals, trainer
 
 _TOKENIZER = flags.DEFINE_string(
     'tokenizer', 'digits', 'Argument of configs/vitok.py for the tokenizer stage.'
@@ -117,7 +117,7 @@ def report(workdir: str, seconds: dict) -> dict:
       ],
       'seconds': seconds,
   }
-  trainer.append_metrics(workdir, summary)
+  run_dir.append_metrics(workdir, summary)
   grid = os.path.join('dit', 'samples', f'step{final["step"]:07d}_grid.png')
   rows = '\n'.join(
       f'| {step} | {guided:.0%} | {unguided:.0%} |'
@@ -229,7 +229,7 @@ def long_report(workdir: str, long: dict, seconds: dict) -> dict:
   if accuracy:
     summary['accuracy_guided'] = accuracy[-1]['accuracy_guided']
     summary['accuracy_unguided'] = accuracy[-1]['accuracy_unguided']
-  trainer.append_metrics(workdir, summary)
+  run_dir.append_metrics(workdir, summary)
   text = long_demo.report_text(long, tokenizer_eval, accuracy[-1] if accuracy else None, seconds)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'report.md'), 'w') as f:

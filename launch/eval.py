@@ -22,8 +22,8 @@ import jax
 from absl import flags
 
 from launch import common
+from vitok.core import run_dir, trainer
 from vitok.core import task as task_lib
-from vitok.core import trainer
 
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
 _RAW = flags.DEFINE_bool(
@@ -50,7 +50,7 @@ def main(argv):
   result = {}
   for evaluator in run.task.evaluators():  # every evaluation the family defines
     result.update(evaluator.run(context))
-  trainer.append_metrics(common.workdir(), result)
+  run_dir.append_metrics(common.workdir(), result)
   if jax.process_index() == 0:
     path = os.path.join(common.workdir(), f'eval_step{run.step}.md')
     with open(path, 'w') as f:

@@ -15,7 +15,7 @@ import jax
 from absl import flags
 
 from launch import common
-from vitok.core import export, trainer
+from vitok.core import export, run_dir
 
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the exported parameters to.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
@@ -29,7 +29,7 @@ def main(argv):
   run = common.open_trained_run(_STEP.value, _RAW.value)
   export.export_params(run.params, os.path.join(out, 'params'))
   if jax.process_index() == 0:
-    trainer.write_config(run.config, out)  # the config the parameters were restored with
+    run_dir.write_config(run.config, out)  # the config the parameters were restored with
     print(f'exported the {"EMA" if run.ema else "raw"} parameters of step {run.step} to {out}')
 
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from dit import task as dit_task
+from dit import evaluation as dit_evaluation
 from launch import common
 
 _OUT = flags.DEFINE_string('out', None, 'Directory to write the samples to.')
@@ -51,13 +51,13 @@ def main(argv):
   task = run.task
   mesh = run.layout.mesh
   frozen = task.frozen(mesh)
-  classes = task.sample_classes()
+  classes = list(task.sample_classes)
   labels = np.repeat(np.asarray(classes, np.int32), task.config.sample.per_class)
   started = time.perf_counter()
   videos = task.generate(run.layout.graphdef, run.params, frozen, labels, mesh, seed=_SEED.value)
   seconds = time.perf_counter() - started
   if jax.process_index() == 0:
-    dit_task.write_sample_grid(videos, labels, out, 'samples')
+    dit_evaluation.write_sample_grid(videos, labels, out, 'samples')
     s = task.config.sample
     summary = {
         'step': run.step,

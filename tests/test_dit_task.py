@@ -16,11 +16,11 @@ from training_equality import assert_same_training
 
 from configs import dit as dit_config
 from dit import diffusion
+from dit import evaluation as dit_evaluation
 from dit import latents as latents_lib
-from dit import task as dit_task
 from launch import tasks
 from vitok.core import checkpoint as ckpt_lib
-from vitok.core import sharding, trainer
+from vitok.core import run_dir, sharding, trainer
 from vitok.core import train_state as ts
 from vitok.data import pixels
 
@@ -143,7 +143,7 @@ def test_the_dit_trains_through_the_shared_loop(cache, tmp_path):
 
   def loss_with(params):
     context = task_lib.EvalContext(layout.graphdef, params, frozen, sources, 20, workdir, mesh)
-    return task.evaluate_loss(context)['eval_mse']
+    return dit_evaluation.evaluate_loss(task, context)['eval_mse']
 
   assert loss_with(result.state.ema_params) == pytest.approx(result.last_eval['eval_mse'], rel=1e-5)
   assert loss_with(result.state.params) != pytest.approx(result.last_eval['eval_mse'], rel=1e-3)
@@ -255,7 +255,7 @@ def tokenizer_dir(tiny_config, tmp_path_factory):
   checkpointer = ckpt_lib.Checkpointer(directory)
   checkpointer.save(1, layout.init())
   checkpointer.close()
-  trainer.write_config(config, directory)
+  run_dir.write_config(config, directory)
   return directory
 
 
@@ -414,7 +414,7 @@ def test_video_to_generated_video_through_the_commands(
   labels = np.zeros(4, np.int32)
   videos = task.generate(layout.graphdef, params, task.frozen(mesh), labels, mesh, seed=3)
   ours = str(tmp_path / 'ours')
-  dit_task.write_sample_grid(videos, labels, ours, 'samples')
+  dit_evaluation.write_sample_grid(videos, labels, ours, 'samples')
   mine = np.asarray(Image.open(os.path.join(ours, 'samples_grid.png'))).astype(int)
   assert np.abs(mine - grid).max() <= 2 and np.mean(mine != grid) < 0.01
   _check_generation_metrics(task, layout, params, mesh, dit_dir)
@@ -426,7 +426,7 @@ def _check_generation_metrics(task, layout, params, mesh, dit_dir):
   unavailable (one real held-out clip: one I3D feature vector) with the reason."""
   from dit import evaluation as dit_evaluation
   from vitok.core import task as task_lib
-  from vitok.data import builders, pipeline
+  from vitok.data import datasets, pipeline
   from vitok.evals import fvd, inception
 
   task.config.generation.clips = 3
@@ -438,7 +438,7 @@ def _check_generation_metrics(task, layout, params, mesh, dit_dir):
   assert (protocol['sampler'], protocol['steps'], protocol['guidance']) == ('euler', 4, 2.0)
 
   data_cfg = dit_evaluation.real_data_config(task)
-  real = builders.prepare(data_cfg)[data_cfg.eval_split]
+  real = datasets.prepare(data_cfg)[data_cfg.eval_split]
   batch = next(pipeline.eval_batches(data_cfg, real))
   real_video = batch['video'][batch['mask']]
   weights = inception.load_params()

@@ -12,7 +12,7 @@ from flax import nnx
 
 from launch import reconstruct
 from tests.conftest import REPO
-from vitok.core import export, trainer
+from vitok.core import export, run_dir
 from vitok.data import video_io
 from vitok.tokenizer import frozen as frozen_tokenizer
 from vitok.tokenizer import stage1, tiling
@@ -26,7 +26,7 @@ def tokenizer_export(tiny_config, tmp_path_factory):
   config = tiny_config.copy_and_resolve_references()
   model = stage1.TokenizerTask(config).create_model(nnx.Rngs(0))
   export.export_params(nnx.state(model, nnx.Param), os.path.join(directory, 'params'))
-  trainer.write_config(config, directory)
+  run_dir.write_config(config, directory)
   return directory
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 from configs import vitok_stage2 as stage2_config
 from tests.conftest import TINY
 from vitok.core import checkpoint as ckpt_lib
-from vitok.core import config_checks, export, signals, trainer
+from vitok.core import config_checks, export, run_dir, signals, trainer
 from vitok.core import task as task_lib
 from vitok.core import train_state as ts
 from vitok.data import pixels
@@ -253,7 +253,7 @@ def stage1_and_stage2(tiny_config, tmp_path_factory):
   config1 = tiny_config.copy_and_resolve_references()
   model = stage1.TokenizerTask(config1).create_model(nnx.Rngs(7))
   export.export_params(nnx.state(model, nnx.Param), os.path.join(stage1_dir, 'params'))
-  trainer.write_config(config1, stage1_dir)
+  run_dir.write_config(config1, stage1_dir)
 
   config = stage2_config.get_config(TINY)
   config.data = tiny_config.data.copy_and_resolve_references()

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from vitok.core import checkpoint as ckpt_lib
-from vitok.core import config_checks, hardware, perf, sharding, signals
+from vitok.core import config_checks, hardware, perf, run_dir, sharding, signals
 from vitok.core import task as task_lib
 from vitok.core import train_state as ts
 from vitok.core.writer import MetricWriter
@@ -36,14 +36,6 @@ class TrainResult(NamedTuple):
   stopped_by: str | None  # 'SIGTERM' / 'SIGINT' when a signal stopped the run early (step saved)
 
 
-def check_config(config, task) -> None:
-  """The shared fields' ranges (`config_checks.TRAINING_FIELDS`) and the best-checkpoint metric
-  (the task checked its own fields when it was made). `train` calls it: `launch.common.make_task`
-  checks the same before, for the commands that do not train."""
-  config_checks.check_fields(config, config_checks.TRAINING_FIELDS)
-  check_best_metric(config, task)
-
-
 def check_best_metric(config, task) -> None:
   """keep_best ranks checkpoints by `best_metric`: it must be one the task's evaluators report."""
   metrics = task_lib.evaluation_metrics(task)
@@ -53,51 +45,6 @@ def check_best_metric(config, task) -> None:
         f'evaluation ({", ".join(metrics)}), so keep_best={config.keep_best} would keep '
         f'nothing'
     )
-
-
-def write_config(config, workdir: str) -> None:
-  """WORKDIR/config.json, replaced atomically (a crash never leaves half a file)."""
-  path = os.path.join(workdir, 'config.json')
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(path + '.tmp', path)
-
-
-def config_differences(saved_path: str, config) -> list[str]:
-  """['model.channels: 16 -> 8', ...]: the fields in which `config` differs from the config a run
-  saved at `saved_path` (empty when that file is missing or unreadable)."""
-  try:
-    with open(saved_path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
-    return []
-
-  def flat(tree, prefix=''):
-    out = {}
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        out.update(flat(value, f'{prefix}{key}.'))
-      else:
-        out[prefix + key] = value
-    return out
-
-  old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))  # tuples as lists
-  return [
-      f'{k}: {old.get(k, "(absent)")} -> {new.get(k, "(absent)")}'
-      for k in sorted(set(old) | set(new))
-      if old.get(k) != new.get(k)
-  ]
-
-
-def check_workdir(workdir: str, flag: str = '--workdir') -> None:
-  """`workdir` must be a directory this process can write, or creatable as one."""
-  path = workdir
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path):
-    raise config_checks.ConfigError(f'{flag}={workdir}: {path} is a file, not a directory')
-  if not os.access(path, os.W_OK | os.X_OK):
-    raise config_checks.ConfigError(f'{flag}={workdir}: {path} is not writable')
 
 
 def configure_runtime(config) -> None:
@@ -119,7 +66,7 @@ def check_batch_fits(config, mesh) -> None:
   dp = sharding.data_parallel_size(mesh, config.sharding_rules)
   size = config.data.batch_size
   if size % dp or size % jax.process_count():
-    raise ValueError(
+    raise config_checks.ConfigError(
         f'data.batch_size={size} must be divisible by the {dp} ways the mesh '
         f'{dict(mesh.shape)} splits a batch and by the {jax.process_count()} '
         f'process(es)'
@@ -158,7 +105,7 @@ def restore_or_init(layout, checkpointer, train_iter, config, workdir: str):
   try:
     state = checkpointer.restore(layout.abstract, data_iterator=train_iter)
   except ckpt_lib.CheckpointMismatch as e:
-    fields = config_differences(os.path.join(workdir, 'config.json'), config)
+    fields = run_dir.config_differences(os.path.join(workdir, 'config.json'), config)
     raise config_checks.ConfigError(
         f'this config does not match the checkpoints of the run in {workdir}: {e}. Fields that '
         f"differ from the run's config.json: {'; '.join(fields) or 'none (no config.json)'}. "
@@ -262,11 +209,14 @@ def start_run(config, workdir: str, task) -> Run:
   restores) or initialised, the data iterator positioned, the frozen arrays placed, the step
   compiled. Writes nothing into `workdir` until all of it succeeded; then moves the checkpoints
   the restore skipped as damaged to WORKDIR/damaged_checkpoints/ and writes config.json."""
-  check_config(config, task)
+  check_best_metric(config, task)
   configure_runtime(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  check_workdir(workdir)
-  mesh = sharding.make_mesh(config.mesh)  # a mesh that does not fit the devices fails here
+  run_dir.check_workdir(workdir)
+  try:
+    mesh = sharding.make_mesh(config.mesh)  # a mesh that does not fit the devices fails here
+  except ValueError as e:
+    raise config_checks.ConfigError(str(e)) from None
   check_batch_fits(config, mesh)
 
   sources = prepare_data(task)
@@ -308,7 +258,7 @@ def start_run(config, workdir: str, task) -> Run:
     _log(f'resumed from {checkpointer.directory}/{resumed}')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    write_config(config, workdir)
+    run_dir.write_config(config, workdir)
   n_params = sum(x.size for x in jax.tree.leaves(layout.abstract.params))
   _log(
       f'{task.name}: {n_params / 1e6:.2f}M parameters, steps {start} -> {config.total_steps}, '
@@ -342,13 +292,6 @@ def start_run(config, workdir: str, task) -> Run:
       compile_report=report,
       evaluators=[e for e in task.evaluators() if e.during_training],
   )
-
-
-def append_metrics(workdir: str, result: dict) -> None:
-  """One JSON line per evaluation in WORKDIR/metrics.jsonl, for every model family (process 0)."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-      f.write(json.dumps(result) + '\n')
 
 
 def evaluate(run: Run, evaluators, step: int, state) -> dict:
@@ -472,7 +415,7 @@ def _interval_metrics(run: Run, interval: list[dict], lap: dict, peak_flops: flo
 
 
 def _report_eval(step: int, result: dict, writer, progress, workdir: str) -> None:
-  append_metrics(workdir, result)
+  run_dir.append_metrics(workdir, result)
   if writer:
     writer.scalars(step, {k: v for k, v in result.items() if isinstance(v, float)}, 'eval/')
   if progress is not None:
@@ -483,7 +426,8 @@ def _report_eval(step: int, result: dict, writer, progress, workdir: str) -> Non
 
 def train(config, workdir: str, task) -> TrainResult:
   """Trains `task` until `config.total_steps`, resuming from the newest checkpoint in `workdir`
-  that restores (`start_run`, then `run_loop`)."""
+  that restores (`start_run`, then `run_loop`). The config's fields are validated when the task is
+  made (`launch.tasks.make_task`); start-up checks what needs the task or the devices."""
   run = start_run(config, workdir, task)
   writer = MetricWriter(run.workdir) if jax.process_index() == 0 else None
   result = run_loop(run, writer)

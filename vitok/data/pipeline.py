@@ -1,6 +1,6 @@
 """grain input pipelines: random training clips and the fixed evaluation pass.
 
-Both read the random-access sources returned by `builders.prepare` (each
+Both read the random-access sources returned by `datasets.prepare` (each
 example: 'video' uint8 (L, h, w, 3) with L = stored clip length, optional
 'label', 'source') and produce, on each of P processes, its rows of the global
 batches
@@ -31,7 +31,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from vitok.data import DataError, builders
+from vitok.data import DataError, datasets
 
 
 def required_frames(frames: int, frame_stride: int) -> int:
@@ -231,12 +231,12 @@ def train_dataset(
 
   Args:
     data_cfg: the config's data fields (configs/common.py); reads name & storage
-      fields (via builders.prepare), train_split, frames, frame_stride, res,
+      fields (via datasets.prepare), train_split, frames, frame_stride, res,
       batch_size, crop_min_scale, hflip, num_workers.
     seed: shuffling / augmentation seed; same seed -> same batches.
     process_index, process_count: this process and the number of processes.
     source: a random-access source to use instead of
-      builders.prepare(data_cfg)[data_cfg.train_split] (tests).
+      datasets.prepare(data_cfg)[data_cfg.train_split] (tests).
 
   Returns:
     grain IterDataset of {'video': uint8 (b, T, res, res, 3), 'label': int32
@@ -252,7 +252,7 @@ def train_dataset(
     )
   _check_process(process_index, process_count)
   if source is None:
-    source = builders.prepare(data_cfg)[data_cfg.train_split]
+    source = datasets.prepare(data_cfg)[data_cfg.train_split]
   if len(source) == 0:
     raise DataError(f'data.train_split={data_cfg.train_split!r} is empty.')
   # Fail at start-up (not later inside a worker) when clips are too short.

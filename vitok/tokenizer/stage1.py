@@ -15,7 +15,7 @@ from flax import nnx
 
 from vitok.core import config_checks, sharding
 from vitok.core import task as task_lib
-from vitok.data import builders, pipeline, pixels
+from vitok.data import datasets, pipeline, pixels
 from vitok.evals import frechet
 from vitok.evals import lpips as lpips_lib
 from vitok.tokenizer import evaluation
@@ -125,7 +125,7 @@ class TokenizerTask:
     }
 
   def prepare_data(self) -> dict:
-    return builders.prepare(self.config.data)
+    return datasets.prepare(self.config.data)
 
   def train_iterator(self, sources, start_step: int, process_index: int, process_count: int):
     d = self.config.data
