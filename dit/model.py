@@ -54,20 +54,19 @@ from vitok.nn import layers
 SIZES: dict[str, layers.ViTSize] = {
     'cpu64': layers.ViTSize(width=64, depth=2, heads=2),
     'cpu128': layers.ViTSize(width=128, depth=4, heads=4),
-    'cpu256': layers.ViTSize(width=256, depth=6, heads=4),
+    'cpu256': layers.ViTSize(width=256, depth=4, heads=8),  # as the tokenizer's cpu256
     'S': layers.ViTSize(width=384, depth=12, heads=6),
     'B': layers.ViTSize(width=768, depth=12, heads=12),
     'L': layers.ViTSize(width=1024, depth=24, heads=16),
     'XL': layers.ViTSize(width=1152, depth=28, heads=16),
 }
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 FREQUENCY_DIM = 256  # sinusoidal timestep features before the timestep MLP
 
 _VARIANT_RE = re.compile(r'^DiT-(?P<size>\w+)/(?P<p>\d+)$')
 
 MODEL_FIELDS = {
     'model.recipe': config_checks.OneOf(('vitok', 'classic')),
-    'model.dtype': config_checks.OneOf(tuple(DTYPES)),
+    'model.dtype': config_checks.OneOf(tuple(layers.COMPUTE_DTYPES)),
     'model.remat': config_checks.OneOf(tuple(layers.REMAT_POLICIES)),
     'model.attention': config_checks.OneOf(layers.ATTENTION_CHOICES),
     'model.rope_theta': config_checks.POSITIVE,
@@ -268,7 +267,7 @@ class DiT(nnx.Module):
     self.cfg = cfg
     size, p = cfg.size, cfg.patch
     width = size.width
-    dtype = DTYPES[cfg.dtype]
+    dtype = layers.COMPUTE_DTYPES[cfg.dtype]
     normal = lambda axes: nnx.with_partitioning(
         nnx.initializers.normal(0.02), axes, eager_sharding=False
     )

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
 
 import dm_pix
 import jax
@@ -128,7 +128,7 @@ def pool_and_resize(video: jax.Array, st: int, s: int) -> jax.Array:
   return recon.astype(video.dtype)
 
 
-def _divisors(n: int) -> List[int]:
+def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -137,7 +137,7 @@ def baseline_floats(T: int, H: int, W: int, st: int, s: int, channels: int = 3) 
   return (T // st) * (H // s) * (W // s) * channels
 
 
-def baseline_factors(T: int, H: int, W: int, budget_floats: int) -> List[Tuple[int, int]]:
+def baseline_factors(T: int, H: int, W: int, budget_floats: int) -> list[tuple[int, int]]:
   """All admissible (st, s) pairs for a per-clip float budget.
 
   ``st`` ranges over divisors of T, ``s`` over divisors of gcd(H, W) (same factor for H
@@ -172,8 +172,8 @@ def baseline_factors(T: int, H: int, W: int, budget_floats: int) -> List[Tuple[i
 
 
 def best_baseline_pair(
-    mean_psnr: Mapping[Tuple[int, int], float], T: int, H: int, W: int
-) -> Tuple[int, int]:
+    mean_psnr: Mapping[tuple[int, int], float], T: int, H: int, W: int
+) -> tuple[int, int]:
   """The (st, s) pair the baseline codec uses for a split: the highest split-mean PSNR, ties
   going to fewer floats. `mean_psnr` maps every admissible pair (see :func:`baseline_factors`)
   to its split-mean PSNR; one pair serves the whole split."""
@@ -194,10 +194,10 @@ class MetricAccumulator:
   """
 
   def __init__(self) -> None:
-    self._sums: Dict[str, float] = {}
-    self._counts: Dict[str, int] = {}
+    self._sums: dict[str, float] = {}
+    self._counts: dict[str, int] = {}
 
-  def update(self, metrics: Mapping[str, jax.Array], mask: Optional[jax.Array] = None) -> None:
+  def update(self, metrics: Mapping[str, jax.Array], mask: jax.Array | None = None) -> None:
     """Adds a batch. ``mask`` (B,) bool marks real clips; ``None`` means all real."""
     for name, values in metrics.items():
       v = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -207,7 +207,7 @@ class MetricAccumulator:
       self._sums[name] = self._sums.get(name, 0.0) + float(np.where(m, v, 0.0).sum())
       self._counts[name] = self._counts.get(name, 0) + int(m.sum())
 
-  def result(self) -> Dict[str, float]:
+  def result(self) -> dict[str, float]:
     """{name: mean over all real clips seen} (NaN for a name with no real clip)."""
     return {
         k: (self._sums[k] / self._counts[k] if self._counts[k] else float("nan"))

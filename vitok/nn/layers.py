@@ -37,6 +37,8 @@ class ViTSize:
 
 
 MLP_RATIO = 2.67
+# model.dtype: what the networks compute in (parameters and optimizer state stay float32).
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def mlp_hidden(width: int) -> int:

@@ -23,8 +23,6 @@ from flax import nnx
 from vitok.core import config_checks
 from vitok.nn import layers
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
 # ViTok's encoder / decoder sizes: the paper's S, B, L (Table 1; head dims 64, 64, 72, the last
 # divisible by 3 for axial RoPE) plus this project's CPU sizes, named by their width so that
 # nobody takes them for ViT-Ti or for a DiT size. They keep the paper's block recipe and serve
@@ -81,7 +79,7 @@ MODEL_FIELDS = {
     'model.rope_theta': config_checks.POSITIVE,
     'model.mlp': config_checks.OneOf(tuple(layers.GATED_ACTIVATIONS)),
     'model.rope': config_checks.OneOf(('3d', '1d')),
-    'model.dtype': config_checks.OneOf(tuple(DTYPES)),
+    'model.dtype': config_checks.OneOf(tuple(layers.COMPUTE_DTYPES)),
     'model.remat': config_checks.OneOf(tuple(layers.REMAT_POLICIES)),
     'model.attention': config_checks.OneOf(layers.ATTENTION_CHOICES),
     'model.logvar_min': config_checks.Range(),
@@ -153,7 +151,7 @@ class ViTok(nnx.Module):
     v = cfg.parsed
     self.q, self.p = v.q, v.p
     enc, dec = SIZES[v.encoder], SIZES[v.decoder]
-    dtype = DTYPES[cfg.dtype]
+    dtype = layers.COMPUTE_DTYPES[cfg.dtype]
     tubelet = v.q * v.p * v.p * 3
     # Kernel = stride = (q, p, p): a 3-D convolution that is exactly one linear map per tubelet.
     vit = dict(remat=cfg.remat, scan=cfg.scan, attention=cfg.attention, dtype=dtype, rngs=rngs)
