@@ -1,7 +1,8 @@
 """Process-wide workarounds for Orbax's and TensorStore's behaviour, in one place, each with the
 versions it was written against (orbax-checkpoint 0.12.8, tensorstore 0.1.86, absl-py 2.5.1).
-tests/test_orbax_quirks.py checks that the upstream behaviour each one works around is still there
-(a failure there means a workaround can go).
+tests/test_orbax_quirks.py checks that the upstream behaviour the first two work around is still
+there (a failure there means a workaround can go); the third's reports come only under CPU load,
+so its test (tests/test_checkpoint_unit.py) checks the filter, not Orbax.
 
 - NoMetricsWarningFilter: a CheckpointManager with `best_fn` warns at every save made without
   metrics; saves without metrics are normal here (ranked by keep-last only).
