@@ -43,6 +43,8 @@ from dit import encoding
 from launch import common, long_demo
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import run_dir, signals, trainer
+from vitok.sweeps import chain as chain_lib
+from vitok.sweeps import sweep
 
 _TOKENIZER = flags.DEFINE_string(
     'tokenizer', 'digits', 'Argument of configs/vitok.py for the tokenizer stage.'
@@ -59,7 +61,7 @@ _DATA_DIR = flags.DEFINE_string(
     'data_dir', '', "Where the moving-digits data set is built (default: the config's)."
 )
 
-STAGES = ('tokenizer', 'latents', 'dit')
+STAGES = chain_lib.STAGES  # the tokenizer -> latents -> DiT chain a sweep member runs too
 LONG_STAGES = STAGES + ('long',)
 
 
@@ -175,8 +177,9 @@ def main(argv):
     dit_config.data.data_dir = _DATA_DIR.value
   common.make_task_or_exit(tokenizer_config)
   stages = LONG_STAGES if _LONG.value else STAGES
-  paths = {stage: os.path.join(workdir, stage) for stage in stages}
-  dit_config.latents.dir = paths['latents']
+  chain = chain_lib.Chain(workdir)
+  paths = {stage: chain.dir(stage) for stage in stages}
+  sweep.set_fields(dit_config, chain.dit_fields, 'the demo')
   seconds = {}
 
   started = time.perf_counter()

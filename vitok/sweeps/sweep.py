@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from vitok.core import config_checks
+from vitok.sweeps import chain as chain_lib
 
 Members = list[dict[str, Any]]
 
@@ -201,8 +202,8 @@ def _flag_value(value: Any) -> str:
 
 def steps(sweep_config, member: Member, directory: str) -> list[Step]:
   """The launch commands of `member`, in order, with its runs under directory/<name>/."""
-  root = os.path.join(directory, member.name)
-  tokenizer_dir = os.path.join(root, 'tokenizer')
+  chain = chain_lib.Chain(os.path.join(directory, member.name))
+  tokenizer_dir = chain.dir('tokenizer')
   fields = [f'--config.{k}={_flag_value(v)}' for k, v in tokenizer_fields(member).items()]
   result = [
       Step(
@@ -214,7 +215,7 @@ def steps(sweep_config, member: Member, directory: str) -> list[Step]:
   if sweep_config.get('evaluate', True):  # every metric, rFVD / rFID included
     result.append(Step('eval', ('-m', 'launch.eval', f'--workdir={tokenizer_dir}')))
   if sweep_config.get('dit'):
-    latents, dit_dir = os.path.join(root, 'latents'), os.path.join(root, 'dit')
+    latents, dit_dir = chain.dir('latents'), chain.dir('dit')
     # The latents are of the tokenizer run's own data; the DiT reads its tokenizer from them.
     result += [
         Step('encode', ('-m', 'launch.encode', f'--tokenizer={tokenizer_dir}', f'--out={latents}')),
@@ -222,7 +223,7 @@ def steps(sweep_config, member: Member, directory: str) -> list[Step]:
             'dit',
             ('-m', 'launch.train', f'--config=configs/dit.py:{sweep_config.dit}',
              *(f'--config.{k}={_flag_value(v)}' for k, v in dit_fields(member).items()),
-             f'--config.latents.dir={latents}', f'--workdir={dit_dir}'),
+             *(f'--config.{k}={v}' for k, v in chain.dit_fields.items()), f'--workdir={dit_dir}'),
         ),
         Step('dit_eval', ('-m', 'launch.eval', f'--workdir={dit_dir}')),
     ]  # fmt: skip
