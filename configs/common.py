@@ -40,7 +40,10 @@ def training_config(task: str) -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 100_000
   c.log_every = 50
-  c.eval_every = 5_000
+  # Evaluations by the name of the family's evaluator (launch.eval runs all of them):
+  # evals.<name>.every > 0: every that many steps and at the last one; 0: at the last step only;
+  # -1: not during training. The family's config lists its evaluators.
+  c.evals = ml_collections.ConfigDict()
   c.ckpt_every = 5_000
   c.keep_checkpoints = 3  # the last K checkpoints are kept...
   c.keep_best = 0  # ...plus the best N by eval metric `best_metric` (0: none)

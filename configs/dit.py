@@ -131,7 +131,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.long = ml_collections.ConfigDict(dict(context=1, max_windows=32))
   c.sample = ml_collections.ConfigDict(
       dict(
-          every=0,  # steps between sample grids (0 = only at the end)
           sampler='ddim',  # ddpm: 'ddim' | 'ancestral'; flow: 'euler' | 'heun'
           steps=50,
           eta=0.0,  # DDIM
@@ -148,16 +147,22 @@ def base_config() -> ml_collections.ConfigDict:
           # 'moving_digits': an independent classifier trained on real frames
           # (vitok/evals/digit_classifier.py) labels generated clips; '' = no class-accuracy evaluation
           classifier='',
-          every=0,  # steps between evaluations (0 = only at the end)
           per_class=10,  # generated clips per class, with guidance and without
           real_clips=200,  # real held-out clips for the classifier's ceiling
       )
   )
   # gFVD / gFID of generated clips against every real held-out clip (dit/evaluation.py).
   c.generation = ml_collections.ConfigDict(
+      dict(clips=0)  # generated clips, classes in turn (0 = as many as the real held-out clips)
+  )
+  # The evaluators (dit/evaluation.py): the held-out loss, sample grids, class accuracy (with
+  # accuracy.classifier), gFVD / gFID (costly: not during training by default).
+  c.evals = ml_collections.ConfigDict(
       dict(
-          every=0,  # steps between evaluations (0 = only in launch.eval)
-          clips=0,  # generated clips, classes in turn (0 = as many as the real held-out clips)
+          loss=dict(every=5_000),
+          samples=dict(every=0),
+          class_accuracy=dict(every=0),
+          generation=dict(every=-1),
       )
   )
   return c
@@ -174,7 +179,7 @@ def _preset(config, name: str):
     config.data.update(batch_size=32, eval_batch_size=32)
     config.total_steps = 2000
     config.log_every = 50
-    config.eval_every = 500
+    config.evals.loss.every = 500
     config.ckpt_every = 500
   elif name == 'digits':
     _preset(config, 'demo')
@@ -187,12 +192,13 @@ def _preset(config, name: str):
     # 0.072 s bfloat16 / 0.079 s float32; EPYC with AVX512-BF16 0.075 / 0.098 s; EPYC with AVX2
     # only 0.139 / 0.097 s, where 'auto' picks float32.
     config.sample.guidance = 4.0
-    config.accuracy.update(classifier='moving_digits', every=2000, per_class=20)
+    config.accuracy.update(classifier='moving_digits', per_class=20)
+    config.evals.class_accuracy.every = 2000
     config.optim.lr = 2e-3
     config.data.update(batch_size=32, eval_batch_size=32)
     config.total_steps = 8000
     config.log_every = 100
-    config.eval_every = 1000
+    config.evals.loss.every = 1000
     config.ckpt_every = 1000
   elif name == 'long_digits':
     _preset(config, 'digits')
@@ -206,9 +212,10 @@ def _preset(config, name: str):
     # Hierarchical generation uses 'none' (the first keyframes), 'prefix' (more keyframes) and
     # 'ends' (every fill); autoregressive generation 'none' and 'prefix'.
     config.known.update(none=0.25, prefix=0.3, ends=0.35, sparse=0.1)
-    config.accuracy.update(every=0, per_class=10)
+    config.accuracy.update(per_class=10)
+    config.evals.class_accuracy.every = 0
     config.total_steps = 10000
-    config.eval_every = 2500
+    config.evals.loss.every = 2500
     config.ckpt_every = 2500
   elif name == 'ucf101':
     # On TPUs: bfloat16 and the splash-attention kernel, what the TPU compiler's plans chose
@@ -219,8 +226,9 @@ def _preset(config, name: str):
     config.data.update(frames=16, res=128)
     config.data.batch_size = 256
     config.total_steps = 500_000
-    config.sample.update(sampler='ddim', steps=250, guidance=2.0, every=50_000)
-    config.eval_every = 10_000
+    config.sample.update(sampler='ddim', steps=250, guidance=2.0)
+    config.evals.samples.every = 50_000
+    config.evals.loss.every = 10_000
     config.ckpt_every = 10_000
   elif name == 'imagenet':
     config.model.update(variant='DiT-XL/1', num_classes=1000, dtype='auto', attention='auto')
@@ -228,8 +236,9 @@ def _preset(config, name: str):
     config.data.update(frames=1, res=256)
     config.data.batch_size = 256
     config.total_steps = 4_000_000
-    config.sample.update(sampler='ddim', steps=250, guidance=4.0, every=100_000)
-    config.eval_every = 20_000
+    config.sample.update(sampler='ddim', steps=250, guidance=4.0)
+    config.evals.samples.every = 100_000
+    config.evals.loss.every = 20_000
     config.ckpt_every = 20_000
   elif name == 'imagenet_xl2':
     # facebookresearch/DiT's DiT-XL/2 shapes: 256x256 images as 32 x 32 x 4 latents (here an

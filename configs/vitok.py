@@ -67,11 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
       )
   )
 
-  # rFVD / rFID of the held-out split (I3D per clip / Inception-v3 per frame; `launch.eval` always
-  # computes them): every this many steps during training, and at the last step; 0 = not during
-  # training.
-  c.fvd_every = 0
-  c.fid_every = 0
+  # PSNR / SSIM / LPIPS of the held-out split (cheap); rFVD / rFID (I3D per clip / Inception-v3
+  # per frame: costly on a CPU, so not during training by default).
+  c.evals = ml_collections.ConfigDict(
+      dict(reconstruction=dict(every=5_000), rfvd=dict(every=-1), rfid=dict(every=-1))
+  )
 
   c.loss = ml_collections.ConfigDict(
       dict(
@@ -116,7 +116,7 @@ def _preset(config, name: str):
     config.optim.update(lr=3e-3, warmup_steps=100)
     config.total_steps = 700
     config.log_every = 25
-    config.eval_every = 350
+    config.evals.reconstruction.every = 350
     config.ckpt_every = 350
   elif name == 'digits':
     # The tokenizer stage of `python -m launch.demo`: clips whose digit stays legible after
@@ -144,7 +144,7 @@ def _preset(config, name: str):
     config.optim.update(lr=3e-3, warmup_steps=100)
     config.total_steps = 1200
     config.log_every = 50
-    config.eval_every = 1200
+    config.evals.reconstruction.every = 1200
     config.ckpt_every = 400
   elif name == 'ucf101':
     config.data.update(name='ucf101', frames=16, res=128, batch_size=256, store_short_side=128)

@@ -92,7 +92,7 @@ def _preset(config, name: str):
     config.disc_optim.update(lr=2e-4, warmup_steps=50)
     config.total_steps = 500
     config.log_every = 25
-    config.eval_every = 500
+    config.evals.reconstruction.every = 500
     config.ckpt_every = 250
   elif name in ('ucf101', 'imagenet'):
     # The paper's stage 2: 100k steps at batch 128 videos / 256 images, EMA 0.9999.

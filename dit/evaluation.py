@@ -1,18 +1,17 @@
-"""The DiT's evaluators, run by the shared loop (and all of them by launch.eval):
+"""The DiT's evaluators, each at its cadence `config.evals.<name>.every` in training (launch.eval
+runs all of them):
 
-- 'loss' (cheap, every `eval_every` steps): the objective at fixed noise levels on the held-out
-  latents, with fixed noise;
-- 'samples' (every `sample.every` steps, and at the end): a grid of generated clips per class,
-  decoded to PNG and mp4;
-- 'class_accuracy' (with `accuracy.classifier`, a judge named in JUDGES; every `accuracy.every`
-  steps): the share of generated clips, with and without guidance, that the independent judge
-  assigns to the class they were sampled for, beside its accuracy on real held-out clips and on
-  their reconstructions by the frozen tokenizer;
-- 'generation' (every `generation.every` steps when > 0, always in launch.eval): gFVD (I3D, per
-  clip) and gFID (Inception-v3, per frame) of class-balanced generated clips, decoded by the frozen
-  tokenizer, against every clip of the real held-out split of the data the latents were encoded
-  from. The real split's feature statistics are the ones the tokenizer's rFVD / rFID use (the
-  same protocol, cached next to the dataset); the protocol written beside the numbers adds the
+- 'loss' (cheap): the objective at fixed noise levels on the held-out latents, with fixed noise;
+- 'samples': a grid of generated clips per class, decoded to PNG and mp4;
+- 'class_accuracy' (with `accuracy.classifier`, a judge named in JUDGES): the share of generated
+  clips, with and without guidance, that the independent judge assigns to the class they were
+  sampled for, beside its accuracy on real held-out clips and on their reconstructions by the
+  frozen tokenizer;
+- 'generation' (costly; not during training by default): gFVD (I3D, per clip) and gFID
+  (Inception-v3, per frame) of class-balanced generated clips, decoded by the frozen tokenizer,
+  against every clip of the real held-out split of the data the latents were encoded from. The
+  real split's feature statistics are the ones the tokenizer's rFVD / rFID use (the same
+  protocol, cached next to the dataset); the protocol written beside the numbers adds the
   sampler, its steps, the guidance, the seed and the number of generated clips.
 """
 
@@ -40,47 +39,27 @@ EVAL_LEVELS = (0.1, 0.5, 0.9)  # noise levels of the 'loss' evaluator (fraction 
 # a module with trained(frames, res) -> a judge with .accuracy(videos, labels), and
 # real_clips(split, count, frames, res) -> (uint8 clips, labels).
 JUDGES = {'moving_digits': digit_classifier}
+EVALUATORS = ('loss', 'samples', 'class_accuracy', 'generation')  # the names of config.evals
 
 
 def evaluators(task) -> list[task_lib.Evaluator]:
-  """The DiT's evaluators (see the module docstring), each with its cadence from the config."""
+  """The DiT's evaluators (see the module docstring), each at its cadence, config.evals.<name>."""
   levels = tuple(f'eval_mse_{int(100 * level)}' for level in EVAL_LEVELS)
-  generation = generation_config(task.config)
-  evaluators = [
-      task_lib.Evaluator(
-          'loss',
-          every=task.config.eval_every,
-          metrics=('eval_mse',) + levels,
-          run=functools.partial(evaluate_loss, task),
+  runs = {
+      'loss': (('eval_mse',) + levels, functools.partial(evaluate_loss, task)),
+      'samples': ((), functools.partial(evaluate_samples, task)),
+      'class_accuracy': (
+          ('accuracy_guided', 'accuracy_unguided'),
+          functools.partial(evaluate_class_accuracy, task, {}),
       ),
-      task_lib.Evaluator(
-          'samples',
-          every=task.config.sample.every or task.config.total_steps,
-          metrics=(),
-          run=functools.partial(evaluate_samples, task),
-      ),
+      'generation': (('gfvd', 'gfid'), functools.partial(evaluate_generation, task)),
+  }
+  if not task.config.accuracy.classifier:  # no judge: no class accuracy
+    del runs['class_accuracy']
+  return [
+      task_lib.Evaluator(name, metrics=metrics, run=run, **task_lib.cadence(task.config, name))
+      for name, (metrics, run) in runs.items()
   ]
-  if task.config.accuracy.classifier:
-    evaluators.append(
-        task_lib.Evaluator(
-            'class_accuracy',
-            every=task.config.accuracy.every or task.config.total_steps,
-            metrics=('accuracy_guided', 'accuracy_unguided'),
-            run=functools.partial(evaluate_class_accuracy, task, {}),
-        )
-    )
-  # gFVD / gFID against the real held-out clips (feature networks on many decoded clips:
-  # costly on a CPU): every `generation.every` steps when > 0; always in launch.eval.
-  evaluators.append(
-      task_lib.Evaluator(
-          'generation',
-          every=max(generation.every, 1),
-          metrics=('gfvd', 'gfid'),
-          run=functools.partial(evaluate_generation, task),
-          during_training=generation.every > 0,
-      )
-  )
-  return evaluators
 
 
 def evaluate_loss(task, context: task_lib.EvalContext) -> dict:
@@ -188,7 +167,7 @@ def real_data_config(task) -> ml_collections.ConfigDict | None:
 
 def generation_config(config) -> ml_collections.ConfigDict:
   """config.generation, with its defaults for runs started before it existed."""
-  defaults = ml_collections.ConfigDict(dict(every=0, clips=0))
+  defaults = ml_collections.ConfigDict(dict(clips=0))
   defaults.update(config.get('generation', {}))
   return defaults
 

@@ -31,13 +31,10 @@ FIELDS = {
     'sample.guidance_low': config_checks.FRACTION,
     'sample.guidance_high': config_checks.FRACTION,
     'sample.per_class': config_checks.AT_LEAST_1,
-    'sample.every': config_checks.Range(0, note='0 = only at the end'),
     'model.num_classes': config_checks.Range(0, note='0 = from the latent cache'),
     'accuracy.classifier': config_checks.OneOf(('',) + tuple(dit_evaluation.JUDGES)),
-    'accuracy.every': config_checks.Range(0, note='0 = only at the end'),
     'accuracy.per_class': config_checks.AT_LEAST_1,
     'accuracy.real_clips': config_checks.AT_LEAST_1,
-    'generation.every': config_checks.Range(0, note='0 = gFVD / gFID only in launch.eval'),
     'generation.clips': config_checks.Range(0, note='0 = as many as the real held-out clips'),
     'latents.source': config_checks.OneOf(('cache', 'video')),
     'latents.stats_clips': config_checks.AT_LEAST_1,
@@ -50,6 +47,7 @@ FIELDS = {
     'finetune.trainable': config_checks.OneOf(('all', 'time')),
     'long.context': config_checks.AT_LEAST_1,
     'long.max_windows': config_checks.Range(0, note='0 = no limit'),
+    **{f'evals.{name}.every': config_checks.EVAL_EVERY for name in dit_evaluation.EVALUATORS},
 }
 
 

@@ -247,6 +247,7 @@ def load_config(allow_workdir_config: bool = False) -> ml_collections.ConfigDict
       family = tasks.family_of(config)
     except config_checks.ConfigError as e:
       fail(f'bad config {saved}: {e}')
+    tasks.read_old_cadences(config, family.base_config())
     added = config_checks.add_missing_defaults(config, family.base_config())
     if added:
       print(f'{saved} predates {", ".join(added)}: their defaults are used')

@@ -33,6 +33,23 @@ FAMILIES: dict[str, Family] = {
 }
 DEFAULT = 'vitok'  # the family of runs whose config.json predates config.task
 
+# Evaluation cadences before config.evals: old field -> (evaluator, what its 0 meant there).
+_TOKENIZER_CADENCES = {
+    'eval_every': ('reconstruction', 0),
+    'fvd_every': ('rfvd', -1),  # 0: only in launch.eval
+    'fid_every': ('rfid', -1),
+}
+OLD_CADENCES = {
+    'vitok': _TOKENIZER_CADENCES,
+    'vitok_stage2': _TOKENIZER_CADENCES,
+    'dit': {
+        'eval_every': ('loss', 0),
+        'sample.every': ('samples', 0),  # 0: at the end only
+        'accuracy.every': ('class_accuracy', 0),
+        'generation.every': ('generation', -1),  # 0: only in launch.eval
+    },
+}
+
 
 def family_of(config) -> Family:
   """The family `config.task` names (runs saved before the field existed are ViTok runs)."""
@@ -53,6 +70,34 @@ def make_task(config):
   if 'task' not in config:
     with config.unlocked():
       config.task = DEFAULT
+  read_old_cadences(config, family.base_config())
   config_checks.check_known_fields(config, family.base_config())
   config_checks.check_fields(config, config_checks.TRAINING_FIELDS)  # before the task reads them
   return family.task(config)
+
+
+def read_old_cadences(config, defaults) -> None:
+  """A config from before config.evals (the config.json of an older run): its cadence fields read
+  into config.evals (the family's defaults for the rest), with a one-line note."""
+  old = OLD_CADENCES[config.get('task', DEFAULT)]
+  found = {}
+  for dotted in old:
+    *parents, leaf = dotted.split('.')
+    node = config
+    for name in parents:
+      node = node.get(name) if hasattr(node, 'get') else None
+    if node is not None and hasattr(node, 'keys') and leaf in node:
+      found[dotted] = node
+  if not found:
+    return
+  with config.unlocked():
+    if 'evals' not in config:
+      config.evals = defaults.evals
+    renamed = []
+    for dotted, node in found.items():
+      name, zero = old[dotted]
+      value = int(node[dotted.split('.')[-1]])
+      del node[dotted.split('.')[-1]]
+      config.evals[name].every = zero if value == 0 else value
+      renamed.append(f'{dotted}={value} -> evals.{name}.every={config.evals[name].every}')
+  print(f'a config from before config.evals: read {"; ".join(renamed)}', flush=True)

@@ -80,7 +80,8 @@ def tiny_config(tmp_path_factory):
   )
   config.loss.lpips_frames = 1
   config.optim.update(lr=1e-3, warmup_steps=1, ema_decay=0.9)
-  config.update(log_every=1, ckpt_every=2, eval_every=100, num_eval_videos=1)
+  config.update(log_every=1, ckpt_every=2, num_eval_videos=1)
+  config.evals.reconstruction.every = 100
   return config
 
 

@@ -1,10 +1,12 @@
 """Bad configuration fails at start-up with one line naming the field: unknown fields, wrong types,
 values out of range, unknown choices, and combinations that cannot work."""
 
+import json
 import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from configs import vitok as vitok_config
@@ -195,12 +197,51 @@ def test_eval_on_a_run_whose_config_json_is_unreadable_is_one_line(tmp_path):
 def test_a_saved_config_gets_the_fields_it_lacks_with_their_defaults():
   defaults = vitok_config.get_config('')
   saved = vitok_config.get_config('demo')
-  del saved['fid_every'], saved.model['scan']
+  del saved['num_eval_videos'], saved.model['scan']
   saved.model.channels = 7
   assert config_checks.add_missing_defaults(saved, defaults) == [
-      'config.fid_every',
       'config.model.scan',
+      'config.num_eval_videos',
   ]
-  assert saved.fid_every == defaults.fid_every and saved.model.scan == defaults.model.scan
+  assert saved.num_eval_videos == defaults.num_eval_videos
+  assert saved.model.scan == defaults.model.scan
   assert saved.model.channels == 7  # what the run saved is kept
   assert config_checks.add_missing_defaults(saved, defaults) == []
+
+
+@pytest.mark.parametrize(
+    'family, old, new',
+    [
+        (
+            'vitok',
+            {'eval_every': 350, 'fvd_every': 0, 'fid_every': 100},
+            {'reconstruction': 350, 'rfvd': -1, 'rfid': 100},
+        ),
+        (
+            'dit',
+            {'eval_every': 50, 'sample.every': 0, 'accuracy.every': 7, 'generation.every': 0},
+            {'loss': 50, 'samples': 0, 'class_accuracy': 7, 'generation': -1},
+        ),
+    ],
+)
+def test_an_older_run_s_cadences_are_read_into_config_evals(family, old, new, capsys):
+  """Before config.evals: eval_every, fvd_every, ... where 0 meant 'at the end' for some and 'only
+  in launch.eval' for others (-1 now)."""
+  from configs import dit as dit_config
+  from launch import tasks
+
+  module = {'vitok': vitok_config, 'dit': dit_config}[family]
+  saved = json.loads(module.get_config('demo').to_json())
+  del saved['evals']
+  for dotted, value in old.items():
+    *parents, leaf = dotted.split('.')
+    node = saved
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  config = ml_collections.ConfigDict(saved)
+  tasks.read_old_cadences(config, module.base_config())
+  assert {name: config.evals[name].every for name in new} == new
+  assert 'eval_every' not in config and 'every' not in config.get('sample', {})
+  note = capsys.readouterr().out.strip().splitlines()
+  assert len(note) == 1 and note[0].startswith('a config from before config.evals: read ')

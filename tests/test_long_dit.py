@@ -73,7 +73,8 @@ def _config(cache_dir, steps=30, window=4, frame_positions=4):
   config.sample.update(steps=4, per_class=1)
   config.accuracy.classifier = ''
   config.optim.update(lr=3e-3, warmup_steps=5, ema_decay=0.9)
-  config.update(log_every=10, eval_every=steps, ckpt_every=steps)
+  config.update(log_every=10, ckpt_every=steps)
+  config.evals.loss.every = steps
   return config
 
 

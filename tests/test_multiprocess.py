@@ -59,7 +59,7 @@ def test_two_processes_match_one_process_on_the_same_global_batches(
       'total_steps': STEPS,
       'ckpt_every': 3,
       'log_every': 3,
-      'eval_every': STEPS,
+      'evals.reconstruction.every': STEPS,
       'mesh.shape': '(2,2)',
       'num_eval_videos': 1,
   }
@@ -114,7 +114,7 @@ def test_sigterm_to_one_process_makes_both_save_the_same_step_and_the_run_resume
       'total_steps': 200,
       'ckpt_every': 10,
       'log_every': 10,
-      'eval_every': 1000,
+      'evals.reconstruction.every': 1000,
       'loss.lpips': 0.0,
       'num_eval_videos': 0,
       'mesh.shape': '(2,2)',

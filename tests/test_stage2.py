@@ -229,7 +229,7 @@ def _e2e_fields(tiny_config, stage1_dir):
       'disc_optim.warmup_steps': 1,
       'log_every': 4,
       'ckpt_every': 4,
-      'eval_every': 1000,
+      'evals.reconstruction.every': 1000,
       'num_eval_videos': 0,
       'total_steps': RESUME_STEPS,
   }

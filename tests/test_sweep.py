@@ -326,7 +326,7 @@ def test_a_sweep_runs_its_members_goes_on_after_a_failure_and_a_rerun_skips_them
       'data.name': 'video_folder', 'data.manual_dir': c.data.manual_dir, 'data.data_dir': c.data.data_dir,
       'data.holdout_fraction': c.data.holdout_fraction, 'data.clip_frames': c.data.clip_frames,
       'data.store_short_side': c.data.store_short_side, 'data.eval_batch_size': c.data.eval_batch_size,
-      'loss.lpips_frames': 1, 'optim.warmup_steps': 1, 'total_steps': 2, 'eval_every': 2, 'ckpt_every': 2,
+      'loss.lpips_frames': 1, 'optim.warmup_steps': 1, 'total_steps': 2, 'evals.reconstruction.every': 2, 'ckpt_every': 2,
   }  # fmt: skip
   sweep_file = tmp_path / 'tiny_sweep.py'
   sweep_file.write_text(textwrap.dedent(f"""

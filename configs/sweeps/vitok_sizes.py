@@ -51,7 +51,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             sweep('model.channels', [8]),
         ),
     )
-    common = {'total_steps': 1200, 'eval_every': 1200, 'ckpt_every': 400, 'loss.lpips': 0.0}
+    common = {
+        'total_steps': 1200,
+        'evals.reconstruction.every': 1200,
+        'ckpt_every': 400,
+        'loss.lpips': 0.0,
+    }
     c.members = [{**m, **common} for m in c.members]
   elif preset == 'ucf101':
     c.base = 'configs/vitok.py:ucf101'

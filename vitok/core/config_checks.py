@@ -65,6 +65,7 @@ class OneOf:
 
 
 AT_LEAST_1 = Range(1)
+EVAL_EVERY = Range(-1, note='0 = at the last step only, -1 = not during training')
 NON_NEGATIVE = Range(0)
 POSITIVE = Range(0, low_open=True)
 FRACTION = Range(0, 1)
@@ -75,7 +76,6 @@ TRAINING_FIELDS: dict[str, Range | OneOf] = {
     'seed': NON_NEGATIVE,
     'total_steps': AT_LEAST_1,
     'log_every': AT_LEAST_1,
-    'eval_every': AT_LEAST_1,
     'ckpt_every': AT_LEAST_1,
     'keep_checkpoints': AT_LEAST_1,
     'keep_best': NON_NEGATIVE,

@@ -53,6 +53,13 @@ class Evaluator:
     return step % self.every == 0 or step == total_steps
 
 
+def cadence(config, name: str) -> dict:
+  """The Evaluator fields (`every`, `during_training`) of `config.evals.<name>.every`: > 0 every
+  that many steps and at the last; 0 at the last step only; -1 not during training."""
+  every, last = int(config.evals[name].every), max(int(config.total_steps), 1)
+  return dict(every=every if every > 0 else last, during_training=every >= 0)
+
+
 @runtime_checkable
 class Task(Protocol):
   """A model family as the shared infrastructure sees it (see the module docstring)."""

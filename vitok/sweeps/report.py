@@ -115,7 +115,7 @@ def run_row(sweep_config, member: sweep.Member, directory: str, describe) -> dic
   if evaluation is None:
     state = status.get('state') or ('running' if os.path.isdir(tokenizer_dir) else 'pending')
     # A run the sweep finished whose metrics.jsonl has no evaluation at its last step (an
-    # eval_every that misses total_steps, or a deleted file) is reported, not shown empty.
+    # cadence that misses total_steps, or a deleted file) is reported, not shown empty.
     row['state'] = f'no evaluation at step {config.total_steps}' if state == 'done' else state
     row['error'] = status.get('error')
     return row

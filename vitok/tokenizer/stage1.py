@@ -67,8 +67,9 @@ LOSS_FIELDS = {
     'loss.kl': config_checks.NON_NEGATIVE,
     'loss.lpips': config_checks.NON_NEGATIVE,
     'loss.lpips_frames': config_checks.Range(0, note='0 = all frames'),
-    'fvd_every': config_checks.Range(0, note='0 = rFVD only in launch.eval'),
-    'fid_every': config_checks.Range(0, note='0 = rFID only in launch.eval'),
+    'evals.reconstruction.every': config_checks.EVAL_EVERY,
+    'evals.rfvd.every': config_checks.EVAL_EVERY,
+    'evals.rfid.every': config_checks.EVAL_EVERY,
 }
 
 
@@ -158,20 +159,18 @@ class TokenizerTask:
     return [
         task_lib.Evaluator(
             name='reconstruction',
-            every=self.config.eval_every,
+            **task_lib.cadence(self.config, 'reconstruction'),
             metrics=('psnr', 'ssim', 'lpips', 'lpips_alex', 'baseline_psnr', 'baseline_ssim'),
             run=functools.partial(evaluation.evaluate_reconstruction, self),
         ),
         # rFVD and rFID (I3D on every held-out clip, Inception-v3 on every frame: costly on a
-        # CPU): during training every `fvd_every` / `fid_every` steps and at the end when that is
-        # > 0; always in launch.eval.
+        # CPU): as config.evals.rfvd / rfid say; always in launch.eval.
         *[
             task_lib.Evaluator(
                 name=f'r{network.name}',
-                every=max(self.config.get(f'{network.name}_every', 0), 1),
+                **task_lib.cadence(self.config, f'r{network.name}'),
                 metrics=(f'r{network.name}', f'baseline_r{network.name}'),
                 run=functools.partial(evaluation.evaluate_frechet, network, self),
-                during_training=self.config.get(f'{network.name}_every', 0) > 0,
             )
             for network in (frechet.FVD, frechet.FID)
         ],
