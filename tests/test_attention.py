@@ -25,6 +25,64 @@ def _reference(q, k, v):
   return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1), v)
 
 
+# bfloat16's unit roundoff: 8 significant bits, so rounding to it errs by at most 2^-8 relative.
+BF16_ROUNDOFF = 2.0**-8
+
+
+def _bfloat16_gradient_bounds(q, k, v, d_out):
+  """Componentwise bounds, in numpy float64 from the inputs alone, on the error of a bfloat16
+  attention backward that rounds its operands to bfloat16 and accumulates in float32 (as both
+  kernels here do), against the exact gradients at the same (already bfloat16) q, k, v.
+
+  Each rounding to bfloat16 errs by at most u = 2^-8 of the rounded value (Higham, Accuracy and
+  Stability of Numerical Algorithms, 2.2); an error e in the terms of a sum moves it by at most
+  e * sum(|terms|). With P = softmax(q k^T / sqrt(d)), O = P v and the cotangent dO rounded:
+    dv = P^T dO: P and dO rounded, then the result: |error| <= 3u (P^T |dO|).
+    ds = P (dP - delta) / sqrt(d) with dP = dO v^T, delta = rowsum(dO O): dO's rounding moves dP
+      by u |dO| |v|^T; delta by 3u rowsum(|dO| (P |v|)) (dO, and O whose P and result the forward
+      rounded); P's rounding (the dense kernel saves it in bfloat16) and ds's own add u each:
+      |error of ds| <= 6u S, S = P (|dO| |v|^T + rowsum(|dO| (P |v|))) / sqrt(d).
+    dq = ds k, dk = ds^T q: that, then the result's rounding: |error| <= 7u (S |k|), 7u (S^T |q|).
+  First order in u: the u^2 terms are under 3% of these, and float32 accumulation (L 2^-24
+  relative) under 0.1%; both are covered by taking one more u. The bounds hold element by
+  element, whatever the order of the reductions."""
+  q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  s = np.einsum('bqhd,bkhd->bhqk', q, k) * scale
+  p = np.exp(s - s.max(axis=-1, keepdims=True))
+  p /= p.sum(axis=-1, keepdims=True)
+  abs_out = np.einsum('bhqk,bkhd->bqhd', p, np.abs(v))  # P |v|, above |O|
+  d_p = np.einsum('bqhd,bkhd->bhqk', np.abs(d_out), np.abs(v))
+  delta = np.einsum('bqhd,bqhd->bhq', np.abs(d_out), abs_out)
+  s_bound = p * (d_p + delta[..., None]) * scale
+  u = BF16_ROUNDOFF
+  return (
+      8 * u * np.einsum('bhqk,bkhd->bqhd', s_bound, np.abs(k)),
+      8 * u * np.einsum('bhqk,bqhd->bkhd', s_bound, np.abs(q)),
+      4 * u * np.einsum('bhqk,bqhd->bkhd', p, np.abs(d_out)),
+  )
+
+
+def _assert_bfloat16_gradients(attention, q, k, v):
+  """attention's gradients w.r.t. bfloat16 q, k, v against float32 autodiff of the written-out
+  reference at the same (rounded) inputs, within `_bfloat16_gradient_bounds`."""
+  cotangent = jax.random.normal(jax.random.PRNGKey(7), q.shape)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cotangent)
+  grads = jax.jit(jax.grad(loss(attention), argnums=(0, 1, 2)))(q, k, v)
+  expected = jax.grad(loss(_reference), argnums=(0, 1, 2))(q, k, v)
+  # The output is bfloat16, so the cotangent reaching the kernel is rounded to bfloat16 too.
+  rounded_cotangent = cotangent.astype(jnp.bfloat16).astype(jnp.float32)
+  bounds = _bfloat16_gradient_bounds(q, k, v, rounded_cotangent)
+  for name, got, want, bound in zip('qkv', grads, expected, bounds):
+    assert got.dtype == jnp.bfloat16
+    error = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    assert np.all(error <= bound), (name, np.max(error / bound))
+    # Not vacuous: worst cases, the bounds are loose where the terms' errors cancel (measured
+    # errors reach 5-10% of them for dq, dk and 50% for dv), but a gradient of zero would break
+    # them on about half of dq's and dk's elements and on nearly all of dv's.
+    assert np.mean(np.abs(np.asarray(want)) > bound) > 0.4, name
+
+
 @pytest.mark.parametrize('length,block', [(96, 32), (100, 32), (20, 64)])
 def test_equals_the_reference_attention_with_gradients(length, block):
   q, k, v = _qkv(length)
@@ -67,6 +125,8 @@ def test_dense_attention_equals_jax_dot_product_attention_with_gradients():
     assert got.dtype == jnp.bfloat16
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=0, atol=0.015 * scale)
+  # And element by element within the bounds that bfloat16's rounding allows.
+  _assert_bfloat16_gradients(ours, q16, k16, v16)
 
 
 def test_bfloat16_inputs_keep_float32_statistics():
@@ -75,6 +135,12 @@ def test_bfloat16_inputs_keep_float32_statistics():
   assert out.dtype == jnp.bfloat16
   # Only the inputs' and output's rounding: as close as bfloat16 allows (8 bits of mantissa).
   np.testing.assert_allclose(out.astype(np.float32), _reference(q, k, v), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize('length,block', [(96, 32), (100, 32), (20, 64)])
+def test_bfloat16_gradients_of_the_blockwise_kernel_against_float32(length, block):
+  q, k, v = _qkv(length, jnp.bfloat16)
+  _assert_bfloat16_gradients(lambda q, k, v: blockwise_attention(q, k, v, block), q, k, v)
 
 
 def test_the_scores_are_never_materialised():

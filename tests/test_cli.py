@@ -114,12 +114,25 @@ def test_bench_reports_step_time_throughput_and_mfu():
   config.mesh.shape = (2, 4)
   row = bench.bench(config, sharding.make_mesh(config.mesh), steps=3, warmup=1, profile_steps=1)
   assert len(row['step_times_s']) == 3 and row['step_time_s'] > 0 and row['compile_s'] > 0
-  assert row['clips_per_s_per_device'] == pytest.approx(8 / 8 / row['step_time_s'])
-  assert row['tokens_per_s_per_device'] == pytest.approx(32 * row['clips_per_s_per_device'])
-  assert row['tflops_per_device'] == pytest.approx(
-      row['model_tflop_per_step_per_device'] / row['step_time_s']
-  )
-  assert row['mfu'] == pytest.approx(row['tflops_per_device'] / row['peak_tflops'])
+  # The median of the 3 timed steps, which are listed rounded to 0.1 ms.
+  step = row['step_time_s']
+  assert round(step, 4) == sorted(row['step_times_s'])[1]
+  # By hand: 32 tokens per clip (4/2 x 32/8 x 32/8 tubelets); two stacks (encoder, decoder) of 4
+  # blocks of width 128, per block and token q/k/v + output projection 4 x 128^2 MACs, the gated
+  # MLP (hidden int(2.67 x 128) = 341) 3 x 128 x 341, and the attention products 2 x 32 x 128;
+  # the tubelets (2 x 8 x 8 x 3 = 384 values) embedded to 128 and decoded from it, the encoder's
+  # 128 -> 2 x 4 (latent mean, log-variance) and the decoder's 4 -> 128.
+  stack = 4 * 32 * (4 * 128**2 + 3 * 128 * 341 + 2 * 32 * 128)
+  macs = 32 * (384 * 128 + 128 * 8) + stack + 32 * (4 * 128 + 128 * 384) + stack
+  assert macs == 55_590_912
+  # Forward + backward = 3 forward passes, 2 FLOPs per MAC; 8 clips on 8 devices: 1 per device.
+  flops = 6 * macs * 8 / 8
+  assert row['model_tflop_per_step_per_device'] == pytest.approx(flops / 1e12, rel=1e-12)
+  assert row['clips_per_s_per_device'] == pytest.approx(8 / 8 / step, rel=1e-12)
+  assert row['tokens_per_s_per_device'] == pytest.approx(32 * 8 / 8 / step, rel=1e-12)
+  assert row['tflops_per_device'] == pytest.approx(flops / step / 1e12, rel=1e-12)
+  # MFU against the measured peak of this machine (no closed form): its definition.
+  assert row['mfu'] == pytest.approx(flops / step / (row['peak_tflops'] * 1e12), rel=1e-12)
   assert row['peak_source'].startswith('measured matmul') and row['peak_memory_GiB'] > 0
   # The traced step, split by part: the model's attention, matmuls and the AdamW update all ran;
   # LPIPS is off. RoPE's few elementwise ops may be fused by XLA into the attention's layout

@@ -21,6 +21,7 @@ from flax import nnx
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import config_checks, sharding, signals, trainer
 from vitok.core import train_state as ts
+from vitok.tokenizer import evaluation as tok_evaluation
 from vitok.tokenizer import frozen as frozen_tokenizer
 from vitok.tokenizer import stage1
 
@@ -38,6 +39,8 @@ def _tree_equal(a, b):
 def _train(tiny_config, workdir, total_steps, **overrides):
   config = tiny_config.copy_and_resolve_references()
   config.total_steps = total_steps
+  if 'eval_every' in overrides:
+    config.evals.reconstruction.every = overrides.pop('eval_every')
   config.update(overrides)
   return trainer.train(config, workdir, stage1.TokenizerTask(config))
 
@@ -174,10 +177,10 @@ def test_resume_skips_a_damaged_checkpoint_moves_it_aside_and_checks_the_data_po
 def test_eval_and_export_skip_a_damaged_newest_checkpoint(tiny_config, tmp_path, four_steps):
   workdir = _copy(four_steps[0], tmp_path)
   _damage(os.path.join(workdir, 'checkpoints', '4'))
-  # A run saved before fid_every and model.scan existed reads back with their defaults.
+  # A run saved before num_eval_videos and model.scan existed reads back with their defaults.
   config_path = os.path.join(workdir, 'config.json')
   saved = json.load(open(config_path))
-  del saved['fid_every'], saved['model']['scan']
+  del saved['num_eval_videos'], saved['model']['scan']
   json.dump(saved, open(config_path, 'w'))
   missing = str(tmp_path / 'no_fid_weights.npz')
   # 8 devices trained, 1 reads; the FID weights are missing
@@ -192,8 +195,9 @@ def test_eval_and_export_skip_a_damaged_newest_checkpoint(tiny_config, tmp_path,
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert re.search(r'SKIPPED checkpoint step 4 in .* is damaged: ValueError', out.stderr)
-  assert f'{config_path} predates config.fid_every, config.model.scan: their defaults are used' in (
-      out.stdout
+  assert (
+      f'{config_path} predates config.model.scan, config.num_eval_videos: their defaults are used'
+      in (out.stdout)
   )
   result = json.loads(out.stdout.strip().splitlines()[-1])
   for key in (
@@ -324,7 +328,7 @@ def test_ctrl_c_during_an_evaluation_abandons_it_and_saves_the_step(
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(600)
 
-  monkeypatch.setattr(stage1, 'evaluate', slow_evaluation)
+  monkeypatch.setattr(tok_evaluation, 'evaluate_reconstruction', slow_evaluation)
   workdir = str(tmp_path / 'run')
   # What the run must restore: Python's default, or SIG_IGN where the shell started the tests in
   # the background (`... &` without job control ignores SIGINT in the child).
@@ -378,7 +382,7 @@ def _launch(launch_train, workdir):
           'loss.lpips': 0.0,
           'log_every': 10,
           'ckpt_every': 10,
-          'eval_every': 1000,
+          'evals.reconstruction.every': 1000,
           'num_eval_videos': 0,
           'total_steps': INTERRUPT_STEPS,
       },
@@ -416,25 +420,42 @@ def uninterrupted_params(tiny_config, launch_train, tmp_path_factory):
   return _final_params(tiny_config, workdir)
 
 
-@pytest.mark.parametrize('name', ['SIGTERM', 'SIGINT'])
-def test_sigterm_or_ctrl_c_saves_the_current_step_and_the_rerun_ends_on_the_same_parameters(
-    tiny_config, launch_train, tmp_path, uninterrupted_params, name
-):
-  workdir = str(tmp_path / 'run')
-  process = _launch(launch_train, workdir)
-  _wait_for_checkpoint(process, workdir, 10)
+def _stop(process, name, workdir) -> tuple[int, str]:
+  """Sends `name` to the training process and waits for it: it exits with the signal's code
+  after saving the step it reached, which becomes the newest checkpoint. (A terminal's Ctrl-C
+  sends SIGINT to its foreground process group; with data.num_workers=0 the run is this one
+  process, so the signal sent to it is the whole of what Ctrl-C would deliver.) Returns the saved
+  step and the process's output."""
   process.send_signal(getattr(signal, name))
   code, out = _finish(process)
   assert code == signals.EXIT_CODES[name], out[-3000:]
   saved = int(re.search(rf'{name}: saved step (\d+)', out).group(1))
-  assert 10 <= saved < INTERRUPT_STEPS
   assert ckpt_lib.Checkpointer(workdir, create=False).latest_step() == saved
-  if name == 'SIGINT':
-    return  # the same save as SIGTERM's (one handler, another exit code): resumed below once
+  return saved, out
+
+
+def test_sigterm_and_ctrl_c_save_the_current_step_and_the_reruns_end_on_the_same_parameters(
+    tiny_config, launch_train, tmp_path, uninterrupted_params
+):
+  """One run stopped twice and rerun each time: SIGTERM (preemption), then Ctrl-C (SIGINT) in
+  the resumed run, then a rerun to the end. Each stop saves the step it reached; the last run
+  ends bit for bit on the parameters of the run that was never interrupted (one chain keeps the
+  test at three launches, as one resume per signal would need four)."""
+  workdir = str(tmp_path / 'run')
+  process = _launch(launch_train, workdir)
+  _wait_for_checkpoint(process, workdir, 10)
+  after_sigterm, _ = _stop(process, 'SIGTERM', workdir)
+  assert 10 <= after_sigterm < INTERRUPT_STEPS - 10
+
+  process = _launch(launch_train, workdir)
+  _wait_for_checkpoint(process, workdir, (after_sigterm // 10 + 1) * 10)  # it trains on
+  after_ctrl_c, out = _stop(process, 'SIGINT', workdir)
+  assert f'resumed from {workdir}/checkpoints/{after_sigterm}' in out
+  assert after_sigterm < after_ctrl_c < INTERRUPT_STEPS
 
   code, out = _finish(_launch(launch_train, workdir))
   assert code == 0, out[-3000:]
-  assert f'resumed from {workdir}/checkpoints/{saved}' in out
+  assert f'resumed from {workdir}/checkpoints/{after_ctrl_c}' in out
   assert _tree_equal(_final_params(tiny_config, workdir), uninterrupted_params)
 
 

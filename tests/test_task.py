@@ -2,6 +2,9 @@
 sharded "teacher") trains, evaluates, checkpoints and resumes through the same loop, with no
 special case for it; evaluators run on their own cadences and read the parameters they ask for."""
 
+import json
+import os
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -138,8 +141,15 @@ def test_the_tokenizer_task_satisfies_the_contract(tiny_config):
 
 
 def test_another_family_trains_through_the_same_loop(tmp_path):
-  task = RegressionTask(_config())
-  result = trainer.train(task.config, str(tmp_path / 'run'), task)
+  config = _config()
+  # Retention: the last checkpoint, and the best by raw_error. A checkpoint every 2 steps, so
+  # that each is ranked by its step's evaluation; ranked by the largest error, so that the best
+  # is not the latest (the error falls: the smallest is the last step's, kept anyway as the latest,
+  # which would show nothing).
+  config.update(ckpt_every=2, keep_checkpoints=1, best_mode='max')
+  task = RegressionTask(config)
+  workdir = tmp_path / 'run'
+  result = trainer.train(task.config, str(workdir), task)
   # Cadences: the cheap evaluator every 2 steps, the expensive one every 4; both at the end.
   assert [(kind, step) for kind, step, _ in task.calls] == [
       ('raw', 2),
@@ -159,8 +169,24 @@ def test_another_family_trains_through_the_same_loop(tmp_path):
   frozen = task.frozen(sharding.make_mesh(task.config.mesh))
   assert frozen['teacher']['w'].sharding.shard_shape((WIDTH, WIDTH)) == (WIDTH // 4, WIDTH)
   # Checkpoints of this family restore like the tokenizer's; the best one is kept by its metric.
-  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / 'run'), create=False)
-  assert checkpointer.latest_step() == 6
+  # The best step, from what the run logged: one line of metrics.jsonl per evaluation, at the
+  # steps the evaluators ran (2, 4, 6), all checkpointed.
+  logged = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  steps = sorted({step for _, step, _ in task.calls})
+  assert steps == [2, 4, 6] and [m['raw_error'] for m in logged] == raw
+  best_step, best = max(zip(steps, logged), key=lambda pair: pair[1]['raw_error'])
+  assert best_step == 2  # not the latest
+  kept = sorted(int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit())
+  assert kept == [best_step, 6]  # step 4 deleted: neither the latest nor the best
+  checkpointer = ckpt_lib.Checkpointer(str(workdir), create=False)
+  assert checkpointer.all_steps() == kept and checkpointer.latest_step() == 6
+  # The kept best checkpoint holds the parameters that scored it: their error, in numpy.
+  abstract = trainer.create_layout(task, task.config).abstract.params
+  w = np.asarray(checkpointer.restore_params(abstract, step=best_step)['w'][...], np.float64)
+  x = np.stack([_example(1000 + i)['x'] for i in range(8)]).astype(np.float64)
+  # (The run computed it in float32, to about 1e-6.)
+  assert np.mean((x @ w - 2.0 * x) ** 2) == pytest.approx(best['raw_error'], rel=1e-5)
+  checkpointer.close()
 
 
 def test_a_best_metric_no_evaluator_reports_fails_at_start_up(tmp_path):
