@@ -219,6 +219,29 @@ def test_export_and_load_params(tmp_path):
     export.load_params(str(tmp_path / 'missing'), ckpt_lib.abstract_like(state.params))
 
 
+def test_one_subtree_of_a_checkpoint_or_an_export_is_read_without_the_rest(tmp_path):
+  """A stage-2 run keeps the tokenizer beside its discriminator: a frozen tokenizer reads the
+  'tokenizer' subtree alone (nothing of the other subtree's structure is needed), checked against
+  the manifest entries under it."""
+  tokenizer, discriminator = _state(seed=0), _state(seed=1)
+  whole = {'tokenizer': tokenizer.params, 'discriminator': discriminator.params}
+  state = tokenizer.replace(params=whole, ema_params=None, opt_state=None)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / 'run'))
+  checkpointer.save(3, state)
+  checkpointer.wait()
+  target = ckpt_lib.abstract_like(tokenizer.params)
+  restored = checkpointer.restore_params(target, subtree='tokenizer')
+  assert _equal(restored, tokenizer.params) and checkpointer.restored_step == 3
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match='up/kernel: saved absent'):
+    checkpointer.restore_params(ckpt_lib.abstract_like(whole['discriminator']), subtree='x')
+  checkpointer.close()
+  directory = str(tmp_path / 'export')
+  export.export_params(whole, directory)
+  assert _equal(export.load_params(directory, target, subtree='tokenizer'), tokenizer.params)
+  with pytest.raises(ckpt_lib.CheckpointError, match='not those of this config'):
+    export.load_params(directory, target, subtree='discriminator_typo')
+
+
 def test_unreadable_metrics_do_not_prevent_opening(tmp_path):
   state = _state()
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path), keep=3, keep_best=1)
