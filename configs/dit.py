@@ -72,6 +72,17 @@ def base_config() -> ml_collections.ConfigDict:
           scan=False,  # blocks as one lax.scan over stacked parameters (as configs/vitok.py)
           # 'xla' | 'cudnn' | 'blockwise' | 'pallas_tpu' | 'splash_tpu' | 'auto' (configs/vitok.py)
           attention='xla',
+          # The token mixer of each block: 'attention' | 'mate' (LinGen's MATE, dit/mate.py:
+          # a bidirectional Mamba2 scan in rotating axis orders with one review token per latent
+          # frame, beside attention in (t, h, w) windows of `window` tokens shifted every other
+          # block; its cost grows linearly with the clip's length). ssd_chunk: the tokens the
+          # SSD computes as one matmul (a multiple of 64 suits TPU / GPU matrix units);
+          # ssd_state: Mamba2's state size per head.
+          mixer='attention',
+          ssd_chunk=64,
+          ssd_state=64,
+          window='8,4,4',
+          review_tokens=True,
           # Long video (dit/model.py, dit/long_video.py): a known-frames mask channel at the
           # input (continuation, infilling: see `known`); the latent-frame strides the model is
           # told, e.g. '1,3,9' ('' = none; with windows of K latent frames each stride must be

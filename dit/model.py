@@ -47,6 +47,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
+from dit import mate
 from vitok.core import config_checks
 from vitok.core.sharding import constrain
 from vitok.nn import layers
@@ -70,6 +71,9 @@ MODEL_FIELDS = {
     'model.remat': config_checks.OneOf(tuple(layers.REMAT_POLICIES)),
     'model.attention': config_checks.OneOf(layers.ATTENTION_CHOICES),
     'model.rope_theta': config_checks.POSITIVE,
+    'model.mixer': config_checks.OneOf(('attention', 'mate')),
+    'model.ssd_chunk': config_checks.AT_LEAST_1,
+    'model.ssd_state': config_checks.AT_LEAST_1,
 }
 
 
@@ -108,6 +112,14 @@ class DiTConfig:
   remat: str = 'none'
   scan: bool = False  # blocks as one lax.scan over stacked parameters (see layers.make_blocks)
   attention: str = 'xla'
+  # The token mixer of every block: 'attention' (the DiT's) or 'mate' (LinGen's MATE,
+  # dit/mate.py: a bidirectional Mamba2 scan + temporal Swin windows, linear in the tokens)
+  # with the SSD's chunk and state size, the (t, h, w) window and the review tokens.
+  mixer: str = 'attention'
+  ssd_chunk: int = 64
+  ssd_state: int = 64
+  window: tuple[int, int, int] = (8, 4, 4)
+  review_tokens: bool = True
 
   @property
   def rope(self) -> bool:
@@ -124,6 +136,10 @@ class DiTConfig:
     if self.frame_positions < 0:
       raise config_checks.ConfigError(
           f'model.frame_positions={self.frame_positions} must be >= 0 (0: no learned table)'
+      )
+    if len(self.window) != 3 or min(self.window) < 1:
+      raise config_checks.ConfigError(
+          f'model.window={list(self.window)} must be three positive sizes (t, h, w) in tokens'
       )
     t, h, w = self.grid
     if h % p or w % p:
@@ -236,9 +252,22 @@ class DiTBlock(nnx.Module):
     width, heads = cfg.size.width, cfg.size.heads
     classic = cfg.recipe == 'classic'
     self.norm1 = _plain_norm(width, dtype)
-    self.attn = layers.Attention(
-        width, heads, attention=cfg.attention, qkv_bias=classic, dtype=dtype, rngs=rngs
-    )
+    if cfg.mixer == 'mate':
+      self.mate = mate.MATE(
+          width,
+          heads,
+          state=cfg.ssd_state,
+          chunk=cfg.ssd_chunk,
+          window=cfg.window,
+          review=cfg.review_tokens,
+          qkv_bias=classic,
+          dtype=dtype,
+          rngs=rngs,
+      )
+    else:
+      self.attn = layers.Attention(
+          width, heads, attention=cfg.attention, qkv_bias=classic, dtype=dtype, rngs=rngs
+      )
     self.norm2 = _plain_norm(width, dtype)
     self.mlp = (
         layers.MLP(width, cfg.mlp_hidden, dtype=dtype, rngs=rngs)
@@ -247,11 +276,13 @@ class DiTBlock(nnx.Module):
     )
     self.modulation = _modulation(width, 6, rngs)
 
-  def __call__(self, x: jax.Array, cond: jax.Array, angles: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, cond: jax.Array, angles, *, grid=None, layer=0) -> jax.Array:
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.unstack(
         self.modulation(jax.nn.silu(cond)), axis=1
     )
-    x = gated(x, gate1, self.attn(modulate(self.norm1(x), shift1, scale1), angles))
+    h = modulate(self.norm1(x), shift1, scale1)
+    mixed = self.mate(h, angles, grid, layer) if hasattr(self, 'mate') else self.attn(h, angles)
+    x = gated(x, gate1, mixed)
     x = gated(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
     return constrain(x, layers.TOKENS)
 
@@ -362,7 +393,9 @@ class DiT(nnx.Module):
         raise ValueError(f"a DiT with model.strides={list(cfg.strides)} needs each clip's stride")
       index = jnp.argmax(stride[:, None] == jnp.asarray(cfg.strides)[None], axis=1)
       cond = cond + self.stride_embed(index)
-    x = layers.apply_blocks(self.blocks, x, cond, angles, scan=cfg.scan, remat=cfg.remat)
+    x = layers.apply_blocks(
+        self.blocks, x, cond, angles, scan=cfg.scan, remat=cfg.remat, indexed=True, grid=grid
+    )
     shift, scale = jnp.unstack(self.final_modulation(jax.nn.silu(cond)), axis=1)
     out = self.final(modulate(self.final_norm(x), shift, scale)).astype(jnp.float32)
     return rearrange(
@@ -383,11 +416,24 @@ def count_params(cfg: DiTConfig) -> int:
 def forward_macs(cfg: DiTConfig) -> int:
   """Multiply-accumulates of one forward pass on one clip's latents (the DiT paper's "Gflops"
   count one multiply-add as one flop): patch embedding, per block q/k/v, output projection, MLP,
-  the two attention products and the adaLN modulation, the final layer and the timestep MLP."""
+  the two attention products (or the MATE mixer's count) and the adaLN modulation, the final
+  layer and the timestep MLP."""
   width, depth = cfg.size.width, cfg.size.depth
   tokens, p = cfg.tokens, cfg.patch
   mlp = (2 if cfg.recipe == 'classic' else 3) * width * cfg.mlp_hidden
-  per_block = tokens * (4 * width * width + mlp) + 2 * tokens * tokens * width + 6 * width * width
+  if cfg.mixer == 'mate':
+    mixer = mate.macs_per_block(
+        width,
+        cfg.size.heads,
+        cfg.token_grid,
+        state=cfg.ssd_state,
+        chunk=cfg.ssd_chunk,
+        window=cfg.window,
+        review=cfg.review_tokens,
+    )
+  else:
+    mixer = tokens * 4 * width * width + 2 * tokens * tokens * width
+  per_block = tokens * mlp + mixer + 6 * width * width
   embed = tokens * cfg.in_channels * p * p * width + FREQUENCY_DIM * width + width * width
   final = 2 * width * width + tokens * width * p * p * cfg.out_channels
   return embed + depth * per_block + final

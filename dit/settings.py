@@ -147,12 +147,26 @@ def _model_config(config, grid, channels: int, num_classes: int, strides) -> dit
       frame_mask=bool(config.model.frame_mask),
       strides=strides,
       frame_positions=int(config.model.frame_positions),
+      mixer=config.model.mixer,
+      ssd_chunk=int(config.model.ssd_chunk),
+      ssd_state=int(config.model.ssd_state),
+      window=_window(config),
+      review_tokens=bool(config.model.review_tokens),
   )
   if model_cfg.attention == 'auto':  # the kernel for the target and the token count
     attention = hardware.auto_attention(model_cfg.tokens, model_cfg.dtype)[0]
     model_cfg = dataclasses.replace(model_cfg, attention=attention)
   layers.check_attention(model_cfg.attention, model_cfg.dtype, hardware.target_platform())
   return model_cfg
+
+
+def _window(config) -> tuple[int, ...]:
+  try:
+    return tuple(int(s) for s in str(config.model.window).replace(' ', '').split(','))
+  except ValueError:
+    raise config_checks.ConfigError(
+        f'model.window={config.model.window!r} must be three token counts "t,h,w", e.g. "8,4,4"'
+    ) from None
 
 
 def _strides(config) -> tuple[int, ...]:

@@ -67,8 +67,8 @@ def test_classic_recipe_matches_the_dit_paper(size, depth, width, params_m, gmac
 
 
 def test_every_block_starts_as_the_identity_and_the_output_is_zero():
-  for recipe in ('vitok', 'classic'):
-    model = _model(recipe=recipe)
+  for recipe, mixer in (('vitok', 'attention'), ('classic', 'attention'), ('vitok', 'mate')):
+    model = _model(recipe=recipe, mixer=mixer)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 4, 4, 4))
     t, y = jnp.array([0.0, 500.0, 999.0]), jnp.array([0, 5, 10])
     out = model(x, t, y)
@@ -77,7 +77,7 @@ def test_every_block_starts_as_the_identity_and_the_output_is_zero():
     tokens = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 64))
     cond = jax.random.normal(jax.random.PRNGKey(2), (3, 64))
     for block in model.blocks:
-      np.testing.assert_array_equal(block(tokens, cond, None), tokens)
+      np.testing.assert_array_equal(block(tokens, cond, None, grid=(2, 4, 4)), tokens)
 
 
 def test_the_output_depends_on_input_time_and_class_once_trained_away_from_zero():

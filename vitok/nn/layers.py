@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by the ViTok encoder and decoder (and, later, the DiT).
+"""Transformer building blocks shared by the ViTok encoder and decoder and the DiT.
 
 Everything here works on token sequences `x: (B, L, width)` laid out in raster order over a
 `(t, h, w)` grid, so that rotary position embeddings can be computed from the grid alone.
@@ -368,29 +368,38 @@ def make_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, scan: 
   return stacked(rngs)
 
 
-def apply_blocks(blocks, x: jax.Array, *args, scan: bool, remat: str) -> jax.Array:
-  """`x` through every block of `make_blocks` in order, each called as `block(x, *args)`; with a
+def apply_blocks(blocks, x, *args, scan: bool, remat: str, indexed: bool = False, **static):
+  """`x` through every block of `make_blocks` in order as `block(x, *args, **static)` (`static`:
+  Python values such as shapes), plus `layer=i` when `indexed` (traced inside the scan); with a
   `remat` policy the backward pass recomputes, block by block, what the policy does not save.
-
   The blocks run as pure functions of their split state (`jax.checkpoint`, `lax.scan`), not
   through nnx's transforms: those refuse a module built at another trace level than the one
   they run at, as in a sampler's loop, which calls a model merged outside it."""
   if not scan:
-    for block in blocks:
+    for i, block in enumerate(blocks):
       graphdef, state = nnx.split(block)
-      x = _pure_block(graphdef, remat, scan)(state, x, *args)
+      extra = dict(static, layer=i) if indexed else static
+      x = _pure_block(graphdef, remat, scan, extra)(state, x, *args)
     return x
   graphdef, state = nnx.split(blocks)  # every array with a leading 'layers' axis
-  run = _pure_block(graphdef, remat, scan)
-  x, _ = jax.lax.scan(lambda h, layer: (run(layer, h, *args), None), x, state)
+  depth = jax.tree.leaves(state)[0].shape[0]
+  run = _pure_block(graphdef, remat, scan, static, indexed)
+
+  def step(h, layer):  # (this layer's state, its index)
+    return run(layer[0], h, *args, *([layer[1]] if indexed else [])), None
+
+  x, _ = jax.lax.scan(step, x, (state, jnp.arange(depth)))
   return x
 
 
-def _pure_block(graphdef, remat: str, scan: bool):
-  """state, x, *args -> the block of `graphdef` with that state applied to x."""
+def _pure_block(graphdef, remat: str, scan: bool, static: dict, indexed: bool = False):
+  """state, x, *args (and the layer index last when `indexed`) -> the block applied to x."""
 
   def run(state, h, *a):
-    return nnx.merge(graphdef, state)(h, *a)
+    if indexed:
+      *a, layer = a
+      return nnx.merge(graphdef, state)(h, *a, layer=layer, **static)
+    return nnx.merge(graphdef, state)(h, *a, **static)
 
   if remat == 'none':
     return run
@@ -432,11 +441,9 @@ class ViT(nnx.Module):
 
 
 def vit_macs(size: ViTSize, tokens: int) -> int:
-  """Multiply-accumulates of one forward pass of a ViT stack over `tokens` tokens.
-
-  Counts the matmuls (q/k/v, output projection, gated MLP) and the two attention products
-  (q k^T and attn v), which is how the paper's "GFLOPs" column is computed.
-  """
+  """Multiply-accumulates of one forward pass of a ViT stack over `tokens` tokens: the matmuls
+  (q/k/v, output projection, gated MLP) and the two attention products (q k^T and attn v), which
+  is how the paper's "GFLOPs" column is computed."""
   d, hidden = size.width, mlp_hidden(size.width)
   per_token = 3 * d * d + d * d + 2 * d * hidden + hidden * d
   attention = 2 * tokens * tokens * d
