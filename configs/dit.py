@@ -15,6 +15,10 @@ r"""DiT training on the latents of a frozen ViTok tokenizer (class-conditional g
             long_digits -- the DiT stage of launch.long_demo: windows of long moving-digit videos
                          at several strides, with known frames (hierarchical / autoregressive
                          long generation, dit/long_video.py)
+            digits_mate, long_digits_mate, ucf101_mate -- the same with LinGen's MATE mixer
+                         (dit/mate.py) in place of self-attention: linear cost in the clip's
+                         length; long_digits_mate trains on whole 128-frame videos and generates
+                         longer ones in one pass (launch.sample_long --method=direct)
             ucf101    -- ViTok's video recipe: DiT-L on S-B/4x8 latents of 16x128x128 UCF-101
                          clips (1024 tokens), DDPM with learned variance, batch 256, LR 1e-4
             imagenet  -- DiT-XL on S-B/16 latents of 256x256 images (256 tokens)
@@ -228,6 +232,22 @@ def _preset(config, name: str):
     config.total_steps = 10000
     config.evals.loss.every = 2500
     config.ckpt_every = 2500
+  elif name in ('digits_mate', 'long_digits_mate', 'ucf101_mate'):
+    # LinGen's MATE mixer (dit/mate.py) in place of self-attention, everything else as the
+    # attention preset of the same name; docs/long_video.md has the comparisons.
+    _preset(config, name.removesuffix('_mate'))
+    config.model.mixer = 'mate'
+    if name == 'digits_mate':
+      # 2 x 4 x 4 tokens: windows of 2 x 2 x 2 (a quarter of the clip each), so that what spans
+      # the clip goes through the scan.
+      config.model.update(window='2,2,2')
+    elif name == 'long_digits_mate':
+      # One pass over a whole long video (launch.sample_long --method=direct): trained on
+      # windows of 32 latent frames (128 frames, 512 tokens) instead of 4, at stride 1 only,
+      # with the known-frames mask kept so that it can also continue and infill.
+      config.latents.window = 32
+      config.model.update(strides='1', window='8,4,4', ssd_chunk=64)
+      config.data.batch_size = 8
   elif name == 'ucf101':
     # On TPUs: bfloat16 and the splash-attention kernel, what the TPU compiler's plans chose
     # (docs/tpu.md); elsewhere 'auto' picks what that hardware runs best. The mesh is the slice's:
@@ -261,7 +281,7 @@ def _preset(config, name: str):
   else:
     raise ValueError(
         f'unknown preset {name!r} in configs/dit.py (demo | digits | long_digits | ucf101 | '
-        'imagenet | imagenet_xl2)'
+        'imagenet | imagenet_xl2, and digits_mate | long_digits_mate | ucf101_mate)'
     )
 
 

@@ -156,15 +156,14 @@ class BidirectionalMamba(nnx.Module):
     )
     self.out_proj = layers.dense(inner, width, ('mlp', 'embed'), dtype=dtype, rngs=rngs)
 
-  def direction(self, d: int, x, b, c, dt) -> jax.Array:
-    """One direction's scan of (B, L, ...) inputs in the order it reads them."""
+  def direction_inputs(self, d: int, x, b, c, dt) -> tuple:
+    """Direction d's (x, dt, a, B, C) for the SSD, from its (B, L, ...) projections in the order
+    it reads them: short causal convolution, SiLU, dt = softplus(dt + bias), A = -exp(log_a)."""
     x = jax.nn.silu(_depthwise_causal_conv(x, self.conv_x[d], self.conv_x_bias[d]))
-    bc = jax.nn.silu(_depthwise_causal_conv(jnp.stack([b, c], 2), self.conv_bc[d],
-                                            self.conv_bc_bias[d]))  # fmt: skip
+    bc = _depthwise_causal_conv(jnp.stack([b, c], 2), self.conv_bc[d], self.conv_bc_bias[d])
+    bc = jax.nn.silu(bc)
     dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[d])
-    a = -jnp.exp(self.log_a[...][d])
-    y = ssd.ssd(x, dt, a, bc[:, :, 0, None], bc[:, :, 1, None], self.chunk)
-    return y + (self.skip[d][:, None] * x).astype(y.dtype)
+    return x, dt, -jnp.exp(self.log_a[...][d]), bc[:, :, 0, None], bc[:, :, 1, None]
 
   def __call__(self, tokens: jax.Array, review: jax.Array | None) -> jax.Array:
     """tokens (B, L, width) in scan order; review (B, R, width) or None -> (B, L, width)."""
@@ -177,11 +176,14 @@ class BidirectionalMamba(nnx.Module):
     def backward_order(t):  # review tokens first, then the tokens from last to first
       return jnp.concatenate([t[:, :r], jnp.flip(t[:, r:], axis=1)], axis=1)
 
-    forward = self.direction(0, x, bc[:, :, 0, 0], bc[:, :, 0, 1], dt[:, :, 0])
-    backward = self.direction(
+    forward = self.direction_inputs(0, x, bc[:, :, 0, 0], bc[:, :, 0, 1], dt[:, :, 0])
+    backward = self.direction_inputs(
         1, *(backward_order(t) for t in (x, bc[:, :, 1, 0], bc[:, :, 1, 1], dt[:, :, 1]))
     )
-    y = forward[:, r:] + jnp.flip(backward[:, r:], axis=1)
+    y_forward, y_backward = ssd.two_scans(forward, backward, self.chunk)
+    skip = lambda d, inputs: (self.skip[d][:, None] * inputs[0]).astype(y_forward.dtype)
+    y_forward, y_backward = y_forward + skip(0, forward), y_backward + skip(1, backward)
+    y = y_forward[:, r:] + jnp.flip(y_backward[:, r:], axis=1)
     y = (y * jax.nn.silu(z)).reshape(*y.shape[:2], -1)
     return self.out_proj(constrain(self.norm(y), layers.HIDDEN))
 
@@ -203,19 +205,37 @@ class TemporalSwinAttention(nnx.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if angles is not None:
       q, k = layers.apply_rope(q, angles), layers.apply_rope(k, angles)
-    index = window_tokens(grid, self.window, shifted)  # (n, w), -1 = padding
-    gather = jnp.asarray(np.maximum(index, 0))
-    q, k, v = (t[:, gather] for t in (q, k, v))  # (B, n, w, heads, head_dim)
+    window, layout = window_layout(grid, self.window, shifted)
+    q, k, v = (_to_windows(t, grid, window, layout) for t in (q, k, v))  # (B, n, w, heads, hd)
     scores = jnp.einsum('bnqhd,bnkhd->bnhqk', q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(d // self.heads)
-    real = jnp.asarray(index >= 0)[None, :, None, None, :]
+    real = jnp.asarray(window_tokens(grid, self.window, shifted) >= 0)[None, :, None, None, :]
     probs = jax.nn.softmax(jnp.where(real, scores, -1e30), axis=-1).astype(v.dtype)
     y = jnp.einsum('bnhqk,bnkhd->bnqhd', probs, v, preferred_element_type=jnp.float32)
-    # Back to raster order: each token sits in exactly one window (padding rows are dropped).
-    where = np.argsort(np.where(index >= 0, index, l + np.arange(index.size).reshape(index.shape))
-                       .reshape(-1))[:l]  # fmt: skip
-    y = y.reshape(b, -1, d)[:, jnp.asarray(where)].astype(x.dtype)
-    return self.out(y)
+    return self.out(_from_windows(y.astype(x.dtype), grid, window, layout).reshape(b, l, d))
+
+
+def _to_windows(x: jax.Array, grid, window, layout) -> jax.Array:
+  """(B, L, ...) raster tokens -> (B, windows, tokens per window, ...): the grid padded as
+  `layout` says and cut into windows by reshapes and one transpose (no gather, whose gradient
+  would be a scatter)."""
+  b, rest = x.shape[0], x.shape[2:]
+  x = x.reshape(b, *grid, *rest)
+  x = jnp.pad(x, ((0, 0),) + tuple((f, n - f - g) for (f, n), g in zip(layout, grid))
+              + ((0, 0),) * len(rest))  # fmt: skip
+  (nt, nh, nw), (wt, wh, ww) = [n for _, n in layout], window
+  x = x.reshape(b, nt // wt, wt, nh // wh, wh, nw // ww, ww, *rest)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, *range(7, 7 + len(rest)))
+  return x.reshape(b, -1, wt * wh * ww, *rest)
+
+
+def _from_windows(x: jax.Array, grid, window, layout) -> jax.Array:
+  """The inverse of `_to_windows`: (B, windows, tokens per window, ...) -> (B, t, h, w, ...)."""
+  b, rest = x.shape[0], x.shape[3:]
+  (nt, nh, nw), (wt, wh, ww) = [n for _, n in layout], window
+  x = x.reshape(b, nt // wt, nh // wh, nw // ww, wt, wh, ww, *rest)
+  x = x.transpose(0, 1, 4, 2, 5, 3, 6, *range(7, 7 + len(rest))).reshape(b, nt, nh, nw, *rest)
+  return x[:, layout[0][0] :, layout[1][0] :, layout[2][0] :][:, : grid[0], : grid[1], : grid[2]]
 
 
 class MATE(nnx.Module):

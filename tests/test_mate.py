@@ -162,3 +162,38 @@ def test_config_checks_name_the_field():
     _mate_cfg(window=(2, 2))
   with pytest.raises(Exception, match='model.ssd_chunk'):
     _mate_cfg(ssd_chunk=0)
+
+
+def test_the_ma_branch_scans_review_then_tokens_forward_and_backward():
+  """The MA-branch against the Mamba2 equations token by token (test_ssd's recurrence): the
+  forward direction reads the review tokens then the tokens; the backward one the review tokens
+  then the tokens last to first, its output reversed back; each with its own convolution."""
+  from test_ssd import recurrence
+
+  ma = _randomised(mate.BidirectionalMamba(16, 2, state=4, chunk=4, dtype=jnp.float32,
+                                           rngs=nnx.Rngs(0)))  # fmt: skip
+  tokens = jax.random.normal(jax.random.key(4), (2, 10, 16))
+  review = jax.random.normal(jax.random.key(5), (2, 3, 16))
+  seq = jnp.concatenate([review, tokens], axis=1)
+  xz, bc, dt = ma.in_proj(seq), ma.bc_proj(seq), ma.dt_proj(seq)
+
+  def conv(u, kernel, bias):  # u[l] -> sum_j kernel[j] u[l - K + 1 + j], zeros before the start
+    k = kernel.shape[0]
+    return bias + sum(kernel[j] * jnp.roll(u, k - 1 - j, axis=1).at[:, : k - 1 - j].set(0)
+                      for j in range(k))  # fmt: skip
+
+  def direction(d, order):
+    silu = jax.nn.silu
+    x = silu(conv(xz[:, order, 0], ma.conv_x[d], ma.conv_x_bias[d]))
+    b = silu(conv(bc[:, order, d, 0], ma.conv_bc[d][:, 0], ma.conv_bc_bias[d][0]))
+    c = silu(conv(bc[:, order, d, 1], ma.conv_bc[d][:, 1], ma.conv_bc_bias[d][1]))
+    step = jax.nn.softplus(dt[:, order, d] + ma.dt_bias[d])
+    y = recurrence(x, step, -jnp.exp(ma.log_a[d]), b[:, :, None], c[:, :, None])
+    return y + ma.skip[d][:, None] * x
+
+  r = 3
+  forward = direction(0, np.arange(13))[:, r:]
+  backward = direction(1, np.r_[0:r, 12 : r - 1 : -1])[:, r:][:, ::-1]
+  y = (forward + backward) * jax.nn.silu(xz[:, r:, 1])
+  want = ma.out_proj(ma.norm(y.reshape(2, 10, -1)))
+  np.testing.assert_allclose(ma(tokens, review), want, rtol=1e-4, atol=1e-4)

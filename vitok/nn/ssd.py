@@ -21,8 +21,9 @@ float32 from differences of cumulative sums inside a chunk, masked before the ex
 no infinity reaches a gradient. A sequence that is not a multiple of the chunk is padded with
 dt = 0 (no decay, no input), which changes nothing for the real tokens.
 
-`bidirectional_ssd` runs one direction forward and the other over the reversed sequence, and sums
-them: every token sees every other, as self-attention does, at linear cost.
+`two_scans` runs two scans in one call, as a bidirectional layer needs (forward and over the
+reversed sequence; dit/mate.py): every token then sees every other, as with self-attention, at
+linear cost.
 """
 
 from __future__ import annotations
@@ -36,11 +37,6 @@ F32 = jnp.float32
 
 def _pad(x: jax.Array, length: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
-
-
-def _heads_of_groups(x: jax.Array, heads: int) -> jax.Array:
-  """(..., groups, n) -> (..., heads, n): each group's projection shared by heads / groups heads."""
-  return jnp.repeat(x, heads // x.shape[-2], axis=-2)
 
 
 def ssd(
@@ -57,35 +53,39 @@ def ssd(
   Computed in float32: the decays are exponentials of sums, and a state summed over thousands of
   tokens in bfloat16 would lose the early ones."""
   batch, length, heads, _ = x.shape
+  groups = b.shape[-2]
   if chunk < 1:
     raise ValueError(f'the SSD chunk must be >= 1, got {chunk}')
-  if heads % b.shape[-2]:
-    raise ValueError(f'{b.shape[-2]} groups of B/C do not divide {heads} heads')
+  if heads % groups:
+    raise ValueError(f'{groups} groups of B/C do not divide {heads} heads')
   padded = -(-length // chunk) * chunk
-  xs = _pad(x.astype(F32), padded)
-  dts = _pad(dt.astype(F32), padded)
-  bs = _heads_of_groups(_pad(b.astype(F32), padded), heads)
-  cs = _heads_of_groups(_pad(c.astype(F32), padded), heads)
-
-  split = lambda t: rearrange(t, 'b (n l) ... -> b n l ...', l=chunk)
-  xs, dts, bs, cs = split(xs), split(dts), split(bs), split(cs)
-  log_decay = dts * a.astype(F32)  # (B, n, l, heads): log of each token's decay, <= 0
-  cumulative = jnp.cumsum(log_decay, axis=2)  # inclusive, within the chunk
+  # Layout: (batch, chunk n, group g, head of the group r, token l, ...), so that every product
+  # below is a matmul over the last two axes with the batch-like axes leading (what XLA runs
+  # fastest), and C B^T is computed once per group rather than once per head.
+  heads_first = lambda t: rearrange(
+      _pad(t.astype(F32), padded), 'b (n l) (g r) ... -> b n g r l ...', l=chunk, g=groups
+  )
+  xs, dts = heads_first(x), heads_first(dt)  # (b, n, g, r, l, P), (b, n, g, r, l)
+  bs, cs = (
+      rearrange(_pad(t.astype(F32), padded), 'b (n l) g k -> b n g l k', l=chunk) for t in (b, c)
+  )
+  log_decay = dts * a.astype(F32).reshape(groups, -1)[..., None]  # <= 0
+  cumulative = jnp.cumsum(log_decay, axis=-1)  # inclusive, within the chunk
   inputs = xs * dts[..., None]  # dt_s x_s
 
   # 1. Inside each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(cum_l - cum_s) dt_s x_s.
   causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-  gaps = cumulative[:, :, :, None, :] - cumulative[:, :, None, :, :]  # (B, n, l, s, heads)
-  decay = jnp.exp(jnp.where(causal[None, None, :, :, None], gaps, -jnp.inf))
-  scores = jnp.einsum('bnlhk,bnshk->bnlsh', cs, bs) * decay
-  y = jnp.einsum('bnlsh,bnshp->bnlhp', scores, inputs)
+  gaps = cumulative[..., :, None] - cumulative[..., None, :]  # (b, n, g, r, l, s)
+  decay = jnp.exp(jnp.where(causal, gaps, -jnp.inf))
+  scores = jnp.einsum('bnglk,bngsk->bngls', cs, bs)[:, :, :, None] * decay
+  y = jnp.einsum('bngrls,bngrsp->bngrlp', scores, inputs)
 
   # 2. Each chunk's own final state: sum_s exp(cum_last - cum_s) dt_s x_s B_s^T.
-  to_end = jnp.exp(cumulative[:, :, -1:, :] - cumulative)  # (B, n, l, heads)
-  states = jnp.einsum('bnlhk,bnlh,bnlhp->bnhpk', bs, to_end, inputs)
+  to_end = jnp.exp(cumulative[..., -1:] - cumulative)  # (b, n, g, r, l)
+  states = jnp.einsum('bngrlp,bnglk->bngrpk', inputs * to_end[..., None], bs)
 
   # 3. Carried across chunks: S_n = exp(sum of chunk n's log-decays) S_{n-1} + states_n.
-  chunk_decay = jnp.exp(cumulative[:, :, -1, :])  # (B, n, heads)
+  chunk_decay = jnp.exp(cumulative[..., -1])  # (b, n, g, r)
 
   def combine(earlier, later):
     (d1, s1), (d2, s2) = earlier, later
@@ -95,14 +95,20 @@ def ssd(
   entering = jnp.concatenate([jnp.zeros_like(carried[:, :1]), carried[:, :-1]], axis=1)
 
   # 4. Each token reads the state its chunk started from, decayed to it: exp(cum_l) C_l S.
-  y = y + jnp.einsum('bnlhk,bnhpk,bnlh->bnlhp', cs, entering, jnp.exp(cumulative))
-  return rearrange(y, 'b n l h p -> b (n l) h p')[:, :length].astype(x.dtype)
+  read = jnp.einsum('bnglk,bngrpk->bngrlp', cs, entering)
+  y = y + read * jnp.exp(cumulative)[..., None]
+  y = rearrange(y, 'b n g r l p -> b (n l) (g r) p')
+  return y[:, :length].astype(x.dtype)
 
 
-def bidirectional_ssd(forward: tuple, backward: tuple, chunk: int) -> jax.Array:
-  """Two scans over the same tokens, one each way, summed. `forward` and `backward` are each
-  `(x, dt, a, b, c)` as `ssd` takes them, in token order; the backward one runs over the
-  reversed sequence and its output is reversed back."""
-  flip = lambda t: jnp.flip(t, axis=1)
-  x, dt, a, b, c = backward
-  return ssd(*forward, chunk) + flip(ssd(flip(x), flip(dt), a, flip(b), flip(c), chunk))
+def two_scans(first: tuple, second: tuple, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Two independent scans of equal length, each `(x, dt, a, b, c)` as `ssd` takes them and each
+  in the order it reads its tokens, computed as one: their heads side by side, each scan's B and
+  C as its own groups. A bidirectional layer passes its forward and its reversed sequence; one
+  call of twice the heads runs fewer, larger products than two calls."""
+  heads = first[0].shape[2]
+  joined = [
+      jnp.concatenate(pair, axis=2 if i != 2 else 0) for i, pair in enumerate(zip(first, second))
+  ]
+  y = ssd(*joined, chunk)
+  return y[:, :, :heads], y[:, :, heads:]
