@@ -14,10 +14,14 @@ earlier ones generated.
                  call, down to stride 1.
   autoregressive the baseline (W.A.L.T-style continuation): K frames at stride 1, then window
                  after window conditioned on the last `context` frames of what exists.
+  direct         the whole video in one window of n latent frames at stride 1, nothing known:
+                 one sampler call (LinGen). What a DiT whose cost is linear in the length is
+                 for (model.mixer='mate', configs/dit.py:long_digits_mate); with attention it
+                 works too, at a cost quadratic in n.
 
 Lengths: hierarchical generation reaches n latent frames when n - 1 is a multiple of a stride
 s > 1 of the model's with at least K keyframes ((n - 1) / s >= K - 1): the coarsest such stride
-is the top level. Autoregressive generation reaches any n >= K. A video of F frames needs
+is the top level. Autoregressive generation reaches any n >= K, direct generation any n. A video of F frames needs
 n = ceil(F / q) latent frames (the last tubelet is cropped).
 
 Everything here is host-side bookkeeping (numpy); the sampling of one call is the caller's
@@ -32,7 +36,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-METHODS = ('hierarchical', 'autoregressive')
+METHODS = ('hierarchical', 'autoregressive', 'direct')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,8 @@ def reachable(length: int, window: int, strides, method: str) -> bool:
     return top_stride(length, window, strides) is not None
   if method == 'autoregressive':
     return length >= window
+  if method == 'direct':
+    return length >= 1
   raise ValueError(f'method must be one of {", ".join(METHODS)}, got {method!r}')
 
 
@@ -156,7 +162,18 @@ def autoregressive_plan(length: int, window: int, context: int = 1) -> Plan:
   return continuation(np.arange(length), window, context)
 
 
+def direct_plan(length: int, strides) -> Plan:
+  """One call, one window: every latent frame at stride 1, none known."""
+  if strides and 1 not in strides:
+    raise ValueError(
+        f'direct generation runs at stride 1, which model.strides={list(strides)} lacks'
+    )
+  return [[Window(0, 1, (False,) * length)]]
+
+
 def make_plan(method: str, length: int, window: int, strides, context: int = 1) -> Plan:
+  if method == 'direct':
+    return direct_plan(length, strides)
   if method == 'hierarchical':
     return hierarchical_plan(length, window, strides, context)
   if method == 'autoregressive':

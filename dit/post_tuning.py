@@ -10,6 +10,11 @@ full 3-D attention (no temporal-only layers); its time parameters are the stride
 the learned per-frame embedding (`model.frame_positions`), both zero-initialised, so a model
 trained without them starts post-tuning exactly as it was. Everything else is frozen: no gradient,
 no optimizer state, its value kept bit for bit (train_state.ParamGroups).
+
+A MATE DiT (model.mixer='mate') has no length-bound parameter: its scans and windows are functions
+of the clip, and its positions too unless it has a frame table. LinGen extends it to longer videos
+by training on them (progressive training); here that is post-tuning with trainable='all' from the
+shorter run: every parameter starts as the run's, and nothing but the windows' length changes.
 """
 
 from __future__ import annotations
@@ -112,6 +117,11 @@ def open_dit_params(directory: str, model_cfg: dit_model.DiTConfig, mesh, rules)
         f'config.finetune.start={directory} is a {config.get("task", "vitok")} run, not a DiT'
     )
   model = config['model']
+  if model.get('mixer', 'attention') != model_cfg.mixer:
+    raise config_checks.ConfigError(
+        f'config.finetune.start={directory} has model.mixer={model.get("mixer", "attention")!r}; '
+        f'this run has {model_cfg.mixer!r}: post-tuning keeps the mixer'
+    )
   strides = tuple(int(s) for s in str(model.get('strides', '')).split(',') if s.strip())
   source_cfg = dataclasses.replace(
       model_cfg,
@@ -120,6 +130,8 @@ def open_dit_params(directory: str, model_cfg: dit_model.DiTConfig, mesh, rules)
       frame_mask=bool(model.get('frame_mask', False)),
       strides=strides,
       frame_positions=int(model.get('frame_positions', 0)),
+      ssd_state=int(model.get('ssd_state', model_cfg.ssd_state)),
+      review_tokens=bool(model.get('review_tokens', model_cfg.review_tokens)),
   )
   abstract = nnx.eval_shape(lambda: dit_model.DiT(source_cfg, rngs=nnx.Rngs(0)))
   params = sharding.abstract_placed(nnx.split(abstract, nnx.Param)[1], mesh, rules)

@@ -76,6 +76,12 @@ def random_batch(task, config, mesh) -> dict:
   return out
 
 
+def _model_name(config, task) -> str:
+  """The variant, and the mixer when it is not attention (a MATE DiT: 'DiT-cpu128/2 MATE')."""
+  model = config.get('model', {})
+  return model.get('variant', task.name) + (' MATE' if model.get('mixer') == 'mate' else '')
+
+
 def bench(
     config,
     mesh,
@@ -116,7 +122,7 @@ def bench(
       hardware.compute_dtype(config.get('model', {}).get('dtype', 'float32')),
   )
   row = {
-      'config': name or config.get('model', {}).get('variant', task.name),
+      'config': name or _model_name(config, task),
       'mesh': 'x'.join(map(str, mesh.shape.values())),
       'devices': mesh.size,
       'batch': config.data.batch_size,

@@ -153,6 +153,7 @@ def tpu_plan(config, piece: topology.Slice) -> dict:
         'mesh': dict(mesh.shape),
         'model_dtype': hardware.compute_dtype(config.model.dtype),
         'attention': config.model.get('attention', 'xla'),
+        'mixer': config.model.get('mixer', 'attention'),
         'global_batch': config.data.batch_size,
         'clips_per_chip': config.data.batch_size / mesh.size,
         'clips_per_host': config.data.batch_size / hosts,
@@ -209,7 +210,12 @@ def format_tpu_plan(result: dict) -> str:
   )
   lines = [
       f'{result["backend"]}: {result["chips"]} chips ({result["chip"]}), {result["hosts"]} hosts, '
-      f'mesh {mesh}; {result["model_dtype"]} compute, attention {result["attention"]}',
+      f'mesh {mesh}; {result["model_dtype"]} compute, '
+      + (
+          'mixer MATE (dit/mate.py)'
+          if result.get('mixer') == 'mate'
+          else f'attention {result["attention"]}'
+      ),
       f'batch {result["global_batch"]}: {result["clips_per_chip"]:g} clips per chip, '
       f'{result["clips_per_host"]:g} per host',
       f'per chip: {parts}, temporaries {_gib(step["temp_bytes"])}; total '

@@ -1,10 +1,13 @@
 r"""Generate long videos with a DiT trained on windows of long videos (configs/dit.py:long_digits):
-diffusion over diffusion (NUWA-XL) or autoregressive continuation (dit/long_video.py).
+diffusion over diffusion (NUWA-XL) or autoregressive continuation (dit/long_video.py), or, with a
+MATE DiT (configs/dit.py:long_digits_mate), the whole video in one pass (LinGen).
 
     python -m launch.sample_long --workdir=DIT_DIR --class=3 --frames=256 \
         --method=hierarchical --out=/tmp/long
     python -m launch.sample_long --workdir=DIT_DIR --class=0,3 --videos=2 --frames=256 \
         --method=autoregressive --context=1 --out=/tmp/long
+    python -m launch.sample_long --workdir=MATE_DIT_DIR --class=3 --frames=256 \
+        --method=direct --out=/tmp/long
 
 The DiT generates windows of its training clip (K latent frames) at its strides; the latent
 sequence is decoded by its tokenizer in overlapping, blended windows of the tokenizer's clip

@@ -190,3 +190,25 @@ def test_bench_times_dit_sampling():
   assert result['clips'] == 4 and result['sampler'] == 'euler'
   assert result['network_evaluations_per_clip'] == 6  # guided: conditional + unconditional
   assert result['samples_per_s'] == pytest.approx(4 / result['seconds'], rel=1e-2)
+
+
+def test_bench_length_compares_the_mixers_and_names_the_crossover():
+  from tests.conftest import REPO
+
+  done = subprocess.run(
+      [sys.executable, '-m', 'launch.bench_length', '--variant=DiT-cpu64/1', '--spatial=4x4',
+       '--frames=2,64', '--window=2,2,2', '--ssd_chunk=16', '--time_limit=5', '--steps=1'],
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS=''), capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert '| mixer | latent frames | tokens |' in done.stdout
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  rows = {(r['mixer'], r['frames']): r for r in result['rows']}
+  assert set(rows) == {('attention', 2), ('attention', 64), ('mate', 2), ('mate', 64)}
+  for r in rows.values():
+    assert r['tokens'] == r['frames'] * 16 and r['step_s'] > 0
+    assert r['xla_gflop'] == pytest.approx(r['model_gflop'], rel=0.3)  # two independent counts
+  # MATE costs more on 32 tokens and less on 1024: the crossover is the longer clip.
+  assert rows['mate', 2]['xla_gflop'] > rows['attention', 2]['xla_gflop']
+  assert result['mate_cheaper_from_frames'] == 64
+  assert result['attention_longest_fitting_frames'] == 64

@@ -190,6 +190,29 @@ def test_post_tuning_trains_only_the_time_parameters_and_extends_the_frame_table
   np.testing.assert_array_equal(warm['frame_embed']['embedding'][...][:4], old_table)
 
 
+def test_a_mate_dit_post_tunes_from_short_windows_to_long_ones(cache, tmp_path):
+  """LinGen's progressive training as post-tuning: a MATE DiT trained on windows of 4 latent
+  frames continues on windows of 8, every parameter starting as the short run's; a run of the
+  other mixer is refused in one line."""
+  short = _config(cache, steps=6, frame_positions=0)
+  short.model.update(mixer='mate', window='2,2,2', ssd_chunk=8, ssd_state=8)
+  short_dir = str(tmp_path / 'short')
+  first = trainer.train(short, short_dir, tasks.make_task(short))
+  long = _config(cache, steps=4, window=8, frame_positions=0)
+  long.model.update(mixer='mate', window='2,2,2', ssd_chunk=8, ssd_state=8)
+  long.finetune.update(start=short_dir, trainable='all')
+  task = tasks.make_task(long)
+  fresh = trainer.create_layout(task, long).init().params
+  warm = jax.device_get(task.warm_start(fresh, sharding.make_mesh(long.mesh)))
+  jax.tree.map(np.testing.assert_array_equal, warm, jax.device_get(first.state.ema_params))
+  result = trainer.train(long, str(tmp_path / 'long'), task)
+  assert int(result.state.step) == 4 and np.isfinite(result.last_eval['eval_mse'])
+  other = _config(cache, steps=4, window=8, frame_positions=0)
+  other.finetune.update(start=short_dir, trainable='all')
+  with pytest.raises(config_checks.ConfigError, match="model.mixer='mate'"):
+    tasks.make_task(other).warm_start(fresh, sharding.make_mesh(other.mesh))
+
+
 def test_long_generation_has_exactly_the_frames_asked_and_is_reproducible_by_seed(trained):
   _, task, _, result = trained
   mesh = sharding.make_mesh(task.config.mesh)
@@ -213,6 +236,9 @@ def test_long_generation_has_exactly_the_frames_asked_and_is_reproducible_by_see
   assert (
       autoregressive.videos.shape[1] == 15 and long_video.sequential_calls(autoregressive.plan) == 3
   )
+  # In one pass: the whole length (here the frame table's 4 latent frames) in one sampler call.
+  direct = make(8, 'direct', seed=0)
+  assert direct.videos.shape == (2, 8, 16, 16, 3) and long_video.sequential_calls(direct.plan) == 1
 
 
 def test_long_video_config_errors_name_the_field(cache):

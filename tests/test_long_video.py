@@ -241,3 +241,15 @@ def test_real_long_videos_keep_their_class_and_move_by_the_generators_physics():
   assert measured['class_consistency_first_quarter'] > 0.85
   assert measured['class_consistency_last_quarter'] > 0.85
   assert 2.0 <= measured['jump_mean'] <= 4.0 + 1e-6
+
+
+def test_direct_generation_is_one_window_over_the_whole_length():
+  for length in (1, 7, 64):
+    assert L.reachable(length, 4, STRIDES, 'direct')
+    plan = L.make_plan('direct', length, 4, STRIDES)
+    assert L.sequential_calls(plan) == 1 and len(plan[0]) == 1
+    assert (L.generated_by(plan, length) == 0).all()
+    assert plan[0][0].stride == 1 and not any(plan[0][0].known)
+  assert L.latent_length(257, 4, 4, STRIDES, 'direct') == 65  # any length: no nearest to name
+  with pytest.raises(ValueError, match='stride 1'):
+    L.make_plan('direct', 10, 4, (9, 3))
