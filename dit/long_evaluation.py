@@ -43,12 +43,13 @@ def class_consistency(videos: np.ndarray, labels: np.ndarray) -> dict:
 
 def centroid_jumps(videos: np.ndarray, boundary: np.ndarray | None = None) -> dict:
   """Mean centroid jump between consecutive frames (pixels), over all transitions and, given the
-  (T - 1,) boundary mask, at boundaries and inside segments; plus the 95th percentile of all."""
+  (T - 1,) boundary mask, at boundaries (None without any) and inside segments; plus the 95th
+  percentile of all."""
   positions = digit_classifier.centroids(videos)
   jumps = np.linalg.norm(np.diff(positions, axis=1), axis=-1)  # (N, T - 1)
   out = {'jump_mean': float(jumps.mean()), 'jump_p95': float(np.percentile(jumps, 95))}
-  if boundary is not None and boundary.any():
-    out['jump_boundary'] = float(jumps[:, boundary].mean())
+  if boundary is not None:  # a video in one segment (one-pass generation) has no seams: None
+    out['jump_boundary'] = float(jumps[:, boundary].mean()) if boundary.any() else None
     out['jump_inside'] = float(jumps[:, ~boundary].mean())
   return out
 

@@ -103,10 +103,15 @@ def latent_length(frames: int, q: int, window: int, strides, method: str) -> int
     return length
   below = next((n for n in range(length - 1, 0, -1) if reachable(n, window, strides, method)), None)
   above = next(
-      n for n in range(length + 1, 10 * length + 10) if reachable(n, window, strides, method)
+      (n for n in range(length + 1, 10 * length + 10) if reachable(n, window, strides, method)),
+      None,
   )
-  options = [f'{(below - 1) * q + 1}-{below * q}'] if below else []
-  options.append(f'{(above - 1) * q + 1}-{above * q}')
+  options = [f'{(n - 1) * q + 1}-{n * q}' for n in (below, above) if n]
+  if not options:
+    raise ValueError(
+        f'no length is reachable {method}ly with windows of {window} latent frames and strides '
+        f'{list(strides)} (hierarchical generation needs a stride > 1)'
+    )
   raise ValueError(
       f'--frames={frames} ({length} latent frames of {q}) is not reachable {method}ly with '
       f'windows of {window} latent frames and strides {list(check_strides(strides, window))}; '

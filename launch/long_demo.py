@@ -27,8 +27,8 @@ def methods_for(task) -> tuple[str, ...]:
   direct (one pass) for a MATE DiT, the mixer whose cost stays linear at the whole length."""
   methods = []
   try:
-    long_video.check_strides(task.strides or (1,), task.model_cfg.grid[0])
-    methods.append('hierarchical')
+    if len(long_video.check_strides(task.strides or (1,), task.model_cfg.grid[0])) > 1:
+      methods.append('hierarchical')
   except ValueError:
     pass
   methods.append('autoregressive')
@@ -121,6 +121,7 @@ def report_text(long: dict, tokenizer_eval: dict, accuracy: dict | None, seconds
   methods = long.get('methods', ('hierarchical', 'autoregressive'))
   real, recon = long['real'], long['real_reconstructed']
   pct = lambda x: f'{100 * x:.1f}%'
+  px = lambda x: '-' if x is None else f'{x:.2f}'  # '-': no seams (one-pass generation)
   rows = []
   for name in methods:
     m = long[name]
@@ -128,11 +129,11 @@ def report_text(long: dict, tokenizer_eval: dict, accuracy: dict | None, seconds
         f'| {name} | {m["sequential_calls"]} | {m["sequential_dit_evaluations"]} | '
         f'{m["windows"]} | {m["seconds_one_video"]:.2f} | {m["seconds_all_videos"]:.2f} | '
         f'{pct(m["class_consistency_first_quarter"])} | '
-        f'{pct(m["class_consistency_last_quarter"])} | {m["jump_boundary"]:.2f} | '
-        f'{m["jump_inside"]:.2f} |'
+        f'{pct(m["class_consistency_last_quarter"])} | {px(m["jump_boundary"])} | '
+        f'{px(m["jump_inside"])} |'
     )
   for name, m in (('real videos', real), ('real, reconstructed by the tokenizer', recon)):
-    at = lambda kind: ' / '.join(f'{m[f"jump_{kind}_{method}"]:.2f}' for method in methods)
+    at = lambda kind: ' / '.join(px(m[f'jump_{kind}_{method}']) for method in methods)
     rows.append(
         f'| {name} | | | | | | {pct(m["class_consistency_first_quarter"])} | '
         f'{pct(m["class_consistency_last_quarter"])} | {at("boundary")} | {at("inside")} |'

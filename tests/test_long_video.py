@@ -228,6 +228,32 @@ def test_centroid_jumps_are_the_digit_moves_at_seams_and_inside_segments():
   jumped = long_evaluation.centroid_jumps(_moving_square(teleport=4), boundary)
   assert jumped['jump_boundary'] == pytest.approx(11.0, abs=1e-3)
   assert jumped['jump_inside'] == pytest.approx(3.0, abs=1e-3)
+  # One segment (a video generated in one pass): every move is inside, none at a seam.
+  one_pass = long_evaluation.centroid_jumps(_moving_square(teleport=4), np.zeros(9, bool))
+  assert one_pass['jump_boundary'] is None
+  assert one_pass['jump_inside'] == pytest.approx((8 * 3 + 11) / 9, abs=1e-3)
+
+
+def test_the_long_report_has_a_row_per_method_and_no_seams_for_one_pass():
+  from launch import long_demo
+
+  method = lambda boundary: {
+      'sequential_calls': 1, 'sequential_dit_evaluations': 30, 'windows': 1,
+      'seconds_one_video': 1.0, 'seconds_all_videos': 2.0, 'class_consistency_first_quarter': 0.5,
+      'class_consistency_last_quarter': 0.25, 'jump_boundary': boundary, 'jump_inside': 3.0,
+      'levels': [{'stride': 1, 'calls': 1, 'windows': 1}],
+  }  # fmt: skip
+  real = {'class_consistency_first_quarter': 1.0, 'class_consistency_last_quarter': 1.0,
+          'jump_boundary_autoregressive': 2.9, 'jump_inside_autoregressive': 2.8,
+          'jump_boundary_direct': None, 'jump_inside_direct': 2.85}  # fmt: skip
+  long = {'methods': ('autoregressive', 'direct'), 'autoregressive': method(6.5),
+          'direct': method(None), 'real': real, 'real_reconstructed': real, 'videos': 20,
+          'frames': 256, 'dit_step': 400, 'mixer': 'mate', 'window_latent_frames': 32,
+          'strides': [1], 'sampler': 'euler, 30 steps', 'guidance': 4.0, 'context': 1}  # fmt: skip
+  text = long_demo.report_text(long, {'psnr': 28.0}, None, {'long': 1})
+  assert '| autoregressive | 1 | 30 | 1 | 1.00 | 2.00 | 50.0% | 25.0% | 6.50 | 3.00 |' in text
+  assert '| direct | 1 | 30 | 1 | 1.00 | 2.00 | 50.0% | 25.0% | - | 3.00 |' in text
+  assert '| real videos | | | | | | 100.0% | 100.0% | 2.90 / - | 2.80 / 2.85 |' in text
 
 
 def test_real_long_videos_keep_their_class_and_move_by_the_generators_physics():
@@ -253,3 +279,8 @@ def test_direct_generation_is_one_window_over_the_whole_length():
   assert L.latent_length(257, 4, 4, STRIDES, 'direct') == 65  # any length: no nearest to name
   with pytest.raises(ValueError, match='stride 1'):
     L.make_plan('direct', 10, 4, (9, 3))
+
+
+def test_a_model_without_coarse_strides_cannot_generate_hierarchically_and_says_so():
+  with pytest.raises(ValueError, match='needs a stride > 1'):
+    L.latent_length(256, 4, 32, (1,), 'hierarchical')
