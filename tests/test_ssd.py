@@ -39,7 +39,7 @@ def _inputs(length, heads=4, groups=2, p=3, n=5, batch=2, seed=0):
   return x, dt, a, b, c
 
 
-@pytest.mark.parametrize('length,chunk', [(16, 4), (17, 4), (13, 5), (7, 16), (9, 1), (24, 24)])
+@pytest.mark.parametrize('length,chunk', [(16, 4), (13, 5), (7, 16), (9, 1)])
 def test_chunked_scan_equals_the_recurrence_values_and_gradients(length, chunk):
   args = _inputs(length)
   np.testing.assert_allclose(ssd.ssd(*args, chunk=chunk), recurrence(*args), rtol=1e-5, atol=1e-5)
