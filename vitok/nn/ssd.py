@@ -106,9 +106,15 @@ def two_scans(first: tuple, second: tuple, chunk: int) -> tuple[jax.Array, jax.A
   in the order it reads its tokens, computed as one: their heads side by side, each scan's B and
   C as its own groups. A bidirectional layer passes its forward and its reversed sequence; one
   call of twice the heads runs fewer, larger products than two calls."""
-  heads = first[0].shape[2]
-  joined = [
-      jnp.concatenate(pair, axis=2 if i != 2 else 0) for i, pair in enumerate(zip(first, second))
-  ]
-  y = ssd(*joined, chunk)
+  (x1, dt1, a1, b1, c1), (x2, dt2, a2, b2, c2) = first, second
+  side_by_side = lambda u, v: jnp.concatenate([u, v], axis=2)  # heads, or groups for B and C
+  y = ssd(
+      side_by_side(x1, x2),
+      side_by_side(dt1, dt2),
+      jnp.concatenate([a1, a2]),
+      side_by_side(b1, b2),
+      side_by_side(c1, c2),
+      chunk,
+  )
+  heads = x1.shape[2]
   return y[:, :, :heads], y[:, :, heads:]
