@@ -15,18 +15,20 @@ from vitok.core import sharding
 # Parameters: 'embed' (model width) is split over 'fsdp' (ZeRO-3 style: parameters, gradients and
 # Adam moments take 1/fsdp of the memory each), the MLP hidden and attention-head dimensions over
 # 'model' (tensor parallelism). Activations ('act_*') keep their width whole at block boundaries;
-# the batch is split over data and fsdp.
+# the batch is split over data and fsdp, and one clip's tokens over 'context' (context
+# parallelism, vitok/nn/context_parallel.py), whose devices also share the parameters' 'embed'
+# dimension with 'fsdp' (each holds 1 / (fsdp x context) of them, as MaxText does).
 # Mesh axes a mesh does not have are ignored, so these rules serve data x fsdp, data x model, ...
 SHARDING_RULES = (
     ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
+    ('embed', ('fsdp', 'context')),
     ('mlp', 'model'),
     ('heads', 'model'),
     ('layers', None),  # the stacked-blocks axis of model.scan: every device holds every block
     ('norm', None),
     ('tubelet', None),
     ('latent', None),
-    ('act_length', None),
+    ('act_length', 'context'),
     ('act_embed', None),
     ('act_heads', 'model'),
     ('act_mlp', 'model'),

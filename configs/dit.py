@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
           scan=False,  # blocks as one lax.scan over stacked parameters (as configs/vitok.py)
           # 'xla' | 'cudnn' | 'blockwise' | 'pallas_tpu' | 'splash_tpu' | 'auto' (configs/vitok.py)
           attention='xla',
+          context_attention='all_to_all',  # across a 'context' mesh axis (configs/vitok.py)
           # The token mixer of each block: 'attention' | 'mate' (LinGen's MATE, dit/mate.py:
           # a bidirectional Mamba2 scan in rotating axis orders with one review token per latent
           # frame, beside attention in (t, h, w) windows of `window` tokens shifted every other

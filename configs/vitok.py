@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
           # are multiples of 128) | 'auto' (splash_tpu on TPUs, cudnn on GPUs in bfloat16, else
           # xla)
           attention='xla',
+          # With a 'context' mesh axis (mesh.axes=data,fsdp,context; one clip's tokens split
+          # over it, vitok/nn/context_parallel.py): 'all_to_all' (heads per device must divide
+          # by the axis) | 'ring' (any head count; never holds the whole score matrix)
+          context_attention='all_to_all',
       )
   )
 

@@ -50,7 +50,7 @@ from flax import nnx
 from dit import mate
 from vitok.core import config_checks
 from vitok.core.sharding import constrain
-from vitok.nn import layers
+from vitok.nn import context_parallel, layers
 
 SIZES: dict[str, layers.ViTSize] = {
     'cpu64': layers.ViTSize(width=64, depth=2, heads=2),
@@ -70,6 +70,7 @@ MODEL_FIELDS = {
     'model.dtype': config_checks.OneOf(tuple(layers.COMPUTE_DTYPES)),
     'model.remat': config_checks.OneOf(tuple(layers.REMAT_POLICIES)),
     'model.attention': config_checks.OneOf(layers.ATTENTION_CHOICES),
+    'model.context_attention': config_checks.OneOf(context_parallel.SCHEMES),
     'model.rope_theta': config_checks.POSITIVE,
     'model.mixer': config_checks.OneOf(('attention', 'mate')),
     'model.ssd_chunk': config_checks.AT_LEAST_1,
@@ -112,6 +113,7 @@ class DiTConfig:
   remat: str = 'none'
   scan: bool = False  # blocks as one lax.scan over stacked parameters (see layers.make_blocks)
   attention: str = 'xla'
+  context_attention: str = 'all_to_all'  # across a 'context' mesh axis: 'all_to_all' | 'ring'
   # The token mixer of every block: 'attention' (the DiT's) or 'mate' (LinGen's MATE,
   # dit/mate.py: a bidirectional Mamba2 scan + temporal Swin windows, linear in the tokens)
   # with the SSD's chunk and state size, the (t, h, w) window and the review tokens.
@@ -266,7 +268,13 @@ class DiTBlock(nnx.Module):
       )
     else:
       self.attn = layers.Attention(
-          width, heads, attention=cfg.attention, qkv_bias=classic, dtype=dtype, rngs=rngs
+          width,
+          heads,
+          attention=cfg.attention,
+          context=cfg.context_attention,
+          qkv_bias=classic,
+          dtype=dtype,
+          rngs=rngs,
       )
     self.norm2 = _plain_norm(width, dtype)
     self.mlp = (

@@ -144,6 +144,7 @@ def _model_config(config, grid, channels: int, num_classes: int, strides) -> dit
       remat=config.model.remat,
       scan=config.model.scan,
       attention=config.model.attention,
+      context_attention=config.model.context_attention,
       frame_mask=bool(config.model.frame_mask),
       strides=strides,
       frame_positions=int(config.model.frame_positions),

@@ -302,6 +302,11 @@ def activation_sharding(mesh: Mesh, rules):
     _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, dict] | None:
+  """(mesh, rules) of the enclosing `activation_sharding`, or None outside one."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   """Pins the sharding of activation `x` by its logical axes (e.g. ('batch', 'act_length',
   'act_embed')). A no-op outside `activation_sharding`, so the model runs unchanged on one device.

@@ -42,7 +42,7 @@ def _blocks(x: jax.Array, block: int) -> jax.Array:
   return jnp.moveaxis(x.reshape(b, n, block, h, d), 1, 0)
 
 
-def _softmax_correction(d_out: jax.Array, out: jax.Array) -> jax.Array:
+def softmax_correction(d_out: jax.Array, out: jax.Array) -> jax.Array:
   """rowsum(do * o), (B, heads, Lq) in float32: the softmax Jacobian's correction term."""
   return jnp.einsum('bqhd,bqhd->bhq', d_out.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -115,7 +115,7 @@ def _dense_low_precision_fwd(q, k, v):
 def _dense_low_precision_bwd(residuals, d_out):
   q, k, v, out, p = residuals  # p: (B, heads, Lq, Lk) probabilities, in v's dtype
   scale = 1.0 / math.sqrt(q.shape[-1])
-  delta = _softmax_correction(d_out, out)
+  delta = softmax_correction(d_out, out)
   dq, dk, dv = _grads_from_probabilities(p, d_out.astype(v.dtype), q, k, v, delta, scale)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
@@ -131,7 +131,10 @@ def _scores(q: jax.Array, k_block: jax.Array, start, length: int, scale: float) 
   return jnp.where(valid, s, -jnp.inf)
 
 
-def _forward(q, k, v, block):
+def partial_attention(q, k, v, block: int):
+  """The queries against these keys only, blockwise: float32 (out (B, Lq, H, D), lse (B, H, Lq)).
+  Partial results against disjoint key sets combine exactly by their log-sum-exps
+  (`merge_partial`), which is how ring attention (vitok/nn/context_parallel.py) uses it."""
   b, length, h, d = q.shape
   scale = 1.0 / math.sqrt(d)
   kb, vb = _blocks(k, block), _blocks(v, block)
@@ -140,7 +143,7 @@ def _forward(q, k, v, block):
   def step(carry, xs):
     m, l, acc = carry  # (B, H, Lq), (B, H, Lq), (B, Lq, H, D) float32
     k_block, v_block, start = xs
-    s = _scores(q, k_block, start, length, scale)
+    s = _scores(q, k_block, start, k.shape[1], scale)
     m_new = jnp.maximum(m, s.max(axis=-1))
     correction = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[..., None])
@@ -159,6 +162,11 @@ def _forward(q, k, v, block):
   (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, starts))
   out = acc / jnp.moveaxis(l, 1, 2)[..., None]
   lse = m + jnp.log(l)  # (B, H, Lq)
+  return out, lse
+
+
+def _forward(q, k, v, block):
+  out, lse = partial_attention(q, k, v, block)
   return out.astype(q.dtype), lse
 
 
@@ -181,11 +189,19 @@ def _fwd(q, k, v, block):
 
 def _bwd(block, residuals, d_out):
   q, k, v, out, lse = residuals
-  b, length, h, d = q.shape
+  delta = softmax_correction(d_out, out)
+  dq, dk, dv = partial_gradients(q, k, v, d_out, lse, delta, block)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def partial_gradients(q, k, v, d_out, lse, delta, block: int):
+  """float32 (dq, dk, dv): the gradients' share that flows through these keys, given the
+  softmax statistics of *all* keys (`lse`, and `delta` = rowsum(d_out * out)); the shares of
+  disjoint key sets add up to the full gradients."""
+  b, length, h, d = k.shape
   scale = 1.0 / math.sqrt(d)
   kb, vb = _blocks(k, block), _blocks(v, block)
   starts = jnp.arange(kb.shape[0]) * block
-  delta = _softmax_correction(d_out, out)
 
   def step(dq, xs):
     k_block, v_block, start = xs
@@ -195,10 +211,18 @@ def _bwd(block, residuals, d_out):
 
   dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), (kb, vb, starts))
   unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, h, d)[:, :length]
-  return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
+  return dq, unblock(dk), unblock(dv)
 
 
 _blockwise.defvjp(_fwd, _bwd)
+
+
+def merge_partial(first, second):
+  """Two `partial_attention` results over disjoint key sets -> the result over their union."""
+  (out_a, lse_a), (out_b, lse_b) = first, second
+  lse = jnp.logaddexp(lse_a, lse_b)
+  weight = lambda x: jnp.moveaxis(jnp.exp(x - lse), 1, 2)[..., None]  # (B, Lq, H, 1)
+  return out_a * weight(lse_a) + out_b * weight(lse_b), lse
 
 
 def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -269,3 +293,13 @@ def splash_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   scaled = (q.astype(jnp.float32) / math.sqrt(head_dim)).astype(q.dtype)
   out = jax.vmap(kernel)(heads_first(scaled), heads_first(k), heads_first(v))
   return heads_first(out)
+
+
+# model.attention's implementations as single-device kernels on (B, L, heads, head_dim).
+KERNELS = {
+    'dense': dense_attention,
+    'blockwise': blockwise_attention,
+    'pallas': pallas_tpu_attention,
+    'splash': splash_tpu_attention,
+    'cudnn': functools.partial(jax.nn.dot_product_attention, implementation='cudnn'),
+}

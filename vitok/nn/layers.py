@@ -24,7 +24,7 @@ from flax import nnx
 from vitok.core.config_checks import ConfigError
 from vitok.core.sharding import constrain, shard_mapped
 from vitok.nn import attention as attention_lib
-from vitok.nn import matmul
+from vitok.nn import context_parallel, matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +262,7 @@ class Attention(nnx.Module):
       heads: int,
       *,
       attention: str = 'xla',
+      context: str = 'all_to_all',
       qkv_bias: bool = False,
       dtype,
       rngs: nnx.Rngs,
@@ -272,6 +273,7 @@ class Attention(nnx.Module):
       raise ValueError(f'model.attention must be one of {list(ATTENTION_IMPLS)}, got {attention!r}')
     self.heads = heads
     self.implementation = ATTENTION_IMPLS[attention]
+    self.context = context  # model.context_attention: the scheme across a context axis
     # q/k/v fused into one (width, 3, heads, head_dim) projection; see fused_dense.
     self.qkv = fused_dense(
         width,
@@ -291,19 +293,14 @@ class Attention(nnx.Module):
       with jax.named_scope('rope'):  # the scopes name ops in profiles (core/profile.py)
         q, k = apply_rope(q, angles), apply_rope(k, angles)
     q, k, v = (constrain(a, HEADS) for a in (q, k, v))
-    # (B, L, heads, head_dim) layout. 'cudnn' is the fused flash-attention kernel on NVIDIA GPUs
-    # (bf16/fp16 only); 'dense' and 'blockwise' work on any backend.
+    kernel = attention_lib.KERNELS[self.implementation]  # on (B, L, heads, head_dim)
     with jax.named_scope('attention_core'):
-      if self.implementation == 'dense':
-        y = attention_lib.dense_attention(q, k, v)
-      elif self.implementation == 'blockwise':
-        y = attention_lib.blockwise_attention(q, k, v)
-      elif self.implementation == 'pallas':  # a Pallas call: each device attends its own shard
-        y = shard_mapped(attention_lib.pallas_tpu_attention, HEADS, q, k, v)
-      elif self.implementation == 'splash':  # likewise
-        y = shard_mapped(attention_lib.splash_tpu_attention, HEADS, q, k, v)
-      else:
-        y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+      # Tokens split over a context axis: all-to-all or ring around this device's kernel.
+      y = context_parallel.attention(q, k, v, kernel, self.context)
+      if y is None and self.implementation in ('pallas', 'splash'):  # Pallas calls: per shard
+        y = shard_mapped(kernel, HEADS, q, k, v)
+      elif y is None:
+        y = kernel(q, k, v)
     return self.out(y.reshape(b, l, d))
 
 
@@ -339,11 +336,12 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-LayerNorm transformer block."""
 
-  def __init__(
-      self, width: int, heads: int, mlp: str, *, attention: str = 'xla', dtype, rngs: nnx.Rngs
-  ):
+  def __init__(self, width: int, heads: int, mlp: str, *, attention: str = 'xla',
+               context: str = 'all_to_all', dtype, rngs: nnx.Rngs):  # fmt: skip
     self.norm1 = layer_norm(width, dtype=dtype, rngs=rngs)
-    self.attn = Attention(width, heads, attention=attention, dtype=dtype, rngs=rngs)
+    self.attn = Attention(
+        width, heads, attention=attention, context=context, dtype=dtype, rngs=rngs
+    )
     self.norm2 = layer_norm(width, dtype=dtype, rngs=rngs)
     self.mlp = GatedMLP(width, mlp_hidden(width), mlp, dtype=dtype, rngs=rngs)
 
@@ -418,6 +416,7 @@ class ViT(nnx.Module):
       remat: str = 'none',
       scan: bool = False,
       attention: str = 'xla',
+      context: str = 'all_to_all',
       dtype,
       rngs: nnx.Rngs,
   ):
@@ -426,11 +425,9 @@ class ViT(nnx.Module):
     self.size = size
     self.remat = remat
     self.scan = scan
+    block = dict(attention=attention, context=context, dtype=dtype)
     self.blocks = make_blocks(
-        lambda r: Block(size.width, size.heads, mlp, attention=attention, dtype=dtype, rngs=r),
-        size.depth,
-        scan,
-        rngs,
+        lambda r: Block(size.width, size.heads, mlp, **block, rngs=r), size.depth, scan, rngs
     )
     self.norm = layer_norm(size.width, dtype=dtype, rngs=rngs)
 

@@ -21,7 +21,7 @@ from einops import rearrange
 from flax import nnx
 
 from vitok.core import config_checks
-from vitok.nn import layers
+from vitok.nn import context_parallel, layers
 
 # ViTok's encoder / decoder sizes: the paper's S, B, L (Table 1; head dims 64, 64, 72, the last
 # divisible by 3 for axial RoPE) plus this project's CPU sizes, named by their width so that
@@ -82,6 +82,7 @@ MODEL_FIELDS = {
     'model.dtype': config_checks.OneOf(tuple(layers.COMPUTE_DTYPES)),
     'model.remat': config_checks.OneOf(tuple(layers.REMAT_POLICIES)),
     'model.attention': config_checks.OneOf(layers.ATTENTION_CHOICES),
+    'model.context_attention': config_checks.OneOf(context_parallel.SCHEMES),
     'model.logvar_min': config_checks.Range(),
     'model.logvar_max': config_checks.Range(),
 }
@@ -103,6 +104,8 @@ class TokenizerConfig:
   scan: bool = False  # each ViT's blocks as one lax.scan over stacked parameters
   # 'xla' | 'cudnn' (NVIDIA GPUs) | 'blockwise' (any) | 'pallas_tpu' | 'splash_tpu' (TPUs)
   attention: str = 'xla'
+  # Attention across a 'context' mesh axis: 'all_to_all' | 'ring' (vitok/nn/context_parallel.py)
+  context_attention: str = 'all_to_all'
 
   @classmethod
   def from_config(cls, model_cfg) -> 'TokenizerConfig':
@@ -154,7 +157,8 @@ class ViTok(nnx.Module):
     dtype = layers.COMPUTE_DTYPES[cfg.dtype]
     tubelet = v.q * v.p * v.p * 3
     # Kernel = stride = (q, p, p): a 3-D convolution that is exactly one linear map per tubelet.
-    vit = dict(remat=cfg.remat, scan=cfg.scan, attention=cfg.attention, dtype=dtype, rngs=rngs)
+    vit = dict(remat=cfg.remat, scan=cfg.scan, attention=cfg.attention,
+               context=cfg.context_attention, dtype=dtype, rngs=rngs)  # fmt: skip
     self.patch_embed = layers.dense(
         tubelet, enc.width, ('tubelet', 'embed'), dtype=dtype, rngs=rngs
     )
