@@ -132,6 +132,18 @@ def _set(config, path: str, raw: str):
   node[leaf] = value
 
 
+def add_context_axis(config, size: int) -> None:
+  """A 'context' mesh axis of `size` after the mesh's other axes (replacing one already there):
+  (-1, 1) over data x fsdp becomes (-1, 1, size) over data x fsdp x context. A `mesh=` shortcut
+  after it sets all three sizes."""
+  if size < 1:
+    raise ValueError(size)
+  named = zip(sharding.mesh_axes(config.mesh.axes), sharding.parse_mesh_shape(config.mesh.shape))
+  kept = [(a, s) for a, s in named if a != 'context']
+  config.mesh.axes = tuple(a for a, _ in kept) + ('context',)
+  config.mesh.shape = tuple(s for _, s in kept) + (size,)
+
+
 def apply_arguments(config, arg: str | None, shortcuts: dict[str, str], preset, file: str):
   """Applies `arg` = 'preset,key=value,...' to `config`: bare names through `preset(config,
   name)`, `key=value` through `shortcuts` (key -> dotted field). Raises ValueError naming `file`."""
@@ -140,10 +152,16 @@ def apply_arguments(config, arg: str | None, shortcuts: dict[str, str], preset, 
       preset(config, item.strip())
       continue
     key, value = (s.strip() for s in item.split('=', 1))
+    if key == 'context':  # every family: one clip's tokens over a context axis of that size
+      try:
+        add_context_axis(config, int(value))
+      except ValueError:
+        raise ValueError(f'config shortcut context={value}: takes a positive size') from None
+      continue
     if key not in shortcuts:
       raise ValueError(
           f'unknown config shortcut {key!r} in {file}:{arg}; '
-          f'known: {", ".join(shortcuts)} (or use --config.<field>=value)'
+          f'known: {", ".join(shortcuts)}, context (or use --config.<field>=value)'
       )
     try:
       _set(config, shortcuts[key], value)

@@ -30,7 +30,7 @@ import jax
 from absl import flags
 
 from launch import common
-from vitok.core import hardware, perf, roofline, sharding, topology, trainer
+from vitok.core import hardware, hlo_cost, perf, roofline, sharding, topology, trainer
 from vitok.core import train_state as ts
 
 GIB = 2**30
@@ -70,6 +70,9 @@ def compile_plan(config, mesh) -> dict:
   )
   compile_s = time.perf_counter() - started
   stats = perf.compiled_stats(compiled)
+  # The collectives of one step by kind and mesh axis, read from the compiled program (what
+  # XLA:CPU's partitioner chose; the TPU compiler's schedule may differ).
+  cost = hlo_cost.analyze(compiled.as_text(), dict(mesh.shape))
   parts = roofline.state_bytes(layout, frozen)
   params_b, frozen_b = parts['params_bytes'], parts['frozen_bytes']
   optimizer_b = parts['optimizer_bytes'] + parts['ema_bytes']
@@ -89,6 +92,8 @@ def compile_plan(config, mesh) -> dict:
       ),
       'model_TFLOP_per_step_per_device': round(analytic / 1e12, 4),
       'xla_TFLOP_per_step_per_device': round((stats['flops'] or 0) / 1e12, 4),
+      'collectives': cost.by_kind(),
+      'collective_wire_bytes': sum(c.wire_bytes * c.times for c in cost.collectives),
       'compile_s': round(compile_s, 1),
       **(
           {'note': 'XLA counts the scanned blocks once (model.scan); MFU uses the model FLOPs'}

@@ -143,7 +143,7 @@ def test_shortcut_with_a_wrong_type_names_the_shortcut_and_field():
             ['--config=configs/vitok.py:demo,lrr=3'],
             "bad flag --config=configs/vitok.py:demo,lrr=3: unknown config shortcut 'lrr' in "
             'configs/vitok.py:demo,lrr=3; known: variant, channels, res, frames, batch, steps, lr, data, '
-            'manual_dir, mesh (or use --config.<field>=value)',
+            'manual_dir, mesh, context (or use --config.<field>=value)',
         ),
         (
             ['--config=configs/nothere.py'],

@@ -43,6 +43,11 @@ def _as_tuple(value, separators: str = ',') -> tuple:
   return tuple(value)
 
 
+def mesh_axes(axes) -> tuple[str, ...]:
+  """config.mesh.axes as a tuple of names: ('data', 'fsdp') or 'data,fsdp'."""
+  return tuple(str(a) for a in _as_tuple(axes))
+
+
 def parse_mesh_shape(shape) -> tuple[int, ...]:
   """The one parser of mesh shapes: (2, 4), [2, 4], '2x4', '2,4', ('2x4',) -> (2, 4). Sizes are
   not checked against devices here (see `mesh_shape`). Raises ValueError naming the value."""
@@ -63,7 +68,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[str, 
   """Resolves `config.mesh` against a device count: (sizes with -1 filled in, axis names).
 
   Raises ValueError naming `config.mesh.*` and both numbers when the mesh cannot be built."""
-  axes = tuple(str(a) for a in _as_tuple(mesh_cfg.axes))
+  axes = mesh_axes(mesh_cfg.axes)
   try:
     sizes = parse_mesh_shape(mesh_cfg.shape)
   except ValueError as e:
