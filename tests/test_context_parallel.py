@@ -129,11 +129,23 @@ def _layout(task, config, mesh_spec):
   return trainer.create_layout(task, config, mesh)
 
 
+def _frozen(task, mesh):
+  """What the loss reads besides the batch. A DiT on cached latents reads only their statistics
+  (not the frozen tokenizer, whose random initialisation would cost seconds here)."""
+  abstract = task.abstract_frozen(mesh)
+  if 'stats' not in abstract:
+    return task.frozen(mesh)
+  latents = task.latents
+  stats = {'mean': latents.channel_mean, 'std': latents.channel_std}
+  stats = {k: np.asarray(v, np.float32) for k, v in stats.items()}
+  return {'stats': sharding.place(stats, abstract['stats'])}
+
+
 def _loss_and_gradients(task, config, mesh_spec, batch):
   """The train step's loss and gradients at the (perturbed) initial state on `mesh_spec`."""
   layout = _layout(task, config, mesh_spec)
   state = _perturbed(layout.init())
-  frozen = task.frozen(layout.mesh)
+  frozen = _frozen(task, layout.mesh)
   batch = trainer.global_batch(batch, sharding.batch_sharding(layout.mesh, config.sharding_rules))
 
   def loss(params):

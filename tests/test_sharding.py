@@ -113,7 +113,6 @@ def single_device_run():
     [
         ((2, 4), ('data', 'fsdp')),
         ((4, 2), ('data', 'fsdp')),
-        ((8, 1), ('data', 'fsdp')),
         ((4, 2), ('data', 'model')),
     ],
 )
