@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
-from training_equality import assert_same_training
+from training_equality import assert_same_training, perturbed
 
 from configs import vitok as vitok_config
 from vitok.core import checkpoint as ckpt_lib
@@ -109,19 +109,6 @@ def test_tokens_or_heads_that_do_not_split_are_refused_in_one_line():
 # ----------------------------------------------------------------------------------------------
 
 
-def _perturbed(state):
-  """`state` with every parameter moved by the same seeded noise on every mesh, so that the
-  zero-initialised gates (adaLN-Zero, output layers) let attention shape the very first step."""
-  rng = np.random.default_rng(1)
-  moved = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
-           for x in jax.tree.leaves(state.params)]  # fmt: skip
-  place = lambda: jax.tree.unflatten(
-      jax.tree.structure(state.params),
-      [jax.device_put(m, x.sharding) for m, x in zip(moved, jax.tree.leaves(state.params))],
-  )
-  return state.replace(params=place(), ema_params=place())  # two copies: both are donated
-
-
 def _layout(task, config, mesh_spec):
   shape, axes = mesh_spec
   config.mesh.update(shape=shape, axes=axes)
@@ -144,7 +131,7 @@ def _frozen(task, mesh):
 def _loss_and_gradients(task, config, mesh_spec, batch):
   """The train step's loss and gradients at the (perturbed) initial state on `mesh_spec`."""
   layout = _layout(task, config, mesh_spec)
-  state = _perturbed(layout.init())
+  state = perturbed(layout.init())
   frozen = _frozen(task, layout.mesh)
   batch = trainer.global_batch(batch, sharding.batch_sharding(layout.mesh, config.sharding_rules))
 
@@ -192,14 +179,17 @@ def dit_cache(tmp_path_factory):
   }
 
 
-def _dit(cache, dtype, scheme='all_to_all'):
-  """The tiny DiT of tests/test_dit_task.py (DiT-cpu64: 2 heads, 1 x 4 x 4 tokens per clip)."""
+def _dit(cache, dtype, scheme='all_to_all', mixer='attention'):
+  """The tiny DiT of tests/test_dit_task.py (DiT-cpu64: 2 heads, 1 x 4 x 4 tokens per clip);
+  MATE with 1 x 2 x 2 windows and chunks of 4 tokens, so that every part of the mixer runs."""
   from test_dit_task import _config
 
   from launch import tasks
 
   config = _config(cache[0], 'ddpm')  # with the learned variance and its VB term
-  config.model.update(dtype=dtype, context_attention=scheme)
+  config.model.update(dtype=dtype, context_attention=scheme or 'all_to_all', mixer=mixer)
+  if mixer == 'mate':
+    config.model.update(window='1,2,2', ssd_chunk=4, ssd_state=8)
   return tasks.make_task(config), config, cache[1]
 
 
@@ -219,12 +209,19 @@ GRADIENT_TOLERANCE = {'float32': (1e-4, 1e-4), 'bfloat16': (0.35, 0.12)}
         ('tokenizer', 'ring', MESH_2X2X2, 'bfloat16'),
         ('dit', 'ring', MESH_2X4, 'float32'),  # 2 heads: all-to-all cannot split them 4 ways
         ('dit', 'all_to_all', MESH_2X2X2, 'bfloat16'),
+        # MATE: heads over 'model' and, with no sequence-parallel scan yet, its tokens over
+        # 'context' through XLA's partitioner.
+        ('dit_mate', None, ((2, 2, 2), ('data', 'model', 'context')), 'float32'),
     ],
 )
 def test_a_context_parallel_train_step_has_the_loss_and_gradients_of_one_device(
     dit_cache, family, scheme, mesh_spec, dtype
 ):
-  make = _tokenizer if family == 'tokenizer' else functools.partial(_dit, dit_cache)
+  make = {
+      'tokenizer': _tokenizer,
+      'dit': functools.partial(_dit, dit_cache),
+      'dit_mate': functools.partial(_dit, dit_cache, mixer='mate'),
+  }[family]
   task, config, batch = make(dtype)
   reference_loss, reference = _loss_and_gradients(task, config, ONE_DEVICE, batch)
   task, config, batch = make(dtype, scheme)
@@ -237,27 +234,29 @@ def test_a_context_parallel_train_step_has_the_loss_and_gradients_of_one_device(
   assert np.median(list(differences.values())) <= median
 
 
-def test_a_context_parallel_run_resumes_without_the_axis_and_back(tmp_path):
+def test_a_context_parallel_run_resumes_without_the_axis_and_back(dit_cache, tmp_path):
   """Two train steps on data x context (ring), saved; restored on one device (no context axis)
   for a third step, saved; restored on data x context for a fourth: the same training as four
   steps on one device (optimizer and EMA included)."""
-  task, config, host_batch = _tokenizer('float32', 'ring')
+  task, config, host_batch = _dit(dit_cache, 'float32', 'ring')
   runs = {}
   for name, mesh_spec in (('one', ONE_DEVICE), ('context', MESH_2X4)):
     layout = _layout(task, config.copy_and_resolve_references(), mesh_spec)
-    rules = config.sharding_rules
+    frozen = _frozen(task, layout.mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            frozen)  # fmt: skip
     step = ts.compile_train_step(
-        layout, task.loss_fn, config.optim.ema_decay, task.abstract_batch(), {}
+        layout, task.loss_fn, config.optim.ema_decay, task.abstract_batch(), abstract
     )
-    batch = trainer.global_batch(host_batch, sharding.batch_sharding(layout.mesh, rules))
-    runs[name] = (layout, lambda state, step=step, batch=batch: step(state, batch, {})[0])
+    batch = sharding.batch_sharding(layout.mesh, config.sharding_rules)
+    batch = trainer.global_batch(host_batch, batch)
+    runs[name] = (layout, lambda s, step=step, b=batch, f=frozen: step(s, b, f)[0])
   (one, one_step), (context, context_step) = runs['one'], runs['context']
-  initial = jax.device_get(_perturbed(one.init()))
-  state = jax.device_put(initial, context.shardings)
-  state = context_step(context_step(state))
+  initial = jax.device_get(one.init())
+  state = context_step(context_step(jax.device_put(initial, context.shardings)))
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
-  for step_number, (target, step) in ((2, (one, one_step)), (3, (context, context_step))):
-    checkpointer.save(step_number, state)
+  for number, (target, step) in ((2, (one, one_step)), (3, (context, context_step))):
+    checkpointer.save(number, state)
     checkpointer.wait()
     saved = jax.device_get(state)
     state = checkpointer.restore(target.abstract)

@@ -212,16 +212,12 @@ def test_a_tiny_dit_overfits_one_batch_and_sampling_lands_on_it(
     assert float(jnp.max(jnp.diag(distances))) < tolerance * scale, distances
 
 
-@pytest.mark.parametrize('mixer', ['attention', 'mate'])
-def test_a_sharded_dit_step_equals_one_device(cache, mixer):
+def test_a_sharded_dit_step_equals_one_device(cache):
+  # MATE's sharded step is in tests/test_context_parallel.py (data x model x context).
   config = _config(cache[0], 'ddpm')  # with the learned variance and its VB term
-  # MATE: windows of 1 x 2 x 2 tokens on the 1 x 4 x 4 grid, shifted in the second block, and
-  # chunks of 4 tokens, so that every part of the mixer runs.
-  config.model.update(mixer=mixer, window='1,2,2', ssd_chunk=4, ssd_state=8)
   results = []
   meshes = [((1, 1), ('data', 'fsdp')), ((2, 4), ('data', 'fsdp')), ((2, 4), ('data', 'model'))]
-  # MATE's parameters and activations follow the same rules: one 2 x 4 mesh (heads over 'model').
-  for shape, axes in meshes if mixer == 'attention' else meshes[::2]:
+  for shape, axes in meshes:
     config.mesh.update(shape=shape, axes=axes)
     task = tasks.make_task(config)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[: int(np.prod(shape))])

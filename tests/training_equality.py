@@ -66,3 +66,16 @@ def assert_same_training(state, reference, initial):
       + ', '.join(f'{name} {value:.2e}' for name, value in worst)
       + f' (limit {ARRAY_RTOL})'
   )
+
+
+def perturbed(state):
+  """`state` with every parameter moved by the same seeded noise on every mesh, so that the
+  zero-initialised gates (adaLN-Zero, output layers) let attention shape the very first step."""
+  rng = np.random.default_rng(1)
+  moved = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+           for x in jax.tree.leaves(state.params)]  # fmt: skip
+  place = lambda: jax.tree.unflatten(
+      jax.tree.structure(state.params),
+      [jax.device_put(m, x.sharding) for m, x in zip(moved, jax.tree.leaves(state.params))],
+  )
+  return state.replace(params=place(), ema_params=place())  # two copies: both are donated
