@@ -69,12 +69,16 @@ def test_plan_command_prints_json_and_rejects_bad_configs():
 
 @pytest.mark.slow
 def test_plan_compiles_for_a_mesh_of_simulated_devices():
-  out = _run('launch.plan', '--config=configs/vitok.py:demo,batch=16', '--mesh=4x4')
+  out = _run('launch.plan', '--config=configs/vitok.py:demo,batch=16,context=2', '--mesh=4x2x2')
   assert out.returncode == 0, out.stderr[-2000:]
   compiled = json.loads(out.stdout)['compiled']
-  assert compiled['devices'] == 16 and compiled['mesh'] == {'data': 4, 'fsdp': 4}
-  # fsdp=4: each device holds about a quarter of the 4.25M float32 parameters, and Adam's two
-  # moments twice that.
+  assert compiled['devices'] == 16 and compiled['mesh'] == {'data': 4, 'fsdp': 2, 'context': 2}
+  # Each clip's tokens over 'context': two all-to-alls per attention layer forward (q, k, v in
+  # one, the output back) and two backward, in the 4 + 4 blocks of cpu128-cpu128.
+  by_kind = {(c['kind'], c['axes']): c for c in compiled['collectives']}
+  assert by_kind[('all-to-all', 'context')]['instructions'] == 4 * 8
+  # fsdp x context = 4: each device holds about a quarter of the 4.25M float32 parameters, and
+  # Adam's two moments twice that.
   params_gib = 4.25e6 * 4 / 2**30
   assert params_gib / 4 <= compiled['params_GiB_per_device'] < 1.2 * params_gib / 4
   assert compiled['optimizer_GiB_per_device'] == pytest.approx(
