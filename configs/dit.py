@@ -21,11 +21,15 @@ r"""DiT training on the latents of a frozen ViTok tokenizer (class-conditional g
                          longer ones in one pass (launch.sample_long --method=direct)
             ucf101    -- ViTok's video recipe: DiT-L on S-B/4x8 latents of 16x128x128 UCF-101
                          clips (1024 tokens), DDPM with learned variance, batch 256, LR 1e-4
+            long_video -- DiT-XL/1 on 1,152-frame 128x128 clips of a video folder (73,728 tokens
+                         each), every clip's tokens over a context axis of 8 chips
+                         (docs/context_parallel.md)
             imagenet  -- DiT-XL on S-B/16 latents of 256x256 images (256 tokens)
             imagenet_xl2 -- DiT-XL/2 on 32 x 32 x 4 latents (S-B/8, c = 4) of 256x256 images: the
                          original DiT-XL/2's shapes
   shortcuts variant, latents (cache directory), source (cache | video), tokenizer, objective, batch,
-            steps, lr, guidance, mesh (e.g. `demo,latents=/tmp/latents,steps=500`).
+            steps, lr, guidance, mesh, context (a context mesh axis of that size; e.g.
+            `demo,latents=/tmp/latents,steps=500`).
 
 The latent grid and channels come from the cache (its latents.json); `tokenizer.dir` defaults to
 the tokenizer the cache was encoded with. Without a cache, `source=video,tokenizer=DIR` encodes
@@ -262,6 +266,19 @@ def _preset(config, name: str):
     config.evals.samples.every = 50_000
     config.evals.loss.every = 10_000
     config.ckpt_every = 10_000
+  elif name == 'long_video':
+    # Movie Gen's length: 1,152-frame 128x128 clips of your own videos (data.name=video_folder,
+    # data.manual_dir=...), 288 x 16 x 16 = 73,728 latent tokens each, on DiT-XL/1. One clip
+    # fits no chip: its tokens are split over a context axis of 8 (docs/context_parallel.md),
+    # all-to-all around the splash kernel. The TPU compiler's plan on a v5p-16 (data 1 x fsdp 1 x
+    # context 8, one clip): 26.99 GiB per chip, a step >= 0.97 s (compute-bound); context 4 is
+    # the smallest that fits (python -m launch.plan --config=configs/dit.py:long_video,batch=1
+    # --topology=v5p-16). On a v5p-128 the default mesh is data 8 x context 8.
+    _preset(config, 'ucf101')
+    config.model.update(variant='DiT-XL/1', scan=True, context_attention='all_to_all')
+    config.data.update(name='video_folder', frames=1152, res=128, hflip=True)
+    config.data.batch_size = 8
+    common.add_context_axis(config, 8)
   elif name == 'imagenet':
     config.model.update(variant='DiT-XL/1', num_classes=1000, dtype='auto', attention='auto')
     config.tokenizer.update(variant='S-B/16', channels=16)
@@ -282,7 +299,7 @@ def _preset(config, name: str):
   else:
     raise ValueError(
         f'unknown preset {name!r} in configs/dit.py (demo | digits | long_digits | ucf101 | '
-        'imagenet | imagenet_xl2, and digits_mate | long_digits_mate | ucf101_mate)'
+        'long_video | imagenet | imagenet_xl2, and digits_mate | long_digits_mate | ucf101_mate)'
     )
 
 

@@ -14,7 +14,9 @@ r"""ViTok stage-1 training (L2 + KL + LPIPS; no GAN).
             ucf101    -- the paper's UCF-101 16x128x128 S-B/4x8 recipe
             imagenet  -- image recipe (S-B/16 at 256p) on a user's image folder
   shortcuts variant, channels, res, frames, batch, steps, lr, data (dataset name), manual_dir,
-            mesh (e.g. `demo,steps=200`, `variant=S-L/1x16,frames=1,res=256`, `ucf101,mesh=16x16`).
+            mesh, context (a context mesh axis of that size: each clip's tokens split over it;
+            docs/context_parallel.md) (e.g. `demo,steps=200`, `variant=S-L/1x16,frames=1,res=256`,
+            `ucf101,mesh=16x16`, `ucf101,context=4`).
 
 Every field can also be overridden with `--config.<path>=value` flags.
 """

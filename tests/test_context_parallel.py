@@ -270,3 +270,18 @@ def test_a_context_parallel_run_resumes_without_the_axis_and_back(dit_cache, tmp
     reference = one_step(reference)
   assert int(state.step) == 4
   assert_same_training(state, reference, initial)
+
+
+def test_the_context_shortcut_and_the_long_video_preset():
+  from configs import dit as dit_config
+  from launch import tasks
+
+  config = vitok_config.get_config('ucf101,context=4')
+  assert (config.mesh.shape, config.mesh.axes) == ((-1, 1, 4), ('data', 'fsdp', 'context'))
+  config = vitok_config.get_config('ucf101,context=4,context=2,mesh=2x2x2')  # replaced, then set
+  assert (config.mesh.shape, config.mesh.axes) == ((2, 2, 2), ('data', 'fsdp', 'context'))
+  with pytest.raises(ValueError, match='context=0: takes a positive size'):
+    vitok_config.get_config('ucf101,context=0')
+  config = dit_config.get_config('long_video')
+  assert (config.mesh.shape, config.mesh.axes) == ((-1, 1, 8), ('data', 'fsdp', 'context'))
+  assert tasks.make_task(config).model_cfg.grid == (288, 16, 16)  # 73,728 tokens, 8 x 9,216
