@@ -350,6 +350,14 @@ class DiTTask:
     )
     return jax.ShapeDtypeStruct((clips,), np.int32, sharding=placement)
 
+  def attention_stacks(self) -> list[tuple[str, int, int, str]]:
+    """(name, tokens, heads, context scheme) of the attention stack (none for MATE blocks), for
+    the start-up check of a context mesh axis (vitok.core.trainer.check_context_split)."""
+    cfg = self.model_cfg
+    if cfg.mixer != 'attention':
+      return []
+    return [('DiT', cfg.tokens, cfg.size.heads, cfg.context_attention)]
+
   def describe(self) -> dict:
     cfg = self.model_cfg
     return {

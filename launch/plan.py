@@ -62,6 +62,7 @@ def compile_plan(config, mesh) -> dict:
   task = common.make_task_or_exit(config)
   trainer.configure_runtime(config)
   _check_batch(config, mesh)
+  _check_context(task, config, mesh)
   layout = trainer.create_layout(task, config, mesh)
   frozen = task.abstract_frozen(mesh)  # shapes only: nothing is loaded onto the devices
   started = time.perf_counter()
@@ -103,6 +104,13 @@ def compile_plan(config, mesh) -> dict:
   }
 
 
+def _check_context(task, config, mesh) -> None:
+  try:
+    trainer.check_context_split(task, config, mesh)
+  except ValueError as e:
+    common.fail(f'bad config: {e}')
+
+
 def _check_batch(config, mesh) -> None:
   dp = sharding.data_parallel_size(mesh, config.sharding_rules)
   if config.data.batch_size % dp:
@@ -125,6 +133,7 @@ def tpu_plan(config, piece: topology.Slice) -> dict:
     except ValueError as e:
       common.fail(f'bad config: {e}')
     _check_batch(config, mesh)
+    _check_context(task, config, mesh)
     hosts = len({d.process_index for d in devices})
     layout = trainer.create_layout(task, config, mesh)
     frozen = task.abstract_frozen(mesh)

@@ -20,6 +20,7 @@ from configs import vitok as vitok_config
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import sharding, trainer
 from vitok.core import train_state as ts
+from vitok.core.config_checks import ConfigError
 from vitok.nn import attention as attention_lib
 from vitok.nn import context_parallel
 from vitok.tokenizer import stage1
@@ -102,6 +103,17 @@ def test_tokens_or_heads_that_do_not_split_are_refused_in_one_line():
     jax.eval_shape(_context_attention(mesh, 'all_to_all'), q, k, v)
   # Outside a context mesh the caller's kernel runs as usual.
   assert context_parallel.attention(q, k, v, attention_lib.dense_attention, 'ring') is None
+  # Training and launch.plan check every attention stack at start-up, before compiling.
+  task, config, _ = _tokenizer('float32')  # 4 heads, 32 tokens
+  with pytest.raises(ConfigError, match=r'4 heads per device of the encoder, which do not split '
+                     r"over the mesh's context=8 axis"):  # fmt: skip
+    trainer.check_context_split(task, config, _mesh((1, 8), ('data', 'context')))
+  config.model.context_attention = 'ring'
+  task = stage1.TokenizerTask(config)
+  trainer.check_context_split(task, config, _mesh((1, 8), ('data', 'context')))  # any heads
+  with pytest.raises(ConfigError, match=r'32 tokens per clip of the encoder do not split evenly'):
+    trainer.check_context_split(task, config, jax.make_mesh((1, 3), ('data', 'context'),
+                                axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:3]))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -339,6 +339,47 @@ def shard_mapped(fn, logical_axes: LogicalAxes, *args: jax.Array) -> jax.Array:
   )(*args)
 
 
+# Context parallelism (vitok/nn/context_parallel.py): the schemes of model.context_attention, and
+# the layout of attention's q, k and v, (B, L, heads, head_dim).
+CONTEXT_SCHEMES = ('all_to_all', 'ring')
+ATTENTION_HEADS = ('batch', 'act_length', 'act_heads', None)
+
+
+def check_context_split(
+    mesh: Mesh, rules, length: int, heads: int, scheme: str, what: str = ''
+) -> int:
+  """The number of ways the context axes split `length` tokens; raises ValueError in one line
+  when they do not split evenly, or (all-to-all) the heads on a device do not. `what` names the
+  attention stack in the message. Run at start-up (`trainer.check_context_split`) and again
+  while tracing (vitok/nn/context_parallel.py)."""
+  if scheme not in CONTEXT_SCHEMES:
+    raise ValueError(
+        f'model.context_attention must be one of {list(CONTEXT_SCHEMES)}, got {scheme!r}'
+    )
+  rules = rules_dict(rules) if not isinstance(rules, dict) else rules
+  axes = [a for a in rules.get('act_length', ()) if mesh.shape.get(a, 1) > 1]
+  n = math.prod(mesh.shape[a] for a in axes)
+  if n == 1:
+    return 1
+  where = f"the mesh's {' x '.join(f'{a}={mesh.shape[a]}' for a in axes)} axis"
+  what = f' of the {what}' if what else ''
+  if length % n:
+    raise ValueError(
+        f'{length} tokens per clip{what} do not split evenly over {where}: choose data.frames, '
+        f'data.res or config.mesh.shape so that the token count is a multiple of {n}'
+    )
+  spec = logical_to_spec(ATTENTION_HEADS, rules, mesh, (mesh.size, length, heads, 1))
+  heads_axes = spec[2] if len(spec) > 2 and spec[2] is not None else ()
+  heads_axes = (heads_axes,) if isinstance(heads_axes, str) else heads_axes
+  local_heads = heads // math.prod(mesh.shape[a] for a in heads_axes)
+  if scheme == 'all_to_all' and local_heads % n:
+    raise ValueError(
+        f"model.context_attention='all_to_all' gathers whole sequences for {local_heads} heads "
+        f"per device{what}, which do not split over {where}: use model.context_attention='ring'"
+    )
+  return n
+
+
 def abstract_bytes_per_device(abstract: Any, shardings: Any) -> int:
   """Bytes per device (the largest shard) of abstract arrays placed with `shardings`."""
   total = 0

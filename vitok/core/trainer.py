@@ -59,6 +59,16 @@ def create_layout(task, config, mesh=None) -> ts.StateLayout:
   return ts.state_layout(task.create_model, config, mesh, config.total_steps, groups)
 
 
+def check_context_split(task, config, mesh) -> None:
+  """A context mesh axis must split the tokens of every attention stack of the task (and, for
+  all-to-all, its heads): `task.attention_stacks()` -> [(name, tokens, heads, scheme)]."""
+  for name, tokens, heads, scheme in getattr(task, 'attention_stacks', lambda: [])():
+    try:
+      sharding.check_context_split(mesh, config.sharding_rules, tokens, heads, scheme, name)
+    except ValueError as e:
+      raise config_checks.ConfigError(str(e)) from None
+
+
 def check_batch_fits(config, mesh) -> None:
   """The global training batch must split evenly over the data axes and over the processes, and
   each process's devices must hold its own block of rows. (The evaluation batch is rounded up
@@ -218,6 +228,7 @@ def start_run(config, workdir: str, task) -> Run:
   except ValueError as e:
     raise config_checks.ConfigError(str(e)) from None
   check_batch_fits(config, mesh)
+  check_context_split(task, config, mesh)
 
   sources = prepare_data(task)
   layout = create_layout(task, config, mesh)

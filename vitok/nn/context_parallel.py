@@ -31,7 +31,6 @@ refused in one line (padding would change what the padded keys take from the sof
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +38,8 @@ import jax.numpy as jnp
 from vitok.core import sharding
 from vitok.nn import attention as attention_lib
 
-SCHEMES = ('all_to_all', 'ring')
-HEADS = ('batch', 'act_length', 'act_heads', None)  # q, k, v: (B, L, heads, head_dim)
+SCHEMES = sharding.CONTEXT_SCHEMES
+HEADS = sharding.ATTENTION_HEADS  # q, k, v: (B, L, heads, head_dim)
 
 
 def sequence_axes() -> tuple[str, ...]:
@@ -61,31 +60,14 @@ def attention(q, k, v, kernel, scheme: str):
   axes = sequence_axes()
   if not axes:
     return None
-  if scheme not in SCHEMES:
-    raise ValueError(f'model.context_attention must be one of {list(SCHEMES)}, got {scheme!r}')
   mesh, rules = sharding.active()
-  n = math.prod(mesh.shape[a] for a in axes)
-  b, length, heads, _ = q.shape
-  where = f"the mesh's {' x '.join(f'{a}={mesh.shape[a]}' for a in axes)} axis"
-  if length % n:
-    raise ValueError(
-        f'{length} tokens per clip do not split evenly over {where}: choose data.frames, '
-        f'data.res or config.mesh.shape so that the token count is a multiple of {n}'
-    )
+  n = sharding.check_context_split(mesh, rules, q.shape[1], q.shape[2], scheme)
   spec = sharding.logical_to_spec(HEADS, rules, mesh, q.shape)
-  heads_axes = spec[2] if len(spec) > 2 and spec[2] is not None else ()
-  heads_axes = (heads_axes,) if isinstance(heads_axes, str) else heads_axes
-  local_heads = heads // math.prod(mesh.shape[a] for a in heads_axes)
-  if scheme == 'all_to_all' and local_heads % n:
-    raise ValueError(
-        f"model.context_attention='all_to_all' gathers whole sequences for {local_heads} heads "
-        f"per device, which do not split over {where}: use model.context_attention='ring'"
-    )
   axis = axes[0] if len(axes) == 1 else axes
   if scheme == 'all_to_all':
     fn = functools.partial(_all_to_all, axis=axis, kernel=kernel)
   else:
-    block = min(attention_lib.DEFAULT_BLOCK, length // n)
+    block = min(attention_lib.DEFAULT_BLOCK, q.shape[1] // n)
     fn = lambda q, k, v: ring_attention(q, k, v, axis, n, block)
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
       q, k, v

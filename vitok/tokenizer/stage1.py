@@ -176,6 +176,13 @@ class TokenizerTask:
         ],
     ]
 
+  def attention_stacks(self) -> list[tuple[str, int, int, str]]:
+    """(name, tokens, heads, context scheme) of each attention stack, for the start-up check
+    of a context mesh axis (vitok.core.trainer.check_context_split)."""
+    v, scheme = self.model_cfg.parsed, self.model_cfg.context_attention
+    sizes = (('encoder', tokenizer.SIZES[v.encoder]), ('decoder', tokenizer.SIZES[v.decoder]))
+    return [(name, self.tokens_per_clip, size.heads, scheme) for name, size in sizes]
+
   def describe(self) -> dict:
     """Parameter counts, tokens, E, pixels per latent float and forward GMACs per clip."""
     cfg, frames, res = self.model_cfg, self.config.data.frames, self.config.data.res
