@@ -134,14 +134,18 @@ def _set(config, path: str, raw: str):
 
 def add_context_axis(config, size: int) -> None:
   """A 'context' mesh axis of `size` after the mesh's other axes (replacing one already there):
-  (-1, 1) over data x fsdp becomes (-1, 1, size) over data x fsdp x context. A `mesh=` shortcut
-  after it sets all three sizes."""
+  (-1, 1) over data x fsdp becomes (-1, 1, size) over data x fsdp x context, and a multi-slice
+  `dcn_shape` gets a 1 for it. Shortcuts apply in order: a `mesh=` after it sets all three sizes
+  (`mesh=16x16,context=4` gives 16 x 16 x 4)."""
   if size < 1:
     raise ValueError(size)
-  named = zip(sharding.mesh_axes(config.mesh.axes), sharding.parse_mesh_shape(config.mesh.shape))
-  kept = [(a, s) for a, s in named if a != 'context']
-  config.mesh.axes = tuple(a for a, _ in kept) + ('context',)
-  config.mesh.shape = tuple(s for _, s in kept) + (size,)
+  axes = sharding.mesh_axes(config.mesh.axes)
+  keep = [i for i, a in enumerate(axes) if a != 'context']
+  config.mesh.axes = tuple(axes[i] for i in keep) + ('context',)
+  config.mesh.shape = tuple(sharding.parse_mesh_shape(config.mesh.shape)[i] for i in keep) + (size,)
+  dcn = config.mesh.get('dcn_shape', ())
+  if dcn not in ((), [], '', ('',)):  # slices over the data-centre network: none along context
+    config.mesh.dcn_shape = tuple(sharding.parse_mesh_shape(dcn)[i] for i in keep) + (1,)
 
 
 def apply_arguments(config, arg: str | None, shortcuts: dict[str, str], preset, file: str):

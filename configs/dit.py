@@ -104,8 +104,12 @@ def base_config() -> ml_collections.ConfigDict:
   )
   # The frozen tokenizer: `dir` (an export or a training workdir; '' = the one the latent cache was
   # encoded with). Without either (launch.plan, launch.bench), `variant` and `channels` describe
-  # it, and the latent grid follows from them and data.frames / data.res.
-  c.tokenizer = ml_collections.ConfigDict(dict(dir='', variant='S-B/4x8', channels=16))
+  # it, and the latent grid follows from them and data.frames / data.res. `context_attention`:
+  # its scheme across a 'context' mesh axis when it encodes or decodes inside this run
+  # (configs/vitok.py; 'ring' where its heads do not split over the axis).
+  c.tokenizer = ml_collections.ConfigDict(
+      dict(dir='', variant='S-B/4x8', channels=16, context_attention='all_to_all')
+  )
   c.data.update(frames=16, res=128)
   c.latents = ml_collections.ConfigDict(
       dict(
@@ -276,6 +280,7 @@ def _preset(config, name: str):
     # --topology=v5p-16). On a v5p-128 the default mesh is data 8 x context 8.
     _preset(config, 'ucf101')
     config.model.update(variant='DiT-XL/1', scan=True, context_attention='all_to_all')
+    config.tokenizer.context_attention = 'ring'  # S-B's 12 heads do not split 8 ways
     config.data.update(name='video_folder', frames=1152, res=128, hflip=True)
     config.data.batch_size = 8
     common.add_context_axis(config, 8)

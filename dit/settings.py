@@ -13,7 +13,7 @@ import os
 from dit import evaluation as dit_evaluation
 from dit import latents as latents_lib
 from dit import model as dit_model
-from vitok.core import config_checks, hardware
+from vitok.core import config_checks, hardware, sharding
 from vitok.data import datasets
 from vitok.nn import layers
 from vitok.tokenizer import frozen as frozen_tokenizer
@@ -37,6 +37,7 @@ FIELDS = {
     'accuracy.real_clips': config_checks.AT_LEAST_1,
     'generation.clips': config_checks.Range(0, note='0 = as many as the real held-out clips'),
     'latents.source': config_checks.OneOf(('cache', 'video')),
+    'tokenizer.context_attention': config_checks.OneOf(sharding.CONTEXT_SCHEMES),
     'latents.stats_clips': config_checks.AT_LEAST_1,
     'latents.window': config_checks.Range(0, note='0 = the cached clip whole'),
     'model.frame_positions': config_checks.Range(0, note='0 = no learned frame table'),
@@ -87,6 +88,9 @@ def resolve(config) -> DiTSettings:
     tok_frames = None
   # dtype / attention 'auto' (a tokenizer trained with them) resolved for this run's clips.
   tokenizer_cfg = frozen_tokenizer.model_config(tok_model, config.data.frames, config.data.res)
+  tokenizer_cfg = dataclasses.replace(
+      tokenizer_cfg, context_attention=config.tokenizer.context_attention
+  )
   grid = tokenizer_cfg.latent_grid(config.data.frames, config.data.res)
   channels, num_classes = tokenizer_cfg.channels, config.model.num_classes
   if latents:

@@ -351,12 +351,22 @@ class DiTTask:
     return jax.ShapeDtypeStruct((clips,), np.int32, sharding=placement)
 
   def attention_stacks(self) -> list[tuple[str, int, int, str]]:
-    """(name, tokens, heads, context scheme) of the attention stack (none for MATE blocks), for
-    the start-up check of a context mesh axis (vitok.core.trainer.check_context_split)."""
-    cfg = self.model_cfg
+    """(name, tokens, heads, context scheme) of every attention stack the run traces (the DiT's,
+    none for MATE blocks, and the frozen tokenizer's), for the start-up check of a context mesh
+    axis (vitok.core.trainer.check_context_split)."""
+    cfg, tok = self.model_cfg, self.tokenizer_cfg
+    stacks = [('DiT', cfg.tokens, cfg.size.heads, cfg.context_attention)]
     if cfg.mixer != 'attention':
-      return []
-    return [('DiT', cfg.tokens, cfg.size.heads, cfg.context_attention)]
+      stacks = []
+    # The frozen tokenizer decodes generated clips (and, with latents.source='video', encodes
+    # the training clips) on the same mesh.
+    v, latent_tokens = tok.parsed, int(np.prod(cfg.grid))
+    for name, size in (
+        ('encoder', tokenizer.SIZES[v.encoder]),
+        ('decoder', tokenizer.SIZES[v.decoder]),
+    ):
+      stacks.append((f'frozen tokenizer {name}', latent_tokens, size.heads, tok.context_attention))
+    return stacks
 
   def describe(self) -> dict:
     cfg = self.model_cfg

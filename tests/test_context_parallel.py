@@ -16,6 +16,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 from training_equality import assert_same_training, perturbed
 
+from configs import common as common_config
 from configs import vitok as vitok_config
 from vitok.core import checkpoint as ckpt_lib
 from vitok.core import sharding, trainer
@@ -69,6 +70,18 @@ def test_both_schemes_equal_attention_in_values_and_gradients(scheme, dtype):
     np.testing.assert_allclose(exact(a), b, atol=tolerance * scale, rtol=tolerance)
   out = jax.jit(_context_attention(mesh, scheme))(q, k, v)
   assert out.dtype == dtype and out.sharding.spec == P('data', 'context')
+
+
+def test_the_ring_folds_several_padded_key_blocks_per_device():
+  # 600 tokens per device: a block of 512 keys and a padded one of 88, from each of 4 devices
+  # in turn (around a ring of 4, where sending left and right differ).
+  q, k, v, d_out = _qkv(2400, 2, jnp.float32, batch=1)
+  mesh = _mesh((1, 4), ('data', 'context'))
+  loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) * d_out)
+  expected = jax.value_and_grad(loss(attention_lib.dense_attention), (0, 1, 2))(q, k, v)
+  got = jax.jit(jax.value_and_grad(loss(_context_attention(mesh, 'ring')), (0, 1, 2)))(q, k, v)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b))), rtol=1e-5)
 
 
 def test_ring_attention_never_holds_the_score_matrix():
@@ -296,4 +309,14 @@ def test_the_context_shortcut_and_the_long_video_preset():
     vitok_config.get_config('ucf101,context=0')
   config = dit_config.get_config('long_video')
   assert (config.mesh.shape, config.mesh.axes) == ((-1, 1, 8), ('data', 'fsdp', 'context'))
-  assert tasks.make_task(config).model_cfg.grid == (288, 16, 16)  # 73,728 tokens, 8 x 9,216
+  task = tasks.make_task(config)
+  assert task.model_cfg.grid == (288, 16, 16)  # 73,728 tokens, 8 x 9,216
+  # Its DiT (16 heads) gathers heads all-to-all; its frozen tokenizer (12) uses the ring.
+  trainer.check_context_split(task, config, _mesh((1, 8), ('data', 'context')))
+  config.tokenizer.context_attention = 'all_to_all'
+  with pytest.raises(ConfigError, match='12 heads per device of the frozen tokenizer encoder'):
+    trainer.check_context_split(tasks.make_task(config), config, _mesh((1, 8), ('data', 'context')))
+  config = dit_config.get_config('long_video')
+  config.mesh.dcn_shape = (2, 1, 1)
+  common_config.add_context_axis(config, 4)  # a multi-slice layout gets no slices along context
+  assert tuple(config.mesh.dcn_shape) == (2, 1, 1) and tuple(config.mesh.shape) == (-1, 1, 4)

@@ -11,18 +11,21 @@ attention needs every token, and here it is written out as an explicit `shard_ma
   all_to_all  (DeepSpeed-Ulysses; Jacobs et al. 2023). One all-to-all turns (L / n tokens, all
               heads) into (all L tokens, heads / n) on each device; the single-device kernel of
               `model.attention` (xla, blockwise, cudnn, pallas_tpu, splash_tpu) attends; a second
-              all-to-all turns the result back. Moves 4 x (B L D / n) per device per layer
-              (q, k, v in, output back), whatever n is; needs the heads on a device to divide by n.
+              all-to-all turns the result back. Per layer a device sends (n - 1) / n of four
+              (B, L / n, D) tensors forward (q, k, v, the output) and four backward: less as n
+              grows. Needs the heads on a device to divide by n.
 
   ring        (Ring Attention; Liu et al. 2023). Each device keeps its queries and passes its
               key/value block around the ring (`lax.ppermute`) n - 1 times, folding each block
-              into an online softmax (`attention.partial_attention` / `merge_partial`, the
-              blockwise kernel, so no device ever holds more than (L / n) x 512 scores per head).
-              The backward pass goes around the ring again, recomputing probabilities from the
-              saved log-sum-exp while each key block's gradient travels with it and arrives home
-              after n moves. Moves 2 x (n - 1) x (B L D / n) per device forward, any head count.
-              The next block is sent before the current one is used, so XLA's latency-hiding
-              scheduler can overlap the transfer with the matmuls (TPU, GPU).
+              into an online softmax (`attention.partial_attention` / `merge_partial`: the
+              blockwise kernel, whatever `model.attention` says, so no device ever holds more
+              than (L / n) x 512 scores per head). The backward pass goes around the ring again,
+              recomputing probabilities from the saved log-sum-exp, while each key block's float32
+              gradient travels with it and arrives home after n moves. Per layer a device sends
+              about 2 (n - 1) blocks of (B, L / n, D) forward and 2 (n - 1) + 4 n backward:
+              roughly constant in n. Any head count. Each step sends the next key/value block
+              before it uses the current one, so XLA's latency-hiding scheduler can overlap the
+              transfer with the matmuls (TPU, GPU).
 
 The sequence dimension must split evenly over the axis: a clip whose token count does not is
 refused in one line (padding would change what the padded keys take from the softmax).
